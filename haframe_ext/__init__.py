@@ -1,0 +1,15 @@
+"""haframe_ext: hierarchy-aware classification with fixed HAFrame classifiers (Liang & Davis, ICCV 2023)."""
+
+from ._native import native_available, native_error
+from . import hierarchy, frame, metrics, ops, nn
+from .hierarchy import Hierarchy, HierarchyError
+from .frame import HAFrame
+from .ops import haframe_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Hierarchy", "HierarchyError", "HAFrame", "haframe_loss",
+    "hierarchy", "frame", "metrics", "ops", "nn",
+    "native_available", "native_error", "__version__",
+]
