@@ -30,7 +30,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity) -> None:
+def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, check_labels=True) -> None:
     """Raise a clear error for bad shapes, dtypes, devices, labels or alpha (before any kernel)."""
     if not isinstance(features, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("features and weight must be torch.Tensor")
@@ -73,7 +73,7 @@ def _check_args(features, weight, target, alpha, reduction, ignore_index, simila
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if B > 0:
+    if check_labels and B > 0:
         bad = ((target < 0) | (target >= K)) & (target != ignore_index)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -128,3 +128,118 @@ def paper_loss(features, weight, target, alpha=0.4, *, similarity=None):
         cos_k = F.cosine_similarity(features, weight[k][None, :], dim=1)
         lcos = lcos + ((cos_k - S[k, target]) ** 2).sum()
     return (1.0 - alpha) * ce + alpha * lcos / features.shape[0]
+
+
+# ----------------------------------------------------------------------------- native op: fake + autograd
+_NATIVE = native_available()
+_MROUTE_MIN_K = 4096  # above this (and K > d), S would be large: use the M route when rows are unit
+
+
+def _fused_fake(features, weight, target, similarity, gram, alpha, ignore_index, need_grad):
+    """Output shapes of haframe_ext::fused_loss for torch.compile / meta tensors."""
+    loss = features.new_empty((features.shape[0],), dtype=_acc_dtype(features.dtype))
+    grad = features.new_empty(features.shape if need_grad else (0,))
+    return loss, grad
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.features_dtype = inputs[0].dtype
+
+
+def _fused_backward(ctx, grad_loss, grad_grad):
+    """Scale the per-row gradients saved by the forward pass by grad_output."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "haframe_ext fused loss: double backward (create_graph=True) is not supported, because the "
+            "gradient is computed in the forward pass; use haframe_loss(..., backend='reference')")
+    (grad_rows,) = ctx.saved_tensors
+    if grad_rows.numel() == 0:
+        raise RuntimeError("haframe_ext fused loss: the forward ran without need_grad; nothing to backpropagate")
+    g = (grad_rows.to(grad_loss.dtype) * grad_loss[:, None]).to(ctx.features_dtype)
+    return g, None, None, None, None, None, None, None
+
+
+if _NATIVE:
+    torch.library.register_fake("haframe_ext::fused_loss")(_fused_fake)
+    torch.library.register_autograd("haframe_ext::fused_loss", _fused_backward,
+                                    setup_context=_fused_setup_context)
+
+
+def fused_loss_rows(features, weight, target, alpha, ignore_index=-100, *, similarity=None, gram=None,
+                    need_grad=None):
+    """Per-row losses [B] from the native op (autograd attached); similarity or gram as the op takes them."""
+    if need_grad is None:
+        need_grad = torch.is_grad_enabled() and features.requires_grad
+    loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram, float(alpha),
+                                               int(ignore_index), bool(need_grad))
+    return loss
+
+
+# ----------------------------------------------------------------------------- derived-matrix cache
+_CACHE: dict = {}
+
+
+def _derived(weight: torch.Tensor, acc: torch.dtype):
+    """(similarity, gram) for a frozen weight, computed once per weight version: exactly one is not None."""
+    key = (id(weight), weight._version, acc, weight.device, tuple(weight.shape))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    w = weight.detach().to(acc)
+    K, d = w.shape
+    unit = bool((torch.linalg.vector_norm(w, dim=1) - 1).abs().max() < 1e-4)
+    if unit and K > d and K > _MROUTE_MIN_K:
+        value = (None, w.T @ w)  # [d, d] M route
+    else:
+        value = (w @ w.T, None)  # [K, K] gather route (S = W W^T by definition)
+    for k in [k for k, v in _CACHE.items() if v[0]() is None]:
+        del _CACHE[k]
+    _CACHE[key] = (weakref.ref(weight), value)
+    return value
+
+
+# ----------------------------------------------------------------------------- public entry point
+def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *,
+                 similarity=None, gram=None, backend="auto"):
+    """HAFrame loss (module docstring); the fused native op on CPU/CUDA, the reference otherwise.
+
+    features [B, d] (float16/bfloat16/float32/float64; weight is cast to their dtype), weight [K, d]
+    (frozen: the fused op computes no weight gradient), target [B] int. ``similarity`` [K, K] (the
+    frame's target cosines, symmetric) or ``gram`` [d, d] (weight.T @ weight, unit rows) may be passed
+    to skip computing them; otherwise they are derived once per weight version and cached.
+    backend: "auto" (native when available), "native" (error if unavailable) or "reference".
+    The loss is float32 (float64 for float64 features); the gradient is computed in the forward pass,
+    so backward only scales it (retain_graph works; double backward raises).
+    """
+    if backend not in ("auto", "native", "reference"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
+    if backend == "native" and not _NATIVE:
+        from ._native import native_error
+        raise RuntimeError(f"backend='native' but the compiled extension is unavailable: {native_error()}")
+    use_native = backend != "reference" and _NATIVE
+    if use_native and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "the fused HAFrame loss is for fixed frames and computes no gradient for `weight`, but "
+            "weight.requires_grad is True: freeze it (weight.requires_grad_(False), or register it as a "
+            "buffer), or pass backend='reference' to train the classifier with the plain-PyTorch loss")
+    compiling = torch.compiler.is_compiling()
+    _check_args(features, weight, target, alpha, reduction, ignore_index, similarity,
+                check_labels=not use_native and not compiling)
+    if not use_native:
+        return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity)
+    acc = _acc_dtype(features.dtype)
+    if weight.dtype != features.dtype:
+        weight = weight.to(features.dtype)
+    target = target.long()
+    if similarity is not None:
+        similarity, gram = similarity.to(acc).contiguous(), None
+    elif gram is not None:
+        gram = gram.to(acc).contiguous()
+    elif compiling:
+        w = weight.detach().to(acc)
+        similarity = w @ w.T
+    else:
+        similarity, gram = _derived(weight, acc)
+    rows = fused_loss_rows(features, weight, target, alpha, ignore_index, similarity=similarity, gram=gram)
+    return _reduce(rows, target != ignore_index, reduction)

@@ -1,0 +1,189 @@
+// CPU kernels of the fused HAFrame loss: row blocks in parallel, BLAS (through ATen) for the K-sized
+// products of a block, and one fused pass over the block's logits for softmax, CE and the cosine term.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fused_loss_checks.h"
+#include "haframe_math.h"
+
+namespace haframe {
+namespace {
+
+constexpr int64_t kCpuBlockBytes = 1 << 20;  // logits of one row block (about an L2 cache)
+
+// Logsumexp of one row; writes e_k = exp(z_k - max) into e.
+template <typename acc_t>
+acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out, acc_t* max_out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t m = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) m = z[k] > m ? z[k] : m;  // NaN is skipped here, caught by the sum
+  if (m == -INFINITY || m == INFINITY) m = 0;  // all -inf or an inf: let the sum carry inf/NaN
+  at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, e, z, K);
+  acc_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += e[k];
+  *sum_out = s;
+  *max_out = m;
+  return m + hf_log(s);
+}
+
+// Loss, G (in place of the logits) and the h-correction of the rows of one block.
+template <typename acc_t>
+void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
+                    const acc_t* h,        // [nr, d]
+                    const int64_t* y,      // [nr]
+                    const acc_t* inv_wn,   // [K]
+                    const acc_t* S,        // [K, K] or nullptr (M route)
+                    const acc_t* W,        // [K, d]
+                    int64_t nr, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
+                    acc_t* e,              // [K] scratch
+                    acc_t* loss,           // [nr]
+                    acc_t* coef,           // [nr] gather route: dh -= coef h
+                    acc_t* inv_n_out,      // [nr]
+                    acc_t* u) {            // [nr, d] M route: u = h inv_n - w_y
+  for (int64_t i = 0; i < nr; ++i) {
+    acc_t* zr = z + i * K;
+    const acc_t* hr = h + i * d;
+    const int64_t label = y[i];
+    coef[i] = 0;
+    if (label == ignore_index) {
+      loss[i] = 0;
+      inv_n_out[i] = 0;
+      if (need_grad) std::fill(zr, zr + K, acc_t(0));
+      if (u) std::fill(u + i * d, u + (i + 1) * d, acc_t(0));
+      continue;
+    }
+    acc_t ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += hr[j] * hr[j];
+    const acc_t inv_n = inv_norm(ss);
+    inv_n_out[i] = inv_n;
+    acc_t s, m;
+    const acc_t lse = row_lse(zr, e, K, &s, &m);
+    const acc_t z_y = zr[label];
+    const acc_t inv_s = acc_t(1) / s;
+    acc_t lcos = 0, rc = 0;
+    if (S) {
+      const acc_t* srow = S + label * K;  // S symmetric: row y is column y
+      for (int64_t k = 0; k < K; ++k) {
+        acc_t c;
+        const acc_t r = cos_residual(zr[k], inv_wn[k], inv_n, srow[k], &c);
+        lcos += r * r;
+        rc += r * c;
+        if (need_grad) zr[k] = gather_grad_coef(e[k] * inv_s, k == label, r, inv_wn[k], inv_n, alpha);
+      }
+      coef[i] = gather_h_coef(rc, inv_n, alpha);
+    } else {
+      if (need_grad)
+        for (int64_t k = 0; k < K; ++k) zr[k] = ce_grad_coef(e[k] * inv_s, k == label, alpha);
+      const acc_t* wy = W + label * d;
+      acc_t* ur = u + i * d;
+      for (int64_t j = 0; j < d; ++j) ur[j] = mroute_u(hr[j], inv_n, wy[j]);
+    }
+    loss[i] = row_loss(lse, z_y, lcos, alpha);
+  }
+}
+
+template <typename acc_t>
+void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
+                         const at::Tensor& W,       // [K, d]
+                         const at::Tensor& target,  // [B]
+                         const at::Tensor& inv_wn,  // [K]
+                         const at::Tensor& S,       // [K, K] or undefined
+                         const at::Tensor& M,       // [d, d] or undefined
+                         acc_t alpha, int64_t ignore_index, bool need_grad,
+                         at::Tensor& loss,          // [B]
+                         at::Tensor& grad) {        // [B, d] or empty
+  const int64_t B = h.size(0), d = h.size(1), K = W.size(0);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuBlockBytes);
+  rows = std::min(rows, std::max<int64_t>(1, (B + nthreads - 1) / nthreads));
+  const int64_t nblocks = (B + rows - 1) / rows;
+  const bool mroute = M.defined();
+  const acc_t* Sp = mroute ? nullptr : S.data_ptr<acc_t>();
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor zbuf = at::empty({rows, K}, h.options());
+    at::Tensor ubuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
+    at::Tensor vbuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
+    std::vector<acc_t> e(K), coef(rows), inv_n(rows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, nr = std::min(rows, B - r0);
+      at::Tensor hb = h.narrow(0, r0, nr);
+      at::Tensor z = zbuf.narrow(0, 0, nr);
+      at::mm_out(z, hb, W.t());
+      acc_t* lp = loss.data_ptr<acc_t>() + r0;
+      const acc_t* hp = hb.data_ptr<acc_t>();
+      acc_t* up = mroute ? ubuf.data_ptr<acc_t>() : nullptr;
+      block_epilogue<acc_t>(z.data_ptr<acc_t>(), hp, target.data_ptr<int64_t>() + r0, inv_wn.data_ptr<acc_t>(), Sp,
+                            W.data_ptr<acc_t>(), nr, K, d, alpha, ignore_index, need_grad, e.data(), lp,
+                            coef.data(), inv_n.data(), up);
+      at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
+      if (need_grad) at::mm_out(gb, z, W);
+      if (mroute) {
+        at::Tensor v = vbuf.narrow(0, 0, nr);
+        at::mm_out(v, ubuf.narrow(0, 0, nr), M);
+        const acc_t* vp = v.data_ptr<acc_t>();
+        for (int64_t i = 0; i < nr; ++i) {
+          if (target.data_ptr<int64_t>()[r0 + i] == ignore_index) continue;
+          const acc_t *ur = up + i * d, *vr = vp + i * d, *hr = hp + i * d;
+          acc_t lcos = 0, hv = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            lcos += ur[j] * vr[j];
+            hv += hr[j] * vr[j];
+          }
+          hv *= inv_n[i];
+          lp[i] += alpha * lcos;
+          if (need_grad) {
+            acc_t* gr = gb.data_ptr<acc_t>() + i * d;
+            for (int64_t j = 0; j < d; ++j) gr[j] += mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
+          }
+        }
+      } else if (need_grad) {
+        for (int64_t i = 0; i < nr; ++i) {
+          if (coef[i] == 0) continue;
+          acc_t* gr = gb.data_ptr<acc_t>() + i * d;
+          const acc_t* hr = hp + i * d;
+          for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,                  // [B, d]
+                                                  const at::Tensor& weight,                    // [K, d]
+                                                  const at::Tensor& target,                    // [B]
+                                                  const c10::optional<at::Tensor>& similarity, // [K, K]
+                                                  const c10::optional<at::Tensor>& gram,       // [d, d]
+                                                  double alpha, int64_t ignore_index, bool need_grad) {
+  check_fused_loss_inputs(features, weight, target, similarity, gram, alpha, ignore_index);
+  const int64_t B = features.size(0), d = features.size(1);
+  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor h = features.to(acc).contiguous();
+  at::Tensor W = weight.to(acc).contiguous();
+  at::Tensor loss = at::empty({B}, h.options());
+  at::Tensor grad = need_grad ? at::empty({B, d}, h.options()) : at::empty({0}, features.options());
+  if (B > 0) {
+    at::Tensor inv_wn = at::linalg_vector_norm(W, 2, {1}).clamp_min(kEps).reciprocal();
+    at::Tensor S = similarity.has_value() ? similarity->contiguous() : at::Tensor();
+    at::Tensor M = gram.has_value() ? gram->contiguous() : at::Tensor();
+    at::Tensor y = target.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "haframe_fused_loss_cpu", [&] {
+      fused_loss_cpu_impl<scalar_t>(h, W, y, inv_wn, S, M, static_cast<scalar_t>(alpha), ignore_index, need_grad,
+                                    loss, grad);
+    });
+  }
+  if (need_grad && grad.scalar_type() != features.scalar_type()) grad = grad.to(features.scalar_type());
+  return {loss, grad};
+}
+
+}  // namespace
+}  // namespace haframe
+
+TORCH_LIBRARY_IMPL(haframe_ext, CPU, m) { m.impl("fused_loss", &haframe::fused_loss_cpu); }

@@ -1,0 +1,49 @@
+// Launchers of the CUDA kernels of the fused HAFrame loss. Pure CUDA (no ATen): this header and
+// fused_loss_kernels.cu compile with nvcc alone. scalar_t in {float, double, __half, __nv_bfloat16};
+// acc_t is double for double and float otherwise. Pointers are device pointers, row-major, contiguous.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace haframe {
+namespace cuda {
+
+// Per row: norm, logsumexp, CE and (gather route, S != nullptr) the cosine term; writes the logit-space
+// gradient G over the logits when need_grad; M route (u != nullptr): u = h inv_n - w_y.
+template <typename scalar_t, typename acc_t>
+void launch_row_epilogue(scalar_t* z,            // [R, K] logits in, G out
+                         const scalar_t* h,      // [R, d]
+                         const scalar_t* W,      // [K, d]
+                         const acc_t* inv_wn,    // [K]
+                         const acc_t* S,         // [K, K] symmetric, or nullptr (M route)
+                         const int64_t* y,       // [R]
+                         int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
+                         acc_t* loss,            // [R]
+                         acc_t* coef,            // [R] gather route: dh -= coef h
+                         acc_t* inv_n,           // [R]
+                         acc_t* u,               // [R, d] or nullptr
+                         cudaStream_t stream);
+
+// M route: adds alpha u.v to the loss and writes dh_cos (into corr, when not nullptr).
+template <typename scalar_t, typename acc_t>
+void launch_mroute_finish(const scalar_t* h,     // [R, d]
+                          const acc_t* u,        // [R, d]
+                          const acc_t* v,        // [R, d] = u M
+                          const acc_t* inv_n,    // [R]
+                          int64_t R, int64_t d, acc_t alpha,
+                          acc_t* loss,           // [R]
+                          scalar_t* corr,        // [R, d] or nullptr
+                          cudaStream_t stream);
+
+// Gather route: corr = -coef h (the term the backward GEMM adds to).
+template <typename scalar_t, typename acc_t>
+void launch_gather_correction(const scalar_t* h,  // [R, d]
+                              const acc_t* coef,  // [R]
+                              int64_t R, int64_t d,
+                              scalar_t* corr,     // [R, d]
+                              cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace haframe
