@@ -1,0 +1,356 @@
+"""Fused HAFrame loss: parity with the float64 reference on every device, dtype, route and awkward shape."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import haframe_ext as hx
+from haframe_ext import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# (loss rtol/atol, grad atol relative to the largest gradient entry) per dtype, against float64 on the
+# same (dtype-rounded) inputs. bf16 on CUDA also rounds the logits and G to bf16 (cuBLAS output).
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2),
+       torch.float16: (1e-2, 1e-2)}
+
+needs_native = pytest.mark.skipif(not hx.native_available(), reason="compiled extension not built")
+
+# (B, K, d): B in {1, 7, 256}; K in {2, 3, 100, 1010}; d in {K, K + 5, 3K}; low-dim frames d < K.
+SHAPES = [
+    (1, 2, 2), (7, 2, 7), (256, 2, 6),
+    (1, 3, 3), (7, 3, 8), (256, 3, 9),
+    (1, 100, 100), (7, 100, 105), (256, 100, 300),
+    (7, 1010, 1010), (256, 1010, 1015), (1, 1010, 3030),
+    (7, 100, 40), (64, 1010, 400),
+]
+
+
+def make(B, K, d, dtype, device, seed=0, scale=3.0):
+    """Features of norm ~scale, unit-row weights (a frame-like matrix), labels with one ignored row."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
+    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, K, (B,), generator=g)
+    if B > 2:
+        y[1] = -100
+    return h.to(dtype).to(device), w.to(dtype).to(device), y.to(device)
+
+
+def reference(h, w, y, alpha=0.4, reduction="none", ignore_index=-100, grad_out=None):
+    """Float64 reference loss and feature gradient on the same (rounded) inputs."""
+    h64 = h.detach().double().cpu().requires_grad_()
+    loss = ops.reference_loss(h64, w.double().cpu(), y.cpu(), alpha, reduction, ignore_index)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.double().cpu()
+    loss.backward(go)
+    return loss.detach(), h64.grad
+
+
+def fused(h, w, y, alpha=0.4, reduction="none", ignore_index=-100, grad_out=None, route="auto"):
+    """Fused loss and feature gradient, with the route forced where asked."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    kw = {}
+    if route == "gather":
+        kw["similarity"] = w.to(acc) @ w.to(acc).T
+    elif route == "m":
+        kw["gram"] = w.to(acc).T @ w.to(acc)
+    hh = h.detach().clone().requires_grad_()
+    loss = ops.haframe_loss(hh, w, y, alpha, reduction, ignore_index, backend="native", **kw)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss)
+    loss.backward(go)
+    return loss.detach(), hh.grad
+
+
+def assert_match(got, want, dtype, what):
+    rtol, atol = TOL[dtype]
+    got = got.double().cpu()
+    scale = max(1.0, want.abs().max().item()) if what == "grad" else 1.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-K{}-d{}".format(*s))
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_parity_with_float64_reference(device, dtype, shape, route):
+    h, w, y = make(*shape, dtype, device)
+    want_l, want_g = reference(h, w, y)
+    got_l, got_g = fused(h, w, y, route=route)
+    assert got_l.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got_g.dtype == dtype and got_g.shape == h.shape
+    assert_match(got_l, want_l, dtype, "loss")
+    assert_match(got_g, want_g, dtype, "grad")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_reductions_ignore_index_and_grad_output(device, reduction, alpha):
+    h, w, y = make(37, 50, 55, torch.float64, device, seed=1)
+    y[1] = 0
+    y[[3, 5, 7]] = 7  # a custom ignore_index shared by several rows
+    go = torch.rand(37, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    want_l, want_g = reference(h, w, y, alpha, reduction, ignore_index=7, grad_out=go)
+    got_l, got_g = fused(h, w, y, alpha, reduction, ignore_index=7, grad_out=go.to(device))
+    assert_match(got_l, want_l, torch.float64, "loss")
+    assert_match(got_g, want_g, torch.float64, "grad")
+    assert torch.all(got_g[[3, 5, 7]] == 0)
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_route_large_k_uses_m_route_and_matches(device):
+    h, w, y = make(33, 5000, 64, torch.float32, device, seed=2)
+    assert ops._derived(w, torch.float32)[1] is not None  # K > 4096 > d with unit rows: M route
+    want_l, want_g = reference(h, w, y, reduction="mean")
+    got_l, got_g = fused(h, w, y, reduction="mean")
+    assert_match(got_l, want_l, torch.float32, "loss")
+    assert_match(got_g, want_g, torch.float32, "grad")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    h, w, y = make(16, 20, 24, torch.float64, device, seed=3)
+    h_nc = torch.stack([h, h], dim=2)[:, :, 0]  # strided view equal to h
+    w_nc = w.T.contiguous().T  # column-major weight
+    y_nc = torch.stack([y, y], dim=1)[:, 0]
+    assert not h_nc.is_contiguous() and not w_nc.is_contiguous() and not y_nc.is_contiguous()
+    want_l, want_g = reference(h, w, y)
+    got_l, got_g = fused(h_nc, w_nc, y_nc)
+    assert_match(got_l, want_l, torch.float64, "loss")
+    assert_match(got_g, want_g, torch.float64, "grad")
+
+
+@needs_native
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_gradcheck_float64(route):
+    h, w, y = make(6, 5, 7, torch.float64, "cpu", seed=4)
+    kw = {"similarity": w @ w.T} if route == "gather" else {"gram": w.T @ w}
+    hh = h.clone().requires_grad_()
+    fn = lambda x: ops.haframe_loss(x, w, y, 0.4, "none", backend="native", **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hh,))
+    fn_mean = lambda x: ops.haframe_loss(x, w, y, 0.4, "mean", backend="native", **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn_mean, (hh,))
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    h, w, y = make(5, 4, 6, torch.float32, device, seed=5)
+    S = w @ w.T
+    M = w.T @ w
+    for sim, gram in [(S, None), (None, M)]:
+        args = (h.clone().requires_grad_(), w, y, sim, gram, 0.4, -100, True)
+        torch.library.opcheck(torch.ops.haframe_ext.fused_loss.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_native
+def test_torch_compile_fullgraph():
+    h, w, y = make(8, 10, 12, torch.float32, "cpu", seed=6)
+    S = w @ w.T
+
+    def step(x):
+        return ops.haframe_loss(x, w, y, 0.4, similarity=S)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1 = h.clone().requires_grad_()
+    x2 = h.clone().requires_grad_()
+    l1 = compiled(x1)
+    l1.backward()
+    l2 = step(x2)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_norm_rows_defined(device):
+    h, w, y = make(4, 6, 8, torch.float64, device, seed=7)
+    h[2] = 0
+    got_l, got_g = fused(h, w, y, alpha=0.4)
+    want_l, want_g = reference(h, w, y, alpha=0.4)
+    assert_match(got_l, want_l, torch.float64, "loss")
+    assert_match(got_g, want_g, torch.float64, "grad")
+    # documented value: cosines 0 -> cos term sum_k S[k,y]^2, CE of all-zero logits = log K
+    S = (w @ w.T).cpu()
+    expect = 0.6 * math.log(6) + 0.4 * (S[:, y[2].item()] ** 2).sum().item()
+    assert abs(got_l[2].item() - expect) < 1e-9
+    # and only the CE gradient: (1 - alpha) W^T (p - e_y) with p uniform
+    p = torch.full((6,), 1 / 6, dtype=torch.float64)
+    p[y[2].item()] -= 1
+    torch.testing.assert_close(got_g[2].cpu(), 0.6 * (w.cpu().T @ p))
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_row_gives_nan_loss_not_crash(device, bad):
+    h, w, y = make(5, 6, 8, torch.float32, device, seed=8)
+    h[0, 3] = bad
+    got_l, got_g = fused(h, w, y, reduction="none")
+    assert not torch.isfinite(got_l[0])
+    assert torch.isfinite(got_l[2:]).all() and torch.isfinite(got_g[2:]).all()
+    mean = ops.haframe_loss(h, w, y, backend="native")
+    assert not torch.isfinite(mean)
+
+
+@needs_native
+def test_all_rows_ignored_mean_is_nan_sum_is_zero():
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    y[:] = -100
+    assert torch.isnan(ops.haframe_loss(h, w, y, backend="native"))
+    assert ops.haframe_loss(h, w, y, reduction="sum", backend="native").item() == 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    h, w, y = make(0, 5, 6, torch.float32, device)
+    assert ops.haframe_loss(h, w, y, reduction="none", backend="native").shape == (0,)
+    assert ops.haframe_loss(h, w, y, reduction="sum", backend="native").item() == 0.0
+
+
+@needs_native
+def test_retain_graph_and_no_double_backward():
+    h, w, y = make(6, 5, 7, torch.float64, "cpu")
+    x = h.clone().requires_grad_()
+    loss = ops.haframe_loss(x, w, y, backend="native")
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * g1)
+    x.grad = None
+    loss = ops.haframe_loss(x, w, y, backend="native")
+    (g,) = torch.autograd.grad(loss, x, create_graph=False)
+    torch.testing.assert_close(g, g1)
+    loss = ops.haframe_loss(x, w, y, backend="native")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@needs_native
+def test_no_grad_forward_skips_gradient():
+    h, w, y = make(6, 5, 7, torch.float32, "cpu")
+    with torch.no_grad():
+        loss = ops.haframe_loss(h.requires_grad_(), w, y, backend="native")
+    want, _ = reference(h, w, y, reduction="mean")
+    assert_match(loss, want, torch.float32, "loss")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_features_with_float32_frame(device):
+    h, w, y = make(9, 12, 16, torch.float32, device, seed=9)
+    hb = h.to(torch.bfloat16).requires_grad_()
+    loss = ops.haframe_loss(hb, w, y, backend="native")  # float32 frame buffer, bf16 features
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert hb.grad.dtype == torch.bfloat16
+    want, _ = reference(hb.detach(), w.to(torch.bfloat16), y, reduction="mean")
+    assert_match(loss, want, torch.bfloat16, "loss")
+
+
+# ----------------------------------------------------------------------------- errors
+ERRORS = [
+    ("features 3-D", lambda h, w, y: (h[None], w, y), ValueError, "features must be 2-D"),
+    ("weight d mismatch", lambda h, w, y: (h, w[:, :-1], y), ValueError, "frame's dimension must equal"),
+    ("float labels", lambda h, w, y: (h, w, y.float()), TypeError, "integer class indices"),
+    ("label count", lambda h, w, y: (h, w, y[:-1]), ValueError, "one label per row"),
+    ("label too big", lambda h, w, y: (h, w, torch.full_like(y, 5)), ValueError, r"target\[0\] = 5 .*\[0, 5\)"),
+    ("negative label", lambda h, w, y: (h, w, torch.full_like(y, -1)), ValueError, r"target\[0\] = -1"),
+    ("int features", lambda h, w, y: (h.long(), w, y), TypeError, "floating point"),
+]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("name,mutate,exc,msg", ERRORS, ids=[e[0] for e in ERRORS])
+def test_input_errors(backend, name, mutate, exc, msg):
+    if backend == "native" and not hx.native_available():
+        pytest.skip("compiled extension not built")
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    with pytest.raises(exc, match=msg):
+        ops.haframe_loss(*mutate(h, w, y), backend=backend)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_out_of_range(alpha):
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        ops.haframe_loss(h, w, y, alpha)
+
+
+def test_bad_reduction_and_backend():
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.haframe_loss(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="backend must be"):
+        ops.haframe_loss(h, w, y, backend="cuda")
+
+
+@needs_native
+def test_trainable_weight_is_refused_with_the_fix_named():
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    w = w.clone().requires_grad_()
+    with pytest.raises(ValueError, match="fixed frames.*backend='reference'"):
+        ops.haframe_loss(h, w, y)
+    loss = ops.haframe_loss(h, w, y, backend="reference")
+    loss.backward()
+    assert w.grad is not None
+
+
+@needs_native
+def test_native_op_checks_labels_itself():
+    """The op checks labels on the host even when called directly (never reaches a kernel)."""
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    y[2] = 99
+    with pytest.raises(ValueError, match=r"target\[2\] = 99"):
+        torch.ops.haframe_ext.fused_loss(h, w, y, w @ w.T, None, 0.4, -100, True)
+    with pytest.raises(RuntimeError, match="exactly one of similarity"):
+        torch.ops.haframe_ext.fused_loss(h, w, y.clamp(0, 4), None, None, 0.4, -100, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mismatched_devices():
+    h, w, y = make(4, 5, 6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="must be on the same device"):
+        ops.haframe_loss(h.cuda(), w, y)
+
+
+# ----------------------------------------------------------------------------- reference itself
+def test_reference_matches_paper_loop_formulation():
+    h, w, y = make(12, 9, 11, torch.float64, "cpu", seed=10)
+    y[1] = 3  # paper code has no ignore_index
+    a = ops.reference_loss(h, w, y, 0.4)
+    b = ops.paper_loss(h, w, y, 0.4)
+    torch.testing.assert_close(a, b)
+
+
+def test_reference_gradcheck_and_finite_difference():
+    h, w, y = make(5, 4, 6, torch.float64, "cpu", seed=11)
+    x = h.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.reference_loss(t, w, y, 0.4, "none"), (x,))
+    # central differences on one coordinate, by hand
+    eps = 1e-6
+    loss = ops.reference_loss(x, w, y, 0.4, "sum")
+    (g,) = torch.autograd.grad(loss, x)
+    hp, hm = h.clone(), h.clone()
+    hp[2, 3] += eps
+    hm[2, 3] -= eps
+    fd = (ops.reference_loss(hp, w, y, 0.4, "sum") - ops.reference_loss(hm, w, y, 0.4, "sum")) / (2 * eps)
+    assert abs(fd.item() - g[2, 3].item()) < 1e-7
+
+
+def test_frame_similarity_equals_default_target():
+    f = hx.HAFrame.from_hierarchy(hx.Hierarchy.builtin("cifar100"), gamma=2.0, dtype=torch.float64)
+    h = torch.randn(8, 100, dtype=torch.float64)
+    y = torch.randint(0, 100, (8,))
+    a = ops.haframe_loss(h, f.weight, y, similarity=f.similarity)
+    b = ops.reference_loss(h, f.weight, y)
+    torch.testing.assert_close(a, b)
