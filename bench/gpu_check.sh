@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The prepared GPU check (run on the lent H100/H200 through the device tool, from the repo root):
+# builds the extension from source, runs the tests on CUDA, compute-sanitizer memcheck + racecheck
+# on a small case, and the GPU benchmarks; logs and tables go to $OUT (at most 8 files).
+#   device run: bash bench/gpu_check.sh            (carry .whl for Liger-Kernel, optional)
+# Stages can be skipped with SKIP="tests sanitize bench".
+set -u
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HAFRAME_WITH_CUDA=ON
+PY=${PY:-python3}
+SKIP=${SKIP:-}
+t0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+
+{
+  stamp "machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nvcc --version | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+
+stamp "build"
+if ! $PY -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -E "build CUDA|warning" "$OUT/build.log" | head -20
+cd /tmp && $PY -c "import haframe_ext as hx; print('native', hx.native_available(), hx.native_error())" && cd - >/dev/null
+
+if [[ " $SKIP " != *" tests "* ]]; then
+  stamp "tests (CUDA and CPU) of the fused op"
+  timeout 240 $PY -m pytest tests/test_ops.py -q -x -p no:cacheprovider --timeout 120 2>&1 | tail -40 | tee "$OUT/tests.log"
+fi
+
+if [[ " $SKIP " != *" sanitize "* ]]; then
+  stamp "compute-sanitizer memcheck"
+  timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 $PY bench/sanitize_case.py \
+    > "$OUT/sanitizer.log" 2>&1; echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
+  stamp "compute-sanitizer racecheck"
+  timeout 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize_case.py \
+    >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?" | tee -a "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|sanitize case" "$OUT/sanitizer.log"
+fi
+
+if [[ " $SKIP " != *" bench "* ]]; then
+  stamp "benchmarks"
+  timeout 240 $PY -m bench.run_quick --device cuda --shapes gpu --ceilings --out "$OUT/gpu_bench.md" 2>&1 \
+    | tee "$OUT/bench.log" | tail -60
+fi
+stamp "done"
