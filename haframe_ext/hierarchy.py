@@ -1,1 +1,585 @@
-"""(being written)"""
+"""Class hierarchies (trees whose leaves are the classes), their LCA-height distances, and distance-matrix input.
+
+A hierarchy is a rooted tree.  The classes are its leaves, in label order.  The
+distance between classes i and j is the height of their lowest common ancestor
+(height of a node = the longest downward path from it to a leaf), so
+``d[i, i] == 0``.
+
+Edge-list format (``from_edges`` / ``to_edges``): one ``parent child`` edge per line.
+A line containing a tab splits on tabs only (names may contain spaces, such as
+``v-Boeing 717``); a line without a tab splits on whitespace.  Blank lines and lines
+starting with ``#`` are skipped, and the whitespace around each name is stripped
+(so names never begin or end with whitespace).  A class file holds one class per line
+(the whole stripped line is the name; blank lines skipped), line i being label i.  A line repeating an edge already
+given is tolerated and skipped, because merged or concatenated edge lists commonly
+repeat the shared upper levels; a node given two *different* parents is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from importlib import resources
+from typing import Iterable, Mapping
+
+import numpy as np
+
+__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "BUILTIN_NAMES"]
+
+BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
+
+# Builtins whose ``distances()`` is the published matrix rather than LCA heights on the bundled
+# tree: tieredImageNet-H's published distances were computed on the full WordNet graph, and LCA
+# heights on the pruned 608-leaf tree agree with them on only about 73% of the class pairs.
+_REFERENCE_DISTANCES = frozenset({"tiered_imagenet_h"})
+
+_MAX_LISTED = 8  # names listed in one error message before "..."
+
+
+class HierarchyError(ValueError):
+    """The package's error for a malformed hierarchy, class list or distance matrix."""
+
+
+# ----------------------------------------------------------------------------- reading input
+def _listed(names: Iterable) -> str:
+    """Format names for an error message, at most _MAX_LISTED of them."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
+
+
+def _decode(data, label: str) -> str:
+    """Turn file contents into text, rejecting non-UTF-8 and binary data with a HierarchyError."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HierarchyError(
+                f"{label}: not UTF-8 text (undecodable byte at offset {exc.start}); "
+                "expected a UTF-8 text file") from None
+    if not isinstance(data, str):
+        raise HierarchyError(f"{label}: reading gave {type(data).__name__}, expected text")
+    if "\x00" in data:
+        raise HierarchyError(f"{label}: contains NUL bytes, so it is binary data, not a text file")
+    return data[1:] if data.startswith("\ufeff") else data
+
+
+def _read_text(source, what: str) -> tuple[str, str]:
+    """Read a path or an open (text or binary) file; return (text, label for error messages)."""
+    if isinstance(source, (str, os.PathLike)):
+        label = f"{what} file {os.fspath(source)!r}"
+        with open(source, "rb") as fh:
+            return _decode(fh.read(), label), label
+    if hasattr(source, "read"):
+        label = f"{what} file {getattr(source, 'name', '<stream>')!r}"
+        try:
+            data = source.read()
+        except UnicodeDecodeError as exc:
+            raise HierarchyError(
+                f"{label}: not UTF-8 text (undecodable byte at offset {exc.start}); "
+                "expected a UTF-8 text file") from None
+        return _decode(data, label), label
+    raise TypeError(f"{what} source must be a path or an open file, got {type(source).__name__}")
+
+
+def _lines(text: str):
+    """Yield (line number, line without its trailing CR/LF) for every line of text."""
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        yield lineno, raw.rstrip("\r\n")
+
+
+def _check_name(name, where: str) -> str:
+    """Return name if it is usable as a node name, else raise naming the place it came from."""
+    if not isinstance(name, str):
+        raise HierarchyError(f"{where}: node names must be strings, got {type(name).__name__} {name!r}")
+    if not name or name != name.strip() or any(c in name for c in "\t\r\n"):
+        raise HierarchyError(
+            f"{where}: invalid node name {name!r}; names must be non-empty, contain no tab or "
+            "newline, and not begin or end with whitespace")
+    return name
+
+
+class _Edges:
+    """Collects parent->child edges, rejecting self-loops and second parents as they arrive."""
+
+    def __init__(self) -> None:
+        self.parent_of: dict[str, str] = {}
+        self.where: dict[str, str] = {}  # child -> where its edge came from (for messages)
+        self.nodes: dict[str, None] = {}  # every node, in order of first appearance
+
+    def add(self, parent: str, child: str, where: str) -> None:
+        """Add one edge; a repeat of an existing edge is skipped."""
+        _check_name(parent, where)
+        _check_name(child, where)
+        if parent == child:
+            raise HierarchyError(f"{where}: self-loop, node {child!r} is its own parent")
+        old = self.parent_of.get(child)
+        if old is not None:
+            if old == parent:
+                return  # duplicate edge: tolerated (see module docstring)
+            raise HierarchyError(
+                f"{where}: node {child!r} has two parents, {old!r} ({self.where[child]}) and "
+                f"{parent!r}; a tree gives each node exactly one parent")
+        self.parent_of[child] = parent
+        self.where[child] = where
+        self.nodes.setdefault(parent)
+        self.nodes.setdefault(child)
+
+
+def _parse_edges(text: str, label: str) -> _Edges:
+    """Parse an edge list (see the module docstring for the format)."""
+    edges = _Edges()
+    for lineno, line in _lines(text):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
+        where = f"{label}, line {lineno}"
+        if len(fields) != 2 or not all(fields):
+            hint = "" if "\t" in line else "; names containing spaces need a tab between parent and child"
+            raise HierarchyError(
+                f"{where}: malformed line, expected 2 fields 'parent child' but got {len(fields)}: "
+                f"{line!r}{hint}")
+        edges.add(fields[0], fields[1], f"{where} {line!r}")
+    return edges
+
+
+def _parse_classes(classes, what: str = "classes") -> tuple[list[str], list[str]]:
+    """Turn a class list, path or file into (names, where each came from)."""
+    if isinstance(classes, (str, os.PathLike)) or hasattr(classes, "read"):
+        text, label = _read_text(classes, what)
+        names, wheres = [], []
+        for lineno, line in _lines(text):
+            if line.strip():
+                names.append(line.strip())
+                wheres.append(f"{label}, line {lineno}")
+        return names, wheres
+    try:
+        names = list(classes)
+    except TypeError:
+        raise TypeError(
+            f"classes must be a list of names, a path or an open file, got {type(classes).__name__}") from None
+    return names, [f"classes[{i}]" for i in range(len(names))]
+
+
+# ----------------------------------------------------------------------------- the tree
+class Hierarchy:
+    """A rooted tree whose leaves are the classes, with LCA-height distances between classes."""
+
+    def __init__(self, parent_of: Mapping[str, str], classes=None) -> None:
+        """Build from a child -> parent mapping; same as ``Hierarchy.from_parents``."""
+        edges = _Edges()
+        for child, parent in parent_of.items():
+            edges.add(parent, child, f"entry {child!r}: {parent!r}")
+        self._build(edges, classes, label="parent mapping")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_parents(cls, parent_of: Mapping[str, str], classes=None) -> "Hierarchy":
+        """Build from a mapping child -> parent (classes: list/path/file, default the sorted leaves)."""
+        return cls(parent_of, classes)
+
+    @classmethod
+    def from_edges(cls, source, classes=None) -> "Hierarchy":
+        """Build from an edge-list path or open file (classes: list/path/file, default the sorted leaves)."""
+        text, label = _read_text(source, "edge list")
+        return cls._new(_parse_edges(text, label), classes, label)
+
+    @classmethod
+    def from_nested(cls, obj, classes=None) -> "Hierarchy":
+        """Build from nested dicts {name: {child: ...}} (leaf: {}, None or a name in a list), JSON text or path."""
+        label = "nested hierarchy"
+        if isinstance(obj, (str, os.PathLike)):
+            if isinstance(obj, str) and obj.lstrip().startswith(("{", "[")):
+                text = obj
+            else:
+                text, label = _read_text(obj, "JSON")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise HierarchyError(
+                    f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if not isinstance(obj, Mapping):
+            raise HierarchyError(
+                f"{label}: the top level must be a dict {{root: {{child: ...}}}}, got {type(obj).__name__}")
+        edges = _Edges()
+        stack = [(None, name, sub) for name, sub in reversed(list(obj.items()))]
+        while stack:
+            parent, name, sub = stack.pop()
+            where = f"{label}, node {name!r}"
+            _check_name(name, where)
+            if parent is None:
+                edges.nodes.setdefault(name)
+            else:
+                edges.add(parent, name, f"{label}, under {parent!r}")
+            if sub is None:
+                continue
+            if isinstance(sub, Mapping):
+                stack.extend((name, child, grand) for child, grand in reversed(list(sub.items())))
+            elif isinstance(sub, (list, tuple)):
+                for item in reversed(sub):
+                    if isinstance(item, Mapping):
+                        stack.extend((name, child, grand) for child, grand in reversed(list(item.items())))
+                    else:
+                        stack.append((name, item, None))
+            else:
+                raise HierarchyError(
+                    f"{where}: children must be a dict, a list of leaf names or None (a leaf), "
+                    f"got {type(sub).__name__}")
+        return cls._new(edges, classes, label)
+
+    @classmethod
+    def builtin(cls, name: str) -> "Hierarchy":
+        """Load a bundled benchmark hierarchy: 'cifar100', 'fgvc_aircraft', 'inat19' or 'tiered_imagenet_h'."""
+        if name not in BUILTIN_NAMES:
+            raise HierarchyError(f"unknown builtin hierarchy {name!r}; valid names: {', '.join(BUILTIN_NAMES)}")
+        folder = resources.files(__package__).joinpath("_hierarchies")
+        edges = io.BytesIO(folder.joinpath(f"{name}.tsv").read_bytes())
+        edges.name = f"{name}.tsv"
+        classes = io.BytesIO(folder.joinpath(f"{name}_classes.txt").read_bytes())
+        classes.name = f"{name}_classes.txt"
+        h = cls.from_edges(edges, classes)
+        h._name = name
+        if name in _REFERENCE_DISTANCES:
+            ref = np.load(io.BytesIO(folder.joinpath(f"{name}_reference_distances.npy").read_bytes()),
+                          allow_pickle=False)
+            h._distances = as_distance_matrix(ref)
+            if h._distances.shape[0] != h.num_classes:
+                raise HierarchyError(
+                    f"bundled {name} reference matrix is {h._distances.shape} for {h.num_classes} "
+                    "classes; the package data is corrupt, reinstall haframe_ext")
+        return h
+
+    @classmethod
+    def _new(cls, edges: _Edges, classes, label: str) -> "Hierarchy":
+        """Create an instance from collected edges without going through __init__."""
+        self = cls.__new__(cls)
+        self._build(edges, classes, label)
+        return self
+
+    # ------------------------------------------------------------------ validation and indexing
+    def _build(self, edges: _Edges, classes, label: str) -> None:
+        """Validate the tree and the classes, then index nodes, depths and heights."""
+        parent_of = edges.parent_of
+        if not parent_of:
+            raise HierarchyError(f"{label}: the hierarchy is empty (no edges); give at least one 'parent child' edge")
+        self._check_acyclic(edges)
+        roots = [n for n in edges.nodes if n not in parent_of]
+        if len(roots) != 1:
+            raise HierarchyError(
+                f"{label}: the hierarchy has {len(roots)} roots ({_listed(roots)}); a tree needs exactly one, "
+                "so add a common parent above them")
+        children: dict[str, list[str]] = {n: [] for n in edges.nodes}
+        for child, parent in parent_of.items():
+            children[parent].append(child)
+        order = [roots[0]]  # breadth-first
+        for node in order:
+            order.extend(children[node])
+        index = {n: i for i, n in enumerate(order)}
+        parent_idx = np.array([index[parent_of[n]] if n in parent_of else -1 for n in order], dtype=np.int64)
+        depth = np.zeros(len(order), dtype=np.int64)
+        for i in range(1, len(order)):
+            depth[i] = depth[parent_idx[i]] + 1
+        height = np.zeros(len(order), dtype=np.int64)
+        for i in range(len(order) - 1, 0, -1):
+            p = parent_idx[i]
+            height[p] = max(height[p], height[i] + 1)
+
+        leaves = [n for n in order if not children[n]]
+        if classes is None:
+            names, wheres = sorted(leaves), None
+        else:
+            names, wheres = _parse_classes(classes)
+            self._check_classes(names, wheres, children, leaves)
+
+        self._name = None
+        self._root = roots[0]
+        self._children = children
+        self._parent_of = dict(parent_of)
+        self._order = order
+        self._index = index
+        self._parent_idx = parent_idx
+        self._depth = depth
+        self._height = height
+        self._classes = list(names)
+        self._class_idx = np.array([index[c] for c in names], dtype=np.int64)
+        self._distances = None
+
+    @staticmethod
+    def _check_acyclic(edges: _Edges) -> None:
+        """Raise naming the cycle if following parents from some node comes back to it."""
+        state: dict[str, int] = {}  # 1: on the current path, 2: known to reach a root
+        for start in edges.nodes:
+            path = []
+            node = start
+            while node is not None and state.get(node, 0) == 0:
+                state[node] = 1
+                path.append(node)
+                node = edges.parent_of.get(node)
+            if node is not None and state[node] == 1:
+                cycle = path[path.index(node):][::-1]  # parent -> child order
+                where = "; ".join(edges.where[c] for c in cycle)
+                raise HierarchyError(
+                    f"cycle in the hierarchy: {' -> '.join(map(repr, cycle + [cycle[0]]))} ({where}); "
+                    "a tree has no cycles, so remove one of these edges")
+            for n in path:
+                state[n] = 2
+
+    @staticmethod
+    def _check_classes(names, wheres, children, leaves) -> None:
+        """Raise on duplicate, unknown or internal-node classes and on leaves missing from the classes."""
+        if not names:
+            raise HierarchyError("the class list is empty; give one class (a leaf name) per line")
+        seen: dict[str, str] = {}
+        for name, where in zip(names, wheres):
+            if not isinstance(name, str):
+                raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {name!r}")
+            if name in seen:
+                raise HierarchyError(f"{where}: duplicate class {name!r} (first at {seen[name]}); list each class once")
+            seen[name] = where
+            if name not in children:
+                raise HierarchyError(
+                    f"{where}: unknown class {name!r}, not a node of the hierarchy; check the spelling")
+            if children[name]:
+                raise HierarchyError(
+                    f"{where}: class {name!r} is not a leaf (it has children {_listed(children[name])}); "
+                    "classes must be the leaves of the tree")
+        missing = [leaf for leaf in leaves if leaf not in seen]
+        if missing:
+            raise HierarchyError(
+                f"{len(missing)} leaves are not in the class list ({_listed(missing)}); every leaf must be "
+                "a class: add them to the classes or remove their edges")
+
+    # ------------------------------------------------------------------ queries
+    def _idx(self, node: str) -> int:
+        """Index of a node, raising a HierarchyError for an unknown name."""
+        try:
+            return self._index[node]
+        except (KeyError, TypeError):
+            raise HierarchyError(f"unknown node {node!r}; not in this hierarchy") from None
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names in label order (a copy)."""
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K."""
+        return len(self._classes)
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node, breadth-first from the root."""
+        return list(self._order)
+
+    @property
+    def root(self) -> str:
+        """The root node."""
+        return self._root
+
+    @property
+    def height(self) -> int:
+        """Height of the tree (the height of its root)."""
+        return int(self._height[0])
+
+    def parent(self, node: str):
+        """The parent of node (None for the root)."""
+        p = self._parent_idx[self._idx(node)]
+        return None if p < 0 else self._order[p]
+
+    def children(self, node: str) -> list[str]:
+        """The children of node, in the order their edges were given."""
+        return list(self._children[self._order[self._idx(node)]])
+
+    def depth(self, node: str) -> int:
+        """Number of edges from the root down to node."""
+        return int(self._depth[self._idx(node)])
+
+    def node_height(self, node: str) -> int:
+        """Length of the longest downward path from node to a leaf."""
+        return int(self._height[self._idx(node)])
+
+    def is_leaf(self, node: str) -> bool:
+        """True if node has no children."""
+        return not self._children[self._order[self._idx(node)]]
+
+    def ancestors(self, node: str) -> list[str]:
+        """The ancestors of node, from its parent up to the root."""
+        out = []
+        p = self._parent_idx[self._idx(node)]
+        while p >= 0:
+            out.append(self._order[p])
+            p = self._parent_idx[p]
+        return out
+
+    def lca(self, a: str, b: str) -> str:
+        """The lowest common ancestor of nodes a and b."""
+        i, j = self._idx(a), self._idx(b)
+        while self._depth[i] > self._depth[j]:
+            i = self._parent_idx[i]
+        while self._depth[j] > self._depth[i]:
+            j = self._parent_idx[j]
+        while i != j:
+            i, j = self._parent_idx[i], self._parent_idx[j]
+        return self._order[i]
+
+    def tree_distances(self) -> np.ndarray:
+        """LCA heights computed on the tree, int64 [K, K] (equals distances() except for reference-matrix builtins)."""
+        K = self.num_classes
+        levels = int(self._depth.max()) + 1
+        paths = np.full((K, levels), -1, dtype=np.int64)  # [K, L] node index at each depth, root first
+        rows = np.arange(K)
+        cur = self._class_idx.copy()
+        while True:
+            alive = cur >= 0
+            if not alive.any():
+                break
+            paths[rows[alive], self._depth[cur[alive]]] = cur[alive]
+            cur = np.where(alive, self._parent_idx[np.maximum(cur, 0)], -1)
+        # Paths agree on a prefix (the shared ancestors); its length is the depth of the LCA plus one.
+        common = np.zeros((K, K), dtype=np.int64)  # [K, K]
+        for level in range(levels):
+            col = paths[:, level]
+            common += (col[:, None] == col[None, :]) & (col >= 0)[:, None]
+        lca = np.take_along_axis(paths, common - 1, axis=1)  # [K, K] node index of LCA(i, j)
+        return self._height[lca]
+
+    def distances(self) -> np.ndarray:
+        """Class distance matrix, int64 [K, K]: d[i, j] = height of LCA(i, j) (cached; returns a copy).
+
+        For the tiered_imagenet_h builtin this is the published reference matrix (computed on the
+        full WordNet graph, which the pruned tree reproduces on only about 73% of the pairs).
+        """
+        if self._distances is None:
+            self._distances = self.tree_distances()
+        return self._distances.copy()
+
+    # ------------------------------------------------------------------ output
+    def to_edges(self, path) -> None:
+        """Write the tree as a tab-separated 'parent<TAB>child' edge list (breadth-first) to a path or text file."""
+        text = "".join(f"{self._order[self._parent_idx[i]]}\t{self._order[i]}\n" for i in range(1, len(self._order)))
+        self._write(path, text)
+
+    def to_classes(self, path) -> None:
+        """Write the class names in label order, one per line, to a path or text file."""
+        self._write(path, "".join(f"{c}\n" for c in self._classes))
+
+    @staticmethod
+    def _write(path, text: str) -> None:
+        """Write text to a path (UTF-8) or to an open text file."""
+        if hasattr(path, "write"):
+            path.write(text)
+        else:
+            with open(path, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+
+    def __len__(self) -> int:
+        return self.num_classes
+
+    def __repr__(self) -> str:
+        name = f"{self._name!r}, " if self._name else ""
+        return (f"Hierarchy({name}num_classes={self.num_classes}, nodes={len(self._order)}, "
+                f"height={self.height}, root={self._root!r})")
+
+
+# ----------------------------------------------------------------------------- distance matrices
+def _read_csv(path) -> np.ndarray:
+    """Read a comma-separated numeric matrix, skipping one optional header line."""
+    text, label = _read_text(path, "distance CSV")
+    rows: list[list[float]] = []
+    first = True
+    for lineno, line in _lines(text):
+        if not line.strip():
+            continue
+        try:
+            rows.append([float(f) for f in line.split(",")])
+        except ValueError:
+            if first:
+                first = False
+                continue  # the first non-blank line may be a header
+            raise HierarchyError(f"{label}, line {lineno}: non-numeric value in {line!r}") from None
+        first = False
+        if len(rows[-1]) != len(rows[0]):
+            raise HierarchyError(
+                f"{label}, line {lineno}: {len(rows[-1])} values but the first row has {len(rows[0])}; "
+                "every row of a distance matrix needs K values")
+    if not rows:
+        raise HierarchyError(f"{label}: no numeric rows; expected K lines of K comma-separated distances")
+    return np.array(rows, dtype=np.float64)
+
+
+def _fmt(v) -> str:
+    """Format one matrix entry for a message (integers without a decimal point)."""
+    v = v.item() if hasattr(v, "item") else v
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else repr(v)
+
+
+def as_distance_matrix(x) -> np.ndarray:
+    """Validate class distances and return them as a new [K, K] array, int64 if all integer-valued else float64.
+
+    Accepts a Hierarchy, a numpy array (or nested list), a torch tensor, or a path to a ``.npy``
+    (loaded without pickle) or ``.csv`` (comma-separated, optional header line) file.  Float
+    matrices may be asymmetric or off the zero diagonal by rounding (1e-12 of the largest
+    distance); they are then symmetrised and the diagonal set to 0.
+    """
+    if isinstance(x, Hierarchy):
+        return x.distances()
+    if isinstance(x, (str, os.PathLike)):
+        path = os.fspath(x)
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                raise HierarchyError(f"distance file {path!r}: cannot load without pickle ({exc})") from None
+        elif ext == ".csv":
+            arr = _read_csv(path)
+        else:
+            raise HierarchyError(f"distance file {path!r}: unknown extension {ext!r}; use a .npy or .csv file")
+    elif type(x).__module__.startswith("torch"):
+        t = x.detach().cpu()
+        arr = (t.double() if t.is_floating_point() else t).numpy()
+    else:
+        arr = np.asarray(x)
+
+    if arr.dtype.kind not in "iuf":
+        raise HierarchyError(f"distance matrix must be numeric (integers or floats), got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise HierarchyError(f"distance matrix must be square 2-D (K, K), got shape {arr.shape}")
+    K = arr.shape[0]
+    if K < 2:
+        raise HierarchyError(f"distance matrix must have at least 2 classes, got K={K}")
+    is_float = arr.dtype.kind == "f"
+    d = arr.astype(np.float64 if is_float else np.int64)  # a copy
+    if is_float:
+        bad = np.argwhere(~np.isfinite(d))
+        if len(bad):
+            i, j = bad[0]
+            raise HierarchyError(
+                f"distance matrix is not finite: d[{i},{j}]={d[i, j]} (NaN/Inf); every entry must be a number")
+        tol = 1e-12 * max(float(np.abs(d).max()), 1.0)
+    else:
+        tol = 0
+    bad = np.argwhere(np.abs(d - d.T) > tol)
+    if len(bad):
+        i, j = bad[0]
+        raise HierarchyError(
+            f"distance matrix is not symmetric: d[{i},{j}]={_fmt(d[i, j])} but d[{j},{i}]={_fmt(d[j, i])}")
+    bad = np.flatnonzero(np.abs(np.diagonal(d)) > tol)
+    if len(bad):
+        i = bad[0]
+        raise HierarchyError(
+            f"distance matrix has a non-zero diagonal: d[{i},{i}]={_fmt(d[i, i])}; "
+            "a class is at distance 0 from itself")
+    bad = np.argwhere(d < 0)
+    if len(bad):
+        i, j = bad[0]
+        raise HierarchyError(
+            f"distance matrix has a negative entry: d[{i},{j}]={_fmt(d[i, j])}; distances must be >= 0")
+    if is_float:
+        d = (d + d.T) / 2
+        np.fill_diagonal(d, 0.0)
+        if np.array_equal(d, np.round(d)):
+            d = d.astype(np.int64)
+    return d

@@ -1,0 +1,248 @@
+"""Tests for haframe_ext.frame: similarity, exact and grid s_min, factorization, ETF, save/load."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings, strategies as st
+
+from haframe_ext.frame import HAFrame, etf_similarity, exact_s_min, grid_s_min, similarity_matrix
+from haframe_ext.hierarchy import Hierarchy, HierarchyError
+
+# (builtin, gamma, exact s_min, the paper code's grid s_min), from hierarchies/README.md
+CASES = [
+    ("cifar100", 2.0, -0.305739, -0.300071),
+    ("fgvc_aircraft", 2.0, -0.177571, -0.170085),
+    ("inat19", 5.0, -0.032024, -0.031264),
+    ("tiered_imagenet_h", 5.0, -0.018680, -0.011732),
+]
+IDS = [c[0] for c in CASES]
+
+
+@functools.lru_cache(maxsize=None)
+def dist(name):
+    """Distances of a builtin (tiered: the published matrix), loaded once."""
+    return Hierarchy.builtin(name).distances()
+
+
+@functools.lru_cache(maxsize=None)
+def frame(name, gamma):
+    """The float32 frame of a builtin, built once."""
+    return HAFrame.from_distances(dist(name), gamma)
+
+
+def min_eig(S):
+    """Smallest eigenvalue of a symmetric matrix."""
+    return scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0])[0]
+
+
+# ----------------------------------------------------------------------------- s_min
+@pytest.mark.parametrize("name,gamma,exact,grid", CASES, ids=IDS)
+def test_exact_s_min(name, gamma, exact, grid):
+    s = exact_s_min(dist(name), gamma)
+    assert s == pytest.approx(exact, abs=1e-6)
+    assert abs(min_eig(similarity_matrix(dist(name), gamma, s))) < 1e-9  # on the PSD boundary
+    assert min_eig(similarity_matrix(dist(name), gamma, s - 1e-3)) < 0
+
+
+@pytest.mark.parametrize("name,gamma,exact,grid", CASES, ids=IDS)
+def test_grid_s_min(name, gamma, exact, grid):
+    assert grid_s_min(dist(name), gamma) == pytest.approx(grid, abs=1e-6)
+
+
+@pytest.mark.parametrize("name,gamma", [("cifar100", 2.0), ("fgvc_aircraft", 2.0), ("fgvc_aircraft", 1.0)])
+def test_grid_binary_search_matches_full_scan(name, gamma):
+    assert grid_s_min(dist(name), gamma) == grid_s_min(dist(name), gamma, exhaustive=True)
+
+
+@pytest.mark.slow
+def test_grid_full_scan_inat19():
+    assert grid_s_min(dist("inat19"), 5.0, exhaustive=True) == pytest.approx(-0.031264, abs=1e-6)
+
+
+def test_exact_s_min_falls_back_when_E_is_singular():
+    idx = list(range(100)) + [0]  # class 0 twice: two classes at distance 0 make E singular
+    d = dist("cifar100")[np.ix_(idx, idx)]
+    assert exact_s_min(d, 2.0) == pytest.approx(exact_s_min(dist("cifar100"), 2.0), abs=1e-7)
+
+
+def test_exact_s_min_clips_to_minus_one():
+    assert exact_s_min(np.array([[0, 1], [1, 0]]), 1.0) == -1.0  # two classes: any s >= -1 is PSD
+
+
+@st.composite
+def random_distances(draw):
+    """LCA-height distances of a random tree with at least 2 classes."""
+    while True:
+        n = draw(st.integers(3, 30))
+        h = Hierarchy.from_parents({f"n{i}": f"n{draw(st.integers(0, i - 1))}" for i in range(1, n)})
+        if h.num_classes >= 2:
+            return h.distances()
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_distances(), st.floats(0.1, 8.0))
+def test_exact_s_min_is_the_psd_boundary(d, gamma):
+    s = exact_s_min(d, gamma)
+    assert -1.0 <= s <= -1.0 / (len(d) - 1) + 1e-12  # never above the ETF value
+    lam = min_eig(similarity_matrix(d, gamma, s))
+    assert lam > -1e-9
+    if s > -1.0:
+        assert lam < 1e-9
+
+
+# ----------------------------------------------------------------------------- similarity
+def test_similarity_matrix_formula():
+    d = np.array([[0, 1, 2], [1, 0, 2], [2, 2, 0]])
+    S = similarity_matrix(d, 1.0, -0.2)
+    assert S.dtype == np.float64 and (np.diagonal(S) == 1.0).all()
+    assert S[0, 1] == pytest.approx(1.2 * math.exp(-0.5) - 0.2)
+    assert S[0, 2] == pytest.approx(1.2 * math.exp(-1.0) - 0.2)
+
+
+@pytest.mark.parametrize("d,gamma,match", [
+    (np.zeros((3, 3)), 1.0, "all distances are 0"),
+    (np.array([[0, 1], [1, 0]]), 0.0, "gamma must be a finite number > 0"),
+    (np.array([[0, 1], [1, 0]]), float("nan"), "gamma must be a finite number > 0"),
+])
+def test_similarity_errors(d, gamma, match):
+    with pytest.raises(ValueError, match=match):
+        similarity_matrix(d, gamma, -0.1)
+
+
+def test_similarity_rejects_bad_distances():
+    with pytest.raises(HierarchyError, match="not symmetric"):
+        similarity_matrix(np.array([[0, 1], [2, 0]]), 1.0, -0.1)
+
+
+# ----------------------------------------------------------------------------- frames
+@pytest.mark.parametrize("name,gamma,exact,grid", CASES, ids=IDS)
+def test_frame_gram_and_unit_rows(name, gamma, exact, grid):
+    f = frame(name, gamma)
+    K = len(dist(name))
+    assert f.weight.shape == (K, K) and f.weight.dtype == torch.float32
+    assert f.similarity.shape == (K, K) and f.similarity.dtype == torch.float32
+    assert (f.num_classes, f.dim, f.gamma) == (K, K, gamma)
+    assert f.s_min == pytest.approx(exact, abs=1e-6)
+    assert f.gram_error() < 1e-5
+    W = f.weight.double()
+    assert (W @ W.T - f.similarity.double()).abs().max() < 1e-5
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(K, dtype=torch.float64), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(f.distances, dist(name))
+
+
+def test_grid_frame_and_float_s_min():
+    assert HAFrame.from_hierarchy("cifar100", 2.0, s_min="grid").s_min == pytest.approx(-0.300071, abs=1e-6)
+    f = HAFrame.from_distances(dist("cifar100"), 2.0, s_min=-0.25)
+    assert f.s_min == -0.25 and f.gram_error() < 1e-5
+
+
+def test_inadmissible_s_min_names_the_exact_value():
+    with pytest.raises(ValueError, match=r"not positive semi-definite.*most negative admissible value.* -0\.305739"):
+        HAFrame.from_distances(dist("cifar100"), 2.0, s_min=-0.31)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"s_min": "best"}, "s_min must be 'exact', 'grid' or a number"),
+    ({"s_min": 1.0}, "s_min must be a finite number < 1"),
+    ({"dim": 50}, r"dim=50 is smaller than K=100.*approximate=True"),
+    ({"dim": 0}, "dim must be a positive integer"),
+])
+def test_frame_argument_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        HAFrame.from_distances(dist("cifar100"), 2.0, **kw)
+
+
+def test_seeded_reproducibility():
+    d = dist("fgvc_aircraft")
+    a, b = HAFrame.from_distances(d, 2.0, seed=3), HAFrame.from_distances(d, 2.0, seed=3)
+    c = HAFrame.from_distances(d, 2.0, seed=4)
+    assert torch.equal(a.weight, b.weight)
+    assert not torch.allclose(a.weight, c.weight)
+    torch.testing.assert_close(a.weight @ a.weight.T, c.weight @ c.weight.T, atol=1e-5, rtol=0)
+
+
+def test_wider_dim_and_float64():
+    f = HAFrame.from_distances(dist("cifar100"), 2.0, dim=160, dtype=torch.float64)
+    assert f.weight.shape == (100, 160) and f.weight.dtype == torch.float64
+    assert f.gram_error() < 1e-12
+
+
+def test_etf():
+    K = 10
+    f = HAFrame.etf(K, dim=12, seed=1)
+    assert f.weight.shape == (K, 12) and f.distances is None and f.gamma is None
+    assert f.s_min == pytest.approx(-1 / (K - 1))
+    expected = (K * np.eye(K) - np.ones((K, K))) / (K - 1)
+    np.testing.assert_allclose(f.similarity.double().numpy(), expected, atol=1e-7)
+    assert f.gram_error() < 1e-6
+    assert f.weight.double().sum(dim=0).abs().max() < 1e-5  # ETF vectors sum to zero
+    np.testing.assert_array_equal(etf_similarity(K), expected)
+    with pytest.raises(ValueError, match="K >= 2"):
+        HAFrame.etf(1)
+
+
+def test_approximate_low_dim():
+    d = dist("cifar100")
+    f = HAFrame.from_distances(d, 2.0, dim=40, approximate=True, dtype=torch.float64)
+    assert f.weight.shape == (100, 40)
+    torch.testing.assert_close(f.weight.norm(dim=1), torch.ones(100, dtype=torch.float64))
+    err = f.gram_error()
+    W = f.weight.numpy()
+    assert err == pytest.approx(np.abs(W @ W.T - f.similarity.numpy()).max())
+    assert 1e-6 < err < 1.0
+    # a rank-deficient target is exact in dim = rank: the ETF has rank K - 1
+    flat = np.ones((5, 5)) - np.eye(5)  # equidistant classes: the exact frame is the ETF
+    etf = HAFrame.from_distances(flat, 1.0, dim=4, approximate=True, dtype=torch.float64)
+    np.testing.assert_allclose(etf.similarity.numpy(), etf_similarity(5), atol=1e-12)
+    assert etf.gram_error() < 1e-12
+
+
+def test_save_load_round_trip(tmp_path):
+    f = frame("cifar100", 2.0)
+    f.save(tmp_path / "f.pt")
+    g = HAFrame.load(tmp_path / "f.pt")
+    assert torch.equal(f.weight, g.weight) and torch.equal(f.similarity, g.similarity)
+    assert (g.s_min, g.gamma) == (f.s_min, f.gamma)
+    np.testing.assert_array_equal(g.distances, f.distances)
+    assert g.gram_error() == f.gram_error()
+    state = torch.load(tmp_path / "f.pt", weights_only=True)  # a plain dict, no pickled objects
+    assert state["format"] == "haframe_ext.HAFrame"
+    e = HAFrame.etf(6)
+    e.save(tmp_path / "e.pt")
+    assert HAFrame.load(tmp_path / "e.pt").distances is None
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a saved HAFrame"):
+        HAFrame.load(tmp_path / "other.pt")
+
+
+def test_to_returns_a_copy():
+    f = frame("fgvc_aircraft", 2.0)
+    g = f.to("cpu", dtype=torch.float64)
+    assert g.weight.dtype == torch.float64 and f.weight.dtype == torch.float32
+    g.weight.zero_()
+    assert f.weight.abs().sum() > 0
+
+
+def test_diagnostics_and_repr():
+    f = frame("cifar100", 2.0)
+    diag = f.diagnostics()
+    assert set(diag) == {"K", "dim", "gamma", "s_min", "gram_error", "min_offdiag_similarity",
+                         "max_offdiag_similarity", "min_eigenvalue"}
+    s = f.s_min
+    assert diag["min_offdiag_similarity"] == pytest.approx((1 - s) * math.exp(-2.0) + s)  # the d = d_max pairs
+    assert diag["max_offdiag_similarity"] == pytest.approx((1 - s) * math.exp(-2.0 / 5) + s)  # siblings, d = 1
+    assert abs(diag["min_eigenvalue"]) < 1e-9
+    assert repr(f).startswith("HAFrame(K=100, dim=100, gamma=2, s_min=-0.305739")
+
+
+def test_from_hierarchy_and_paths(tmp_path):
+    np.save(tmp_path / "d.npy", dist("fgvc_aircraft"))
+    a = HAFrame.from_hierarchy(Hierarchy.builtin("fgvc_aircraft"), 2.0)
+    b = HAFrame.from_distances(tmp_path / "d.npy", 2.0)
+    assert torch.equal(a.weight, b.weight)
+    with pytest.raises(TypeError, match="needs a Hierarchy"):
+        HAFrame.from_hierarchy(dist("fgvc_aircraft"), 2.0)
