@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ._native import native_available
 
-__all__ = ["haframe_loss", "reference_loss", "paper_loss", "EPS", "fused_loss_rows"]
+__all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "EPS"]
 
 EPS = 1e-8  # norm below which a feature row counts as zero (see module docstring)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -130,49 +130,31 @@ def paper_loss(features, weight, target, alpha=0.4, *, similarity=None):
     return (1.0 - alpha) * ce + alpha * lcos / features.shape[0]
 
 
-# ----------------------------------------------------------------------------- native op: fake + autograd
+# ----------------------------------------------------------------------------- native op: fake
 _NATIVE = native_available()
 _MROUTE_MIN_K = 4096  # above this (and K > d), S would be large: use the M route when rows are unit
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # ATen's at::Reduction order
 
 
-def _fused_fake(features, weight, target, similarity, gram, alpha, ignore_index, need_grad):
+def _fused_fake(features, weight, target, similarity, gram, alpha, ignore_index, reduction, need_grad):
     """Output shapes of haframe_ext::fused_loss for torch.compile / meta tensors."""
-    loss = features.new_empty((features.shape[0],), dtype=_acc_dtype(features.dtype))
+    shape = (features.shape[0],) if reduction == 0 else ()
+    loss = features.new_empty(shape, dtype=_acc_dtype(features.dtype))
     grad = features.new_empty(features.shape if need_grad else (0,))
     return loss, grad
 
 
-def _fused_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.features_dtype = inputs[0].dtype
-
-
-def _fused_backward(ctx, grad_loss, grad_grad):
-    """Scale the per-row gradients saved by the forward pass by grad_output."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "haframe_ext fused loss: double backward (create_graph=True) is not supported, because the "
-            "gradient is computed in the forward pass; use haframe_loss(..., backend='reference')")
-    (grad_rows,) = ctx.saved_tensors
-    if grad_rows.numel() == 0:
-        raise RuntimeError("haframe_ext fused loss: the forward ran without need_grad; nothing to backpropagate")
-    g = (grad_rows.to(grad_loss.dtype) * grad_loss[:, None]).to(ctx.features_dtype)
-    return g, None, None, None, None, None, None, None
-
-
-if _NATIVE:
+if _NATIVE:  # the autograd formula is registered in C++ (csrc/autograd.cpp)
     torch.library.register_fake("haframe_ext::fused_loss")(_fused_fake)
-    torch.library.register_autograd("haframe_ext::fused_loss", _fused_backward,
-                                    setup_context=_fused_setup_context)
 
 
-def fused_loss_rows(features, weight, target, alpha, ignore_index=-100, *, similarity=None, gram=None,
-                    need_grad=None):
-    """Per-row losses [B] from the native op (autograd attached); similarity or gram as the op takes them."""
+def fused_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *, similarity=None,
+               gram=None, need_grad=None):
+    """The native op with autograd: exactly one of similarity [K, K] / gram [d, d], dtypes as the op wants."""
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and features.requires_grad
     loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram, float(alpha),
-                                               int(ignore_index), bool(need_grad))
+                                               int(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
     return loss
 
 
@@ -231,7 +213,6 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     acc = _acc_dtype(features.dtype)
     if weight.dtype != features.dtype:
         weight = weight.to(features.dtype)
-    target = target.long()
     if similarity is not None:
         similarity, gram = similarity.to(acc).contiguous(), None
     elif gram is not None:
@@ -241,5 +222,4 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
         similarity = w @ w.T
     else:
         similarity, gram = _derived(weight, acc)
-    rows = fused_loss_rows(features, weight, target, alpha, ignore_index, similarity=similarity, gram=gram)
-    return _reduce(rows, target != ignore_index, reduction)
+    return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)

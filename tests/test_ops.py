@@ -144,8 +144,8 @@ def test_opcheck(device):
     h, w, y = make(5, 4, 6, torch.float32, device, seed=5)
     S = w @ w.T
     M = w.T @ w
-    for sim, gram in [(S, None), (None, M)]:
-        args = (h.clone().requires_grad_(), w, y, sim, gram, 0.4, -100, True)
+    for (sim, gram), red in [((S, None), 0), ((None, M), 1), ((S, None), 2)]:
+        args = (h.clone().requires_grad_(), w, y, sim, gram, 0.4, -100, red, True)
         torch.library.opcheck(torch.ops.haframe_ext.fused_loss.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -311,9 +311,9 @@ def test_native_op_checks_labels_itself():
     h, w, y = make(4, 5, 6, torch.float32, "cpu")
     y[2] = 99
     with pytest.raises(ValueError, match=r"target\[2\] = 99"):
-        torch.ops.haframe_ext.fused_loss(h, w, y, w @ w.T, None, 0.4, -100, True)
-    with pytest.raises(RuntimeError, match="exactly one of similarity"):
-        torch.ops.haframe_ext.fused_loss(h, w, y.clamp(0, 4), None, None, 0.4, -100, True)
+        torch.ops.haframe_ext.fused_loss(h, w, y, w @ w.T, None, 0.4, -100, 0, True)
+    with pytest.raises(ValueError, match="exactly one of similarity"):
+        torch.ops.haframe_ext.fused_loss(h, w, y.clamp(0, 4), None, None, 0.4, -100, 0, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

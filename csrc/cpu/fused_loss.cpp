@@ -42,6 +42,7 @@ void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
                     const acc_t* S,        // [K, K] or nullptr (M route)
                     const acc_t* W,        // [K, d]
                     int64_t nr, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
+                    acc_t gscale,          // gradient scale (1/n_valid for mean)
                     acc_t* e,              // [K] scratch
                     acc_t* loss,           // [nr]
                     acc_t* coef,           // [nr] gather route: dh -= coef h
@@ -75,12 +76,12 @@ void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
         const acc_t r = cos_residual(zr[k], inv_wn[k], inv_n, srow[k], &c);
         lcos += r * r;
         rc += r * c;
-        if (need_grad) zr[k] = gather_grad_coef(e[k] * inv_s, k == label, r, inv_wn[k], inv_n, alpha);
+        if (need_grad) zr[k] = gscale * gather_grad_coef(e[k] * inv_s, k == label, r, inv_wn[k], inv_n, alpha);
       }
-      coef[i] = gather_h_coef(rc, inv_n, alpha);
+      coef[i] = gscale * gather_h_coef(rc, inv_n, alpha);
     } else {
       if (need_grad)
-        for (int64_t k = 0; k < K; ++k) zr[k] = ce_grad_coef(e[k] * inv_s, k == label, alpha);
+        for (int64_t k = 0; k < K; ++k) zr[k] = gscale * ce_grad_coef(e[k] * inv_s, k == label, alpha);
       const acc_t* wy = W + label * d;
       acc_t* ur = u + i * d;
       for (int64_t j = 0; j < d; ++j) ur[j] = mroute_u(hr[j], inv_n, wy[j]);
@@ -96,7 +97,7 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
                          const at::Tensor& inv_wn,  // [K]
                          const at::Tensor& S,       // [K, K] or undefined
                          const at::Tensor& M,       // [d, d] or undefined
-                         acc_t alpha, int64_t ignore_index, bool need_grad,
+                         acc_t alpha, int64_t ignore_index, bool need_grad, acc_t gscale,
                          at::Tensor& loss,          // [B]
                          at::Tensor& grad) {        // [B, d] or empty
   const int64_t B = h.size(0), d = h.size(1), K = W.size(0);
@@ -121,7 +122,7 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
       const acc_t* hp = hb.data_ptr<acc_t>();
       acc_t* up = mroute ? ubuf.data_ptr<acc_t>() : nullptr;
       block_epilogue<acc_t>(z.data_ptr<acc_t>(), hp, target.data_ptr<int64_t>() + r0, inv_wn.data_ptr<acc_t>(), Sp,
-                            W.data_ptr<acc_t>(), nr, K, d, alpha, ignore_index, need_grad, e.data(), lp,
+                            W.data_ptr<acc_t>(), nr, K, d, alpha, ignore_index, need_grad, gscale, e.data(), lp,
                             coef.data(), inv_n.data(), up);
       at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
       if (need_grad) at::mm_out(gb, z, W);
@@ -141,7 +142,7 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
           lp[i] += alpha * lcos;
           if (need_grad) {
             acc_t* gr = gb.data_ptr<acc_t>() + i * d;
-            for (int64_t j = 0; j < d; ++j) gr[j] += mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
+            for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
           }
         }
       } else if (need_grad) {
@@ -156,29 +157,59 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
   });
 }
 
+// 1/||w_k|| for every class row (rows below kEps count as kEps).
+template <typename acc_t>
+void inverse_row_norms(const acc_t* W, int64_t K, int64_t d, acc_t* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    acc_t ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += W[k * d + j] * W[k * d + j];
+    out[k] = acc_t(1) / std::max<acc_t>(hf_sqrt(ss), acc_t(kEps));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,                  // [B, d]
                                                   const at::Tensor& weight,                    // [K, d]
                                                   const at::Tensor& target,                    // [B]
                                                   const c10::optional<at::Tensor>& similarity, // [K, K]
                                                   const c10::optional<at::Tensor>& gram,       // [d, d]
-                                                  double alpha, int64_t ignore_index, bool need_grad) {
-  check_fused_loss_inputs(features, weight, target, similarity, gram, alpha, ignore_index);
-  const int64_t B = features.size(0), d = features.size(1);
-  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor h = features.to(acc).contiguous();
-  at::Tensor W = weight.to(acc).contiguous();
-  at::Tensor loss = at::empty({B}, h.options());
-  at::Tensor grad = need_grad ? at::empty({B, d}, h.options()) : at::empty({0}, features.options());
-  if (B > 0) {
-    at::Tensor inv_wn = at::linalg_vector_norm(W, 2, {1}).clamp_min(kEps).reciprocal();
-    at::Tensor S = similarity.has_value() ? similarity->contiguous() : at::Tensor();
-    at::Tensor M = gram.has_value() ? gram->contiguous() : at::Tensor();
-    at::Tensor y = target.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "haframe_fused_loss_cpu", [&] {
-      fused_loss_cpu_impl<scalar_t>(h, W, y, inv_wn, S, M, static_cast<scalar_t>(alpha), ignore_index, need_grad,
-                                    loss, grad);
-    });
+                                                  double alpha, int64_t ignore_index, int64_t reduction,
+                                                  bool need_grad) {
+  check_fused_loss_inputs(features, weight, target, similarity, gram, alpha, reduction);
+  const int64_t B = features.size(0), d = features.size(1), K = weight.size(0);
+  const at::Tensor y = target.to(at::kLong).contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < B; ++i) {  // label range on the host, before any kernel indexes with it
+    if (yp[i] == ignore_index) continue;
+    if (yp[i] < 0 || yp[i] >= K) bad_label(i, yp[i], K, ignore_index);
+    ++n_valid;
   }
+  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor h = features.to(acc).contiguous();
+  const at::Tensor W = weight.to(acc).contiguous();
+  at::Tensor rows = at::empty({B}, h.options());
+  at::Tensor grad = need_grad ? at::empty({B, d}, h.options()) : at::empty({0}, features.options());
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(acc, "haframe_fused_loss_cpu", [&] {
+    const scalar_t gscale = reduction == kMean ? (n_valid > 0 ? scalar_t(1) / n_valid : scalar_t(0)) : scalar_t(1);
+    if (B > 0) {
+      at::Tensor inv_wn = at::empty({K}, h.options());
+      inverse_row_norms<scalar_t>(W.data_ptr<scalar_t>(), K, d, inv_wn.data_ptr<scalar_t>());
+      const at::Tensor S = similarity.has_value() ? similarity->contiguous() : at::Tensor();
+      const at::Tensor M = gram.has_value() ? gram->contiguous() : at::Tensor();
+      fused_loss_cpu_impl<scalar_t>(h, W, y, inv_wn, S, M, static_cast<scalar_t>(alpha), ignore_index, need_grad,
+                                    gscale, rows, grad);
+    }
+    if (reduction == kNone) {
+      loss = rows;
+    } else {
+      double total = 0;  // rows of ignored labels are 0
+      const scalar_t* rp = rows.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B; ++i) total += rp[i];
+      if (reduction == kMean) total = n_valid > 0 ? total / n_valid : std::nan("");
+      loss = at::scalar_tensor(total, h.options());
+    }
+  });
   if (need_grad && grad.scalar_type() != features.scalar_type()) grad = grad.to(features.scalar_type());
   return {loss, grad};
 }

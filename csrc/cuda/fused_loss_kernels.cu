@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kBlock)
     row_epilogue_kernel(scalar_t* __restrict__ z, const scalar_t* __restrict__ h, const scalar_t* __restrict__ W,
                         const acc_t* __restrict__ inv_wn, const acc_t* __restrict__ S,
                         const int64_t* __restrict__ y, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
-                        bool need_grad, acc_t* __restrict__ loss, acc_t* __restrict__ coef,
+                        bool need_grad, acc_t gscale, acc_t* __restrict__ loss, acc_t* __restrict__ coef,
                         acc_t* __restrict__ inv_n_out, acc_t* __restrict__ u) {
   const int64_t row = blockIdx.x;
   scalar_t* zr = z + row * K;
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kBlock)
       } else {
         g = ce_grad_coef(p, k == label, alpha);
       }
-      zr[k] = from_acc<scalar_t, acc_t>(g);
+      zr[k] = from_acc<scalar_t, acc_t>(gscale * g);
     }
   }
   if (u) {
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   if (threadIdx.x == 0) {
     loss[row] = row_loss(lse, z_y, lcos, alpha);
-    coef[row] = srow ? gather_h_coef(rc, in, alpha) : acc_t(0);
+    coef[row] = srow ? gscale * gather_h_coef(rc, in, alpha) : acc_t(0);
     inv_n_out[row] = in;
   }
 }
@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kBlock)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlock)
     mroute_finish_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ u, const acc_t* __restrict__ v,
-                         const acc_t* __restrict__ inv_n, int64_t d, acc_t alpha, acc_t* __restrict__ loss,
+                         const acc_t* __restrict__ inv_n, int64_t d, acc_t alpha, acc_t gscale,
+                         acc_t* __restrict__ loss,
                          scalar_t* __restrict__ corr) {
   const int64_t row = blockIdx.x;
   const scalar_t* hr = h + row * d;
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kBlock)
   hv *= in;
   if (corr) {
     for (int64_t j = threadIdx.x; j < d; j += kBlock)
-      corr[row * d + j] = from_acc<scalar_t, acc_t>(mroute_grad(vr[j], to_acc<acc_t>(hr[j]), in, hv, alpha));
+      corr[row * d + j] = from_acc<scalar_t, acc_t>(gscale * mroute_grad(vr[j], to_acc<acc_t>(hr[j]), in, hv, alpha));
   }
   if (threadIdx.x == 0) loss[row] += alpha * uv;
 }
@@ -199,23 +200,46 @@ __global__ void gather_correction_kernel(const scalar_t* __restrict__ h, const a
     corr[i] = from_acc<scalar_t, acc_t>(-coef[i / d] * to_acc<acc_t>(h[i]));
 }
 
+__global__ void label_check_kernel(const int64_t* __restrict__ y, int64_t B, int64_t K, int64_t ignore_index,
+                                   unsigned long long* __restrict__ stats) {
+  unsigned long long valid = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t v = y[i];
+    if (v == ignore_index) continue;
+    if (v < 0 || v >= K) atomicMax(&stats[1], static_cast<unsigned long long>(B - i));
+    else ++valid;
+  }
+  valid = warp_sum(valid);
+  if ((threadIdx.x & 31) == 0 && valid) atomicAdd(&stats[0], valid);
+}
+
 }  // namespace
+
+void launch_label_check(const int64_t* y, int64_t B, int64_t K, int64_t ignore_index, unsigned long long* stats,
+                        cudaStream_t stream) {
+  cudaMemsetAsync(stats, 0, 2 * sizeof(unsigned long long), stream);
+  if (B <= 0) return;
+  const int64_t blocks = (B + 255) / 256;
+  label_check_kernel<<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, stream>>>(y, B, K, ignore_index,
+                                                                                                 stats);
+}
 
 template <typename scalar_t, typename acc_t>
 void launch_row_epilogue(scalar_t* z, const scalar_t* h, const scalar_t* W, const acc_t* inv_wn, const acc_t* S,
                          const int64_t* y, int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
-                         bool need_grad, acc_t* loss, acc_t* coef, acc_t* inv_n, acc_t* u, cudaStream_t stream) {
+                         bool need_grad, acc_t gscale, acc_t* loss, acc_t* coef, acc_t* inv_n, acc_t* u,
+                         cudaStream_t stream) {
   if (R <= 0) return;
   row_epilogue_kernel<scalar_t, acc_t><<<static_cast<unsigned>(R), kBlock, 0, stream>>>(
-      z, h, W, inv_wn, S, y, K, d, alpha, ignore_index, need_grad, loss, coef, inv_n, u);
+      z, h, W, inv_wn, S, y, K, d, alpha, ignore_index, need_grad, gscale, loss, coef, inv_n, u);
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_mroute_finish(const scalar_t* h, const acc_t* u, const acc_t* v, const acc_t* inv_n, int64_t R, int64_t d,
-                          acc_t alpha, acc_t* loss, scalar_t* corr, cudaStream_t stream) {
+                          acc_t alpha, acc_t gscale, acc_t* loss, scalar_t* corr, cudaStream_t stream) {
   if (R <= 0) return;
   mroute_finish_kernel<scalar_t, acc_t><<<static_cast<unsigned>(R), kBlock, 0, stream>>>(h, u, v, inv_n, d, alpha,
-                                                                                         loss, corr);
+                                                                                         gscale, loss, corr);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -231,10 +255,11 @@ void launch_gather_correction(const scalar_t* h, const acc_t* coef, int64_t R, i
 #define HAFRAME_INSTANTIATE(scalar_t, acc_t)                                                                      \
   template void launch_row_epilogue<scalar_t, acc_t>(scalar_t*, const scalar_t*, const scalar_t*, const acc_t*,  \
                                                      const acc_t*, const int64_t*, int64_t, int64_t, int64_t,      \
-                                                     acc_t, int64_t, bool, acc_t*, acc_t*, acc_t*, acc_t*,         \
+                                                     acc_t, int64_t, bool, acc_t, acc_t*, acc_t*, acc_t*, acc_t*,  \
                                                      cudaStream_t);                                                \
   template void launch_mroute_finish<scalar_t, acc_t>(const scalar_t*, const acc_t*, const acc_t*, const acc_t*,  \
-                                                      int64_t, int64_t, acc_t, acc_t*, scalar_t*, cudaStream_t);  \
+                                                      int64_t, int64_t, acc_t, acc_t, acc_t*, scalar_t*,          \
+                                                      cudaStream_t);                                              \
   template void launch_gather_correction<scalar_t, acc_t>(const scalar_t*, const acc_t*, int64_t, int64_t,        \
                                                           scalar_t*, cudaStream_t);
 

@@ -20,6 +20,7 @@ void launch_row_epilogue(scalar_t* z,            // [R, K] logits in, G out
                          const acc_t* S,         // [K, K] symmetric, or nullptr (M route)
                          const int64_t* y,       // [R]
                          int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
+                         acc_t gscale,           // gradient scale (1/n_valid for mean)
                          acc_t* loss,            // [R]
                          acc_t* coef,            // [R] gather route: dh -= coef h
                          acc_t* inv_n,           // [R]
@@ -32,7 +33,7 @@ void launch_mroute_finish(const scalar_t* h,     // [R, d]
                           const acc_t* u,        // [R, d]
                           const acc_t* v,        // [R, d] = u M
                           const acc_t* inv_n,    // [R]
-                          int64_t R, int64_t d, acc_t alpha,
+                          int64_t R, int64_t d, acc_t alpha, acc_t gscale,
                           acc_t* loss,           // [R]
                           scalar_t* corr,        // [R, d] or nullptr
                           cudaStream_t stream);
@@ -44,6 +45,13 @@ void launch_gather_correction(const scalar_t* h,  // [R, d]
                               int64_t R, int64_t d,
                               scalar_t* corr,     // [R, d]
                               cudaStream_t stream);
+
+// Label range check: stats[0] = number of rows not equal to ignore_index, stats[1] = B - i for the
+// first row i whose label is outside [0, K) and not ignore_index (0 when there is none).
+void launch_label_check(const int64_t* y,               // [B]
+                        int64_t B, int64_t K, int64_t ignore_index,
+                        unsigned long long* stats,      // [2]
+                        cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace haframe
