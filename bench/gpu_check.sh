@@ -6,7 +6,8 @@
 # Stages can be skipped with SKIP="tests sanitize bench".
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HAFRAME_WITH_CUDA=ON
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HAFRAME_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16
+[ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
 PY=${PY:-python3}
 SKIP=${SKIP:-}
 t0=$(date +%s)
@@ -34,22 +35,23 @@ cd /tmp && $PY -c "import haframe_ext as hx; print('native', hx.native_available
 
 if [[ " $SKIP " != *" tests "* ]]; then
   stamp "tests (CUDA and CPU) of the fused op"
-  timeout 240 $PY -m pytest tests/test_ops.py -q -x -p no:cacheprovider --timeout 120 2>&1 | tail -40 | tee "$OUT/tests.log"
+  timeout 180 $PY -m pytest tests/test_ops.py -q -p no:cacheprovider --timeout 120 --tb=short -x > "$OUT/tests.log" 2>&1
+  tail -30 "$OUT/tests.log"
 fi
 
 if [[ " $SKIP " != *" sanitize "* ]]; then
   stamp "compute-sanitizer memcheck"
-  timeout 150 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 $PY bench/sanitize_case.py \
+  timeout 100 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 9 $PY bench/sanitize_case.py \
     > "$OUT/sanitizer.log" 2>&1; echo "memcheck rc=$?" | tee -a "$OUT/sanitizer.log"
   stamp "compute-sanitizer racecheck"
-  timeout 150 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize_case.py \
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize_case.py \
     >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?" | tee -a "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|sanitize case" "$OUT/sanitizer.log"
 fi
 
 if [[ " $SKIP " != *" bench "* ]]; then
   stamp "benchmarks"
-  timeout 240 $PY -m bench.run_quick --device cuda --shapes gpu --ceilings --out "$OUT/gpu_bench.md" 2>&1 \
+  timeout ${BENCH_TIMEOUT:-240} $PY -m bench.run_quick --device cuda --shapes ${BENCH_SHAPES:-gpu} --budget 1 --ceilings --out "$OUT/gpu_bench.md" 2>&1 \
     | tee "$OUT/bench.log" | tail -60
 fi
 stamp "done"
