@@ -1,1 +1,450 @@
-"""(being written)"""
+"""The ``haframe`` command line: ``frame``, ``train``, ``eval``, ``demo`` and ``bench``.
+
+User mistakes (missing files, bad formats, unknown names, labels that do not fit the hierarchy,
+invalid values) print one line ``haframe: error: ...`` on stderr and exit with code 2; a run that
+diverges or loses a peer process exits with code 1; ``--help`` exits with 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+PROG = "haframe"
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: ``haframe: error: ...`` (exit 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        hint = f" (see '{PROG} {sub} --help')" if sub else f" (see '{PROG} --help')"
+        raise UserError(f"{message}{hint}")
+
+
+# ----------------------------------------------------------------------------- frame
+def _load_frame_inputs(args):
+    """(distances, label) from --hierarchy (name, edge file or matrix file) or --distances."""
+    from .hierarchy import Hierarchy, as_distance_matrix
+    from .train import load_hierarchy
+
+    if args.distances:
+        if not os.path.isfile(args.distances):
+            raise UserError(f"distance matrix file not found: {args.distances}")
+        return as_distance_matrix(args.distances), os.path.basename(args.distances)
+    spec = args.hierarchy
+    if spec.lower().endswith((".npy", ".csv")):
+        if not os.path.isfile(spec):
+            raise UserError(f"distance matrix file not found: {spec}")
+        return as_distance_matrix(spec), os.path.basename(spec)
+    if args.classes and not os.path.isfile(args.classes):
+        raise UserError(f"classes file not found: {args.classes}")
+    h = load_hierarchy(spec, args.classes)
+    return h.distances(), spec
+
+
+def _parse_s_min(v: str):
+    if v in ("exact", "grid"):
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'exact', 'grid' or a number, got {v!r}") from None
+
+
+def cmd_frame(args) -> int:
+    from .frame import HAFrame
+
+    if args.etf is not None:
+        if args.etf < 2:
+            raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
+        frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed)
+        label = f"simplex ETF, K={args.etf}"
+    else:
+        d, label = _load_frame_inputs(args)
+        frame = HAFrame.from_distances(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed)
+    diag = frame.diagnostics()
+    print(f"frame: {label}")
+    for k, v in diag.items():
+        print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+    if args.out:
+        out = Path(args.out)
+        if out.parent and not out.parent.exists():
+            raise UserError(f"output folder does not exist: {out.parent}")
+        frame.save(out)
+        print(f"wrote {out}")
+    if args.plot:
+        _plot_frame(frame, Path(args.plot), label)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_frame(frame, path: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if path.parent and not path.parent.exists():
+        raise UserError(f"output folder does not exist: {path.parent}")
+    from .train import tree_order
+
+    S = frame.similarity.double().cpu().numpy()
+    W = frame.weight.double().cpu().numpy()
+    R = W @ W.T
+    order = tree_order(1.0 - S)  # similar classes next to each other
+    S, R = S[np.ix_(order, order)], R[np.ix_(order, order)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    vmin, vmax = min(S.min(), R.min()), 1.0
+    for ax, M, title in ((axes[0], S, "target similarity S"), (axes[1], R, "realised W W^T")):
+        im = ax.imshow(M, vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("class (tree order)")
+        ax.set_ylabel("class (tree order)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    im = axes[2].imshow(np.abs(R - S), cmap="magma", interpolation="nearest")
+    axes[2].set_title(f"|W W^T - S| (max {np.abs(R - S).max():.2e})")
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    fig.suptitle(f"HAFrame: {label}, K={frame.num_classes}, dim={frame.dim}, s_min={frame.s_min:.4f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- train
+_HELP = {
+    "out": "output folder (checkpoints, metrics.jsonl, results.json)",
+    "method": "cross-entropy | haframe | etf | haframe-ce",
+    "dataset": "synthetic | cifar100 | imagefolder | features",
+    "data_root": "cifar-100-python folder, ImageFolder root (train/ val/ test/) or features folder (train.pt, ...)",
+    "hierarchy": "builtin hierarchy name (cifar100, fgvc_aircraft, inat19, tiered_imagenet_h) or an edge-list file",
+    "classes": "class-order file for an edge-list hierarchy (one class per line, line i = label i)",
+    "distances": "distance matrix (.npy/.csv) to use instead of the tree's LCA heights",
+    "backbone": "mlp | small-cnn | wrn28 | resnet50 (default: mlp for vectors, wrn28 for images)",
+    "batch_size": "global batch size (split across processes under torchrun)",
+    "backbone_lr_scale": "backbone learning rate = lr * this",
+    "alpha_schedule": "constant | linear-increase | linear-decrease | cosine | cosine-linear | cosine-linear-decrease",
+    "alpha_period": "period in epochs of the cosine alpha schedules",
+    "resume": "continue from <out>/last.pt if it exists",
+    "resume_from": "continue from this checkpoint",
+    "select_metric": "validation metric that picks best.pt (top1 is maximised, others minimised)",
+    "stop_after_epochs": "stop after this many epochs in this invocation (resume later)",
+    "grad_clip": "clip the global gradient norm to this value",
+    "amp": "mixed precision on CUDA (ignored on CPU)",
+}
+
+
+def _field_type(tp: str):
+    tp = tp.replace("typing.", "")
+    if tp in ("int", "Optional[int]"):
+        return int, None
+    if tp in ("float", "Optional[float]"):
+        return float, None
+    if tp in ("str", "Optional[str]"):
+        return str, None
+    if tp == "bool":
+        return bool, None
+    if tp == "Union[str, float]":
+        return _parse_s_min, None
+    if tp.startswith("Tuple[int"):
+        return int, "+"
+    raise AssertionError(f"unhandled TrainConfig field type {tp}")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        typ, nargs = _field_type(str(f.type))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = _HELP.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        if typ is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=None, help=help_,
+                           metavar=f.name.upper())
+
+
+def _config_from_args(args):
+    from .train import TrainConfig
+
+    base = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            base = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(base, dict):
+            raise UserError(f"{path}: expected a JSON object of TrainConfig fields")
+        base.pop("out", None) if args.out is not None else None
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    try:
+        cfg = TrainConfig.from_dict(base)
+    except TypeError as exc:
+        raise UserError(str(exc)) from None
+    cfg.validate()
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .train import run_seeds, train
+
+    cfg = _config_from_args(args)
+    if args.seeds:
+        res = run_seeds(cfg, args.seeds, verbose=True)
+        print(f"wrote {Path(cfg.out) / 'summary.json'}")
+        return 0
+    res = train(cfg)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0
+    if not res.get("finished", True):
+        print(f"stopped after epoch {res['stopped_after_epoch']}; resume with --resume --out {cfg.out}")
+        return 0
+    _print_metrics(res["method"], res["test"], res.get("test_crm"))
+    if res.get("neural_collapse"):
+        print("neural collapse: " + ", ".join(f"{k} {v:.4g}" for k, v in res["neural_collapse"].items()
+                                              if isinstance(v, (int, float))))
+    print(f"best epoch {res['best_epoch']} ({res['best_val']['metric']} {res['best_val']['value']:.4f}); "
+          f"wrote {Path(cfg.out) / 'results.json'}")
+    return 0
+
+
+def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
+    ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("hierdist@"))
+    cols = [c for c in ("top1", "mistake_severity") if c in m] + [f"hierdist@{k}" for k in ks]
+    print("method".ljust(22) + "".join(c.rjust(18) for c in cols))
+    print(name.ljust(22) + "".join(f"{m[c]:18.4f}" for c in cols))
+    if crm:
+        print((name + " + CRM").ljust(22) + "".join(f"{crm.get(c, float('nan')):18.4f}" for c in cols))
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                              batch_size=args.batch_size, device=args.device, crm=not args.no_crm)
+    _print_metrics(res["method"], res["metrics"], res.get("crm"))
+    if res.get("neural_collapse"):
+        print("neural collapse: " + ", ".join(f"{k} {v:.4g}" for k, v in res["neural_collapse"].items()
+                                              if isinstance(v, (int, float))))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .train import demo
+
+    demo(args.out, epochs=args.epochs, seed=args.seed, methods=args.methods, plot=not args.no_plot,
+         verbose=True, progress=args.progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    if not args.in_process:
+        try:
+            import importlib
+
+            mod = importlib.import_module("bench.run_quick")
+        except ImportError:
+            mod = None
+        fn = getattr(mod, "main", None) or getattr(mod, "run_quick", None) if mod is not None else None
+        if callable(fn):
+            rc = fn([])
+            return int(rc or 0)
+    return _bench_in_process(args)
+
+
+def _bench_in_process(args) -> int:
+    import torch
+    import torch.utils.benchmark as benchmark
+
+    from . import ops
+    from ._native import native_available, native_error
+    from .frame import HAFrame
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    frame = HAFrame.etf(args.classes, dim=args.dim, seed=0) if args.etf else None
+    if frame is None:
+        from .hierarchy import Hierarchy
+
+        if args.classes == 100:
+            frame = HAFrame.from_hierarchy(Hierarchy.builtin("cifar100"), 2.0, dim=args.dim)
+        else:
+            frame = HAFrame.etf(args.classes, dim=args.dim, seed=0)
+    g = torch.Generator().manual_seed(0)
+    W = frame.weight.to(device=device, dtype=dtype)
+    S = frame.similarity.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    h = torch.randn(args.batch, frame.dim, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    y = torch.randint(0, frame.num_classes, (args.batch,), generator=g).to(device)
+
+    def step(fn):
+        h.grad = None
+        loss = fn(h, W, y, 0.4, similarity=S)
+        loss.backward()
+        return loss
+
+    rows = []
+    for name, fn in (("reference_loss", ops.reference_loss), ("haframe_loss", ops.haframe_loss)):
+        step(fn)  # warm up
+        t = benchmark.Timer(stmt="step(fn)", globals={"step": step, "fn": fn},
+                            num_threads=torch.get_num_threads())
+        m = t.blocked_autorange(min_run_time=args.min_run_time)
+        rows.append((name, m.median * 1e6))
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else False
+    print(f"HAFrame loss forward+backward, B={args.batch}, K={frame.num_classes}, d={frame.dim}, {args.dtype}, "
+          f"device={device}, threads={torch.get_num_threads()}, TF32={'on' if tf32 else 'off'}, "
+          f"native={'yes' if native_available() else 'no (' + str(native_error()) + ')'}")
+    print(f"{'provider':18s}{'median (us)':>14s}{'speedup':>10s}")
+    base = rows[0][1]
+    for name, us in rows:
+        print(f"{name:18s}{us:14.1f}{base / us:10.2f}x")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Hierarchy-aware classification with fixed HAFrame classifiers "
+                                       "(Liang & Davis, ICCV 2023).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    f = sub.add_parser("frame", help="build a HAFrame, print diagnostics, save it and plot it",
+                       description="Build a hierarchy-aware frame (or a simplex ETF), print its diagnostics, "
+                                   "optionally save it (--out) and plot target vs realised similarity (--plot).")
+    f.add_argument("--hierarchy", default="cifar100",
+                   help="builtin name, edge-list file, or a .npy/.csv distance matrix (default: cifar100)")
+    f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
+    f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
+    f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
+    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
+                   help="'exact' (default), 'grid' (the paper code's search) or a number")
+    f.add_argument("--dim", type=int, default=None, help="frame dimension (default: K)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the random rotation (default: 0)")
+    f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
+    f.add_argument("--out", help="save the frame here (.pt, loadable with HAFrame.load)")
+    f.add_argument("--plot", help="write a PNG of target vs realised similarity heatmaps")
+    f.set_defaults(func=cmd_frame)
+
+    t = sub.add_parser("train", help="train and evaluate a model",
+                       description="Train a model (single process, or several under torchrun), select the best "
+                                   "epoch on validation, evaluate on test and write results.json.")
+    t.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    t.add_argument("--seeds", type=int, nargs="+", help="train once per seed and report mean and 95%% CI")
+    _add_config_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="Evaluate a saved model (best.pt / last.pt) on a split of its dataset.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint written by 'haframe train'")
+    e.add_argument("--dataset", help="override the dataset of the checkpoint's config")
+    e.add_argument("--data-root", dest="data_root", help="override the data root")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=512, help="batch size (default: 512)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    e.add_argument("--no-crm", dest="no_crm", action="store_true", help="skip the CRM re-ranked metrics")
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="train cross-entropy, haframe and etf on synthetic data (no download)",
+                       description="Synthetic hierarchical data on the CIFAR-100 hierarchy, MLP backbone: trains "
+                                   "each method, prints a table, writes results.json and demo.png.")
+    d.add_argument("--out", default="haframe-demo", help="output folder (default: ./haframe-demo)")
+    d.add_argument("--epochs", type=int, default=30, help="epochs per method (default: 30)")
+    d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--methods", nargs="+", default=["cross-entropy", "haframe", "etf"],
+                   help="methods to train (default: cross-entropy haframe etf)")
+    d.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not write demo.png")
+    d.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time the fused HAFrame loss against the reference",
+                       description="Time forward+backward of ops.haframe_loss against ops.reference_loss "
+                                   "(torch.utils.benchmark) at the CIFAR-100 shape.")
+    b.add_argument("--batch", type=int, default=64, help="batch size B (default: 64)")
+    b.add_argument("--classes", type=int, default=100, help="classes K (default: 100, the CIFAR-100 HAFrame)")
+    b.add_argument("--dim", type=int, default=None, help="feature dimension d (default: K)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    b.add_argument("--etf", action="store_true", help="use a simplex ETF instead of the CIFAR-100 HAFrame")
+    b.add_argument("--min-run-time", dest="min_run_time", type=float, default=0.3,
+                   help="seconds of timing per provider (default: 0.3)")
+    b.add_argument("--in-process", dest="in_process", action="store_true",
+                   help="always use the built-in timing, even when the bench package is importable")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args:
+        msg = str(exc.args[0])
+    msg = " ".join(msg.split()) if msg else type(exc).__name__
+    return msg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``haframe`` console script; returns the exit code."""
+    from .data import DataError
+    from .train import CheckpointError, DistributedError, TrainingDivergedError
+
+    try:
+        from .hierarchy import HierarchyError
+    except ImportError:  # pragma: no cover
+        HierarchyError = ValueError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except (UserError, HierarchyError, DataError, CheckpointError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (TrainingDivergedError, DistributedError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,332 @@
-"""(being written)"""
+"""Modules of a HAFrame model: transformation layers, the fixed-frame classifier and the HAFrame loss.
+
+A HAFrame model is ``backbone -> transformation layer -> features h -> logits = h @ weight.T``
+where ``weight`` (K x d, unit rows, ``weight @ weight.T == S``) is a fixed frame
+(:class:`haframe_ext.frame.HAFrame`) kept as a buffer, never trained.  The loss mixes
+cross entropy and the squared cosine-similarity term, ``(1 - a) CE + a sum_k (cos(w_k, h) - S[k, y])^2``,
+with ``a`` optionally following a schedule over epochs (:class:`HAFrameLoss`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+__all__ = [
+    "FixedFrameClassifier",
+    "TransformationLayerI",
+    "TransformationLayerII",
+    "HAFrameLoss",
+    "HAFrameModel",
+    "SCHEDULES",
+    "alpha_at",
+    "frame_tensors",
+]
+
+SCHEDULES = (
+    "constant",
+    "linear-increase",
+    "linear-decrease",
+    "cosine",
+    "cosine-linear",
+    "cosine-linear-increase",
+    "cosine-linear-decrease",
+)
+
+
+def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
+    """Return ``(weight [K, d], similarity [K, K])`` as float32 tensors from a frame-like object.
+
+    ``frame`` may be an :class:`~haframe_ext.frame.HAFrame`, a :class:`FixedFrameClassifier`, a
+    :class:`HAFrameLoss`, anything with ``weight`` (and optionally ``similarity``) attributes, or a
+    plain ``[K, d]`` tensor / array.  Without a similarity, ``weight @ weight.T`` is used (exact for
+    a frame, whose rows are unit vectors).
+    """
+    if isinstance(frame, torch.Tensor):
+        weight = frame
+    elif hasattr(frame, "weight"):
+        weight = frame.weight
+        if similarity is None:
+            similarity = getattr(frame, "similarity", None)
+    else:
+        try:
+            weight = torch.as_tensor(frame)
+        except Exception:
+            raise TypeError(
+                f"expected a frame (HAFrame), a module with a 'weight', or a [K, d] tensor; "
+                f"got {type(frame).__name__}") from None
+    weight = torch.as_tensor(weight).detach()
+    if weight.dim() != 2:
+        raise ValueError(f"a frame's weight must be 2-D (K, d), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        weight = weight.float()
+    weight = weight.to(torch.float32).clone()
+    if similarity is None:
+        similarity = weight @ weight.T
+    else:
+        similarity = torch.as_tensor(similarity).detach().to(device=weight.device, dtype=torch.float32).clone()
+        K = weight.shape[0]
+        if similarity.shape != (K, K):
+            raise ValueError(f"similarity must be (K, K) = ({K}, {K}), got {tuple(similarity.shape)}")
+    return weight.contiguous(), similarity.contiguous()
+
+
+class FixedFrameClassifier(nn.Module):
+    """Linear classifier with a frozen weight: ``logits = h @ weight.T`` (no bias).
+
+    ``weight`` [K, d] and ``similarity`` [K, K] are registered buffers: they move with
+    ``.to(device)``, are saved in ``state_dict`` and are never returned by ``parameters()``,
+    so no optimizer ever changes them.
+    """
+
+    def __init__(self, frame, similarity: Optional[torch.Tensor] = None):
+        super().__init__()
+        weight, sim = frame_tensors(frame, similarity)
+        self.register_buffer("weight", weight)
+        self.register_buffer("similarity", sim)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, d] -> [B, K]
+        if h.dim() != 2 or h.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"FixedFrameClassifier expects features of shape (B, {self.weight.shape[1]}), "
+                f"got {tuple(h.shape)}")
+        return F.linear(h, self.weight.to(h.dtype))  # under autocast F.linear casts both anyway
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, fixed=True"
+
+
+def _pool_flatten(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) by global average pooling; (N, C) passes through."""
+    if x.dim() == 4:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+    if x.dim() == 2:
+        return x
+    raise ValueError(f"expected (N, C) features or an (N, C, H, W) feature map, got shape {tuple(x.shape)}")
+
+
+class TransformationLayerI(nn.Module):
+    """Type-I transformation layer of the paper: BN1d -> Linear -> BN1d -> ELU.
+
+    Feature maps (N, C, H, W) are globally average-pooled first. Followed in a type-I model by a
+    learnable linear classifier.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bn_in = nn.BatchNorm1d(in_features)
+        self.linear = nn.Linear(in_features, out_features)
+        self.bn_out = nn.BatchNorm1d(out_features)
+        self.act = nn.ELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pool_flatten(x)
+        return self.act(self.bn_out(self.linear(self.bn_in(x))))
+
+
+class _ResidualBlock(nn.Module):
+    """x + PReLU(BN1d(Linear(x, bias=False)))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width, bias=False)
+        self.bn = nn.BatchNorm1d(width)
+        self.act = nn.PReLU(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.bn(self.linear(x)))
+
+
+class TransformationLayerII(nn.Module):
+    """Type-II transformation layer of the paper, feeding a fixed frame.
+
+    - ``conv=True`` (input (N, C, H, W) with C = ``in_features``): 1x1 conv to ``num_classes``
+      channels, global average pooling, flatten, BN1d.
+    - ``conv=False`` (input (N, in_features)): the same with the 1x1 conv replaced by the
+      equivalent bias-free linear map to ``num_classes`` (omitted when ``in_features == num_classes``), BN1d.
+
+    Then ``num_blocks`` residual blocks ``x + PReLU(BN1d(Linear(x, bias=False)))`` of width
+    ``num_classes`` (PReLU lets features go negative, which a frame with negative similarities
+    needs), and a final bias-free linear map to ``out_dim`` when ``out_dim != num_classes``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, out_dim: Optional[int] = None,
+                 num_blocks: int = 2, conv: bool = False):
+        super().__init__()
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.out_features = out_dim = num_classes if out_dim is None else int(out_dim)
+        self.conv_input = conv
+        if conv:
+            self.proj = nn.Conv2d(in_features, num_classes, kernel_size=1, bias=False)
+        elif in_features != num_classes:
+            self.proj = nn.Linear(in_features, num_classes, bias=False)
+        else:
+            self.proj = nn.Identity()
+        self.bn = nn.BatchNorm1d(num_classes)
+        self.blocks = nn.Sequential(*[_ResidualBlock(num_classes) for _ in range(num_blocks)])
+        self.out = nn.Linear(num_classes, out_dim, bias=False) if out_dim != num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_input:
+            if x.dim() != 4:
+                raise ValueError(
+                    f"TransformationLayerII(conv=True) expects an (N, C, H, W) feature map, got {tuple(x.shape)}")
+            x = self.proj(x)
+            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        else:
+            x = self.proj(_pool_flatten(x))
+        x = self.bn(x)
+        x = self.blocks(x)
+        return self.out(x)
+
+
+def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[int] = None,
+             period: Optional[float] = None) -> float:
+    """Mixing weight of the cosine term at ``epoch`` (0-based) for a schedule.
+
+    With ``a0 = base``, ``e = epoch``, ``E = total_epochs`` and ``p = period``:
+
+    - ``constant``:                ``a = a0``
+    - ``linear-increase``:         ``a = a0 * e / E``
+    - ``linear-decrease``:         ``a = a0 * (1 - e / E)``
+    - ``cosine``:                  ``a = a0 * (1 - cos(2 pi e / p)) / 2``   (0 at e = 0, a0 at e = p/2)
+    - ``cosine-linear`` (= ``cosine-linear-increase``):
+                                   ``a = a0 * (1 - cos(2 pi e / p)) / 2 * e / E``
+                                   (the cosine oscillation of period p under a linear ramp 0 -> a0)
+    - ``cosine-linear-decrease``:  ``a = a0 * (1 - (1 - cos(2 pi e / p)) / 2 * e / E)``
+
+    With ``a0 = 1`` these are exactly the paper code's ``mixing_ratio_scheduler``; the result is
+    clipped to ``[0, 1]``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown alpha schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    a0 = float(base)
+    e = float(epoch)
+    if schedule == "constant":
+        a = a0
+    else:
+        needs_total = schedule != "cosine"
+        needs_period = schedule.startswith("cosine")
+        if needs_total and (total_epochs is None or total_epochs <= 0):
+            raise ValueError(f"alpha schedule {schedule!r} needs total_epochs > 0")
+        if needs_period and (period is None or float(period) <= 0):
+            raise ValueError(f"alpha schedule {schedule!r} needs a period > 0 (in epochs)")
+        ramp = e / float(total_epochs) if needs_total else 1.0
+        wave = 0.5 * (1.0 - math.cos(2.0 * math.pi * e / float(period))) if needs_period else 1.0
+        if schedule == "linear-increase":
+            a = a0 * ramp
+        elif schedule == "linear-decrease":
+            a = a0 * (1.0 - ramp)
+        elif schedule == "cosine":
+            a = a0 * wave
+        elif schedule in ("cosine-linear", "cosine-linear-increase"):
+            a = a0 * wave * ramp
+        else:  # cosine-linear-decrease
+            a = a0 * (1.0 - wave * ramp)
+    return min(1.0, max(0.0, a))
+
+
+class HAFrameLoss(nn.Module):
+    """``(1 - a) * CE(h @ W.T, y) + a * sum_k (cos(w_k, h) - S[k, y])^2``, mean over the batch.
+
+    ``frame``: an HAFrame, a :class:`FixedFrameClassifier` (shares its frame), or a [K, d] tensor.
+    ``weight`` and ``similarity`` are buffers (saved in ``state_dict``, moved by ``.to``).
+    ``a`` is ``alpha`` at the current epoch (see :func:`alpha_at` for the schedules; call
+    :meth:`set_epoch` at the start of each epoch).  The loss is computed by
+    :func:`haframe_ext.ops.haframe_loss` (the fused native op when built).
+    """
+
+    def __init__(self, frame, alpha: float = 0.4, schedule: str = "constant",
+                 period: Optional[float] = None, total_epochs: Optional[int] = None,
+                 reduction: str = "mean", ignore_index: int = -100,
+                 similarity: Optional[torch.Tensor] = None, backend: str = "auto"):
+        super().__init__()
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        weight, sim = frame_tensors(frame, similarity)
+        self.register_buffer("weight", weight)
+        self.register_buffer("similarity", sim)
+        self.base_alpha = alpha
+        self.schedule = schedule
+        self.period = period
+        self.total_epochs = total_epochs
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.epoch = 0
+        alpha_at(schedule, alpha, 0, total_epochs, period)  # validate the schedule's arguments now
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current (0-based) epoch; ``alpha`` follows the schedule."""
+        self.epoch = int(epoch)
+
+    @property
+    def alpha(self) -> float:
+        """The mixing weight at the current epoch."""
+        return alpha_at(self.schedule, self.base_alpha, self.epoch, self.total_epochs, self.period)
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict) and "epoch" in state:
+            self.epoch = int(state["epoch"])
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()  # the loss accumulates in float32 anyway
+        fn = getattr(ops, "haframe_loss", None)
+        if fn is None:  # pragma: no cover - only before the fused op landed
+            return ops.reference_loss(features, self.weight, target, self.alpha, self.reduction,
+                                      self.ignore_index, similarity=self.similarity)
+        kwargs = {"similarity": self.similarity}
+        if self.backend != "auto":
+            kwargs["backend"] = self.backend
+        return fn(features, self.weight, target, self.alpha, self.reduction, self.ignore_index, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, alpha={self.base_alpha}, "
+                f"schedule={self.schedule!r}, period={self.period}, total_epochs={self.total_epochs}")
+
+
+class HAFrameModel(nn.Module):
+    """``backbone -> transform -> classifier``; ``forward(x)`` returns ``(features, logits)``.
+
+    ``features`` is the transformation layer's output (the penultimate features ``h``) and
+    ``logits = classifier(features)``.
+    """
+
+    def __init__(self, backbone: nn.Module, transform: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.transform = transform
+        self.classifier = classifier
+
+    @property
+    def fixed_frame(self) -> bool:
+        """True when the classifier is a frozen frame."""
+        return isinstance(self.classifier, FixedFrameClassifier)
+
+    def forward(self, x: torch.Tensor):
+        features = self.transform(self.backbone(x))
+        return features, self.classifier(features)

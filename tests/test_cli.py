@@ -1,0 +1,158 @@
+"""Tests for the ``haframe`` command line: help, one-line errors with exit code 2, frame/train/eval/bench."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from haframe_ext.cli import main
+from haframe_ext.frame import HAFrame
+
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["frame", "train", "eval", "demo", "bench"]
+TOY_EDGES = "".join(f"{p}\t{c}\n" for p, c in [
+    ("root", "A"), ("root", "B"), ("A", "a0"), ("A", "a1"), ("B", "b0"), ("B", "b1")])
+
+
+def run_cli(*args, timeout=120):
+    """Run the CLI as a separate process, the way a user does."""
+    env = dict(os.environ, HAFRAME_DISABLE_NATIVE="1")
+    return subprocess.run([sys.executable, "-m", "haframe_ext.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=str(REPO))
+
+
+def assert_user_error(rc, err, *fragments):
+    assert rc == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("haframe: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("sub", [None] + SUBCOMMANDS)
+def test_help_exits_zero(sub, capsys):
+    argv = ["--help"] if sub is None else [sub, "--help"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if sub == "train":
+        assert "--method" in out and "--resume" in out and "--alpha-schedule" in out
+
+
+def test_help_as_a_process():
+    p = run_cli("--help")
+    assert p.returncode == 0 and "frame" in p.stdout and "demo" in p.stdout
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["frame", "--hierarchy", "no-such-tree"], ["no-such-tree", "not a builtin name"]),
+    (["frame", "--distances", "/nonexistent/d.npy"], ["not found"]),
+    (["frame", "--gamma", "abc"], ["--gamma"]),
+    (["frame", "--s-min", "lots"], ["--s-min"]),
+    (["train", "--method", "softmax"], ["unknown method 'softmax'", "haframe"]),
+    (["train", "--dataset", "mnist", "--epochs", "1"], ["unknown dataset 'mnist'"]),
+    (["train", "--dataset", "cifar100", "--data-root", "/nonexistent/cifar"], ["not found"]),
+    (["train", "--config", "/nonexistent/cfg.json"], ["config file not found"]),
+    (["train", "--alpha", "3"], ["alpha"]),
+    (["eval", "--checkpoint", "/nonexistent/best.pt"], ["checkpoint not found"]),
+    (["eval"], ["--checkpoint"]),
+    (["bogus"], ["invalid choice"]),
+])
+def test_user_errors_are_one_line_exit_2(argv, fragments, capsys):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert_user_error(rc, captured.err, *fragments)
+
+
+def test_user_error_as_a_process():
+    p = run_cli("train", "--method", "softmax")
+    assert_user_error(p.returncode, p.stderr, "unknown method")
+
+
+def test_frame_bad_distance_file(tmp_path, capsys):
+    bad = tmp_path / "d.npy"
+    np.save(bad, np.array([[0, 1], [2, 0]]))
+    assert_user_error(main(["frame", "--distances", str(bad)]), capsys.readouterr().err, "not symmetric")
+    txt = tmp_path / "d.txt"
+    txt.write_text("hello")
+    assert_user_error(main(["frame", "--distances", str(txt)]), capsys.readouterr().err, "extension")
+    cyc = tmp_path / "cycle.tsv"
+    cyc.write_text("a\tb\nb\ta\n")
+    rc = main(["frame", "--hierarchy", str(cyc)])
+    assert_user_error(rc, capsys.readouterr().err)
+
+
+def test_frame_writes_file_and_png(tmp_path, capsys):
+    out, png = tmp_path / "frame.pt", tmp_path / "frame.png"
+    assert main(["frame", "--hierarchy", "cifar100", "--gamma", "2", "--out", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "s_min" in text and "-0.3057" in text and "gram_error" in text
+    fr = HAFrame.load(out)
+    assert fr.num_classes == 100 and fr.gram_error() < 1e-5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_frame_from_edges_and_etf(tmp_path, capsys):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    assert main(["frame", "--hierarchy", str(edges), "--gamma", "1", "--dim", "6", "--out", str(tmp_path / "t.pt")]) == 0
+    assert HAFrame.load(tmp_path / "t.pt").weight.shape == (4, 6)
+    assert main(["frame", "--etf", "5"]) == 0
+    assert "min_offdiag_similarity   -0.25" in capsys.readouterr().out
+
+
+def test_train_then_eval(tmp_path, capsys):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    out = tmp_path / "run"
+    rc = main(["train", "--hierarchy", str(edges), "--method", "haframe", "--epochs", "2", "--batch-size", "16",
+               "--n-per-class", "12", "--eval-per-class", "5", "--input-dim", "6", "--hidden", "16",
+               "--eval-ks", "1", "2", "--out", str(out), "--no-progress", "--no-tensorboard"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "hierdist@2" in text and (out / "results.json").exists()
+    rc = main(["eval", "--checkpoint", str(out / "best.pt"), "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    assert saved["metrics"] == pytest.approx(res["test"])
+    # a corrupted checkpoint is a user-facing error, not a traceback
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((out / "best.pt").read_bytes()[:500])
+    assert_user_error(main(["eval", "--checkpoint", str(bad)]), capsys.readouterr().err, "corrupted")
+    # stop early, then resume from the command line
+    rc = main(["train", "--hierarchy", str(edges), "--epochs", "2", "--batch-size", "16", "--n-per-class", "12",
+               "--eval-per-class", "5", "--input-dim", "6", "--hidden", "16", "--eval-ks", "1", "2",
+               "--out", str(tmp_path / "r2"), "--no-progress", "--stop-after-epochs", "1"])
+    assert rc == 0 and "resume" in capsys.readouterr().out
+    rc = main(["train", "--hierarchy", str(edges), "--epochs", "2", "--batch-size", "16", "--n-per-class", "12",
+               "--eval-per-class", "5", "--input-dim", "6", "--hidden", "16", "--eval-ks", "1", "2",
+               "--out", str(tmp_path / "r2"), "--no-progress", "--resume"])
+    assert rc == 0
+    r2 = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert r2["test"] == res["test"]
+
+
+def test_train_label_count_mismatch(tmp_path, capsys):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8)}, feats / "train.pt")  # 8 labels, 4 classes
+    torch.save({"features": torch.randn(4, 3), "labels": torch.arange(4)}, feats / "test.pt")
+    rc = main(["train", "--hierarchy", str(edges), "--dataset", "features", "--data-root", str(feats),
+               "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert_user_error(rc, capsys.readouterr().err, "hierarchy has 4 classes")
+
+
+def test_bench_in_process(capsys):
+    assert main(["bench", "--in-process", "--batch", "8", "--min-run-time", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "reference_loss" in out and "haframe_loss" in out and "TF32" in out
