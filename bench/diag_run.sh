@@ -23,3 +23,4 @@ PY
 echo "check rc=$?"
 cuda-gdb -batch -ex run -ex "bt 5" -ex "x/6i \$pc-12" -ex "info sharedlibrary" --args python3 bench/diag_errors.py below_autograd 2>&1 \
   | grep -v "^\[New Thread\|^\[Thread\|^\[Detaching" | grep -E "^#|=>|signal|stdc|gcc_s|libc10|^ *0x" | head -40
+timeout 120 python3 -m pytest tests/test_ops.py -q -p no:cacheprovider --tb=short -k "input_errors or checks_labels or alpha_out or reduction_and_backend or trainable or mismatched or nan_or_inf or empty_batch or all_rows" 2>&1 | tail -15

@@ -4,13 +4,14 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <string>
 
 namespace haframe {
 
 // Reduction codes of the op (ATen's at::Reduction order).
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// Validates shapes, dtypes, devices, alpha and reduction (labels: see bad_label); raises a clear error.
+// Validates shapes, dtypes, devices, alpha and reduction (labels: see bad_label_message); raises a clear error.
 inline void check_fused_loss_inputs(const at::Tensor& features,                  // [B, d]
                                     const at::Tensor& weight,                    // [K, d]
                                     const at::Tensor& target,                    // [B]
@@ -50,11 +51,10 @@ inline void check_fused_loss_inputs(const at::Tensor& features,                 
                     features.device());
 }
 
-// Raises the error for a label outside [0, K) that is not ignore_index (i: its row).
-[[noreturn]] inline void bad_label(int64_t i, int64_t value, int64_t K, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(false, "target[", i, "] = ", value, " is not a class index: labels must be in [0, ", K,
-                    ") or equal ignore_index=", ignore_index);
-  TORCH_CHECK(false, "unreachable");
+// The message for a label outside [0, K) that is not ignore_index (i: its row).
+inline std::string bad_label_message(int64_t i, int64_t value, int64_t K, int64_t ignore_index) {
+  return c10::str("target[", i, "] = ", value, " is not a class index: labels must be in [0, ", K,
+                  ") or equal ignore_index=", ignore_index);
 }
 
 // Rows per chunk so that the chunk's logits fit in budget_bytes (at least one row).

@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,   
   int64_t n_valid = 0;
   for (int64_t i = 0; i < B; ++i) {  // label range on the host, before any kernel indexes with it
     if (yp[i] == ignore_index) continue;
-    if (yp[i] < 0 || yp[i] >= K) bad_label(i, yp[i], K, ignore_index);
+    TORCH_CHECK_VALUE(yp[i] >= 0 && yp[i] < K, bad_label_message(i, yp[i], K, ignore_index));
     ++n_valid;
   }
   const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

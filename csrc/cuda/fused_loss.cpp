@@ -57,7 +57,10 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor host_stats = stats.cpu();
   const int64_t n_valid = host_stats[0].item<int64_t>(), first_bad = host_stats[1].item<int64_t>();
-  if (first_bad > 0) bad_label(B - first_bad, y[B - first_bad].item<int64_t>(), K, ignore_index);
+  if (first_bad > 0) {
+    const int64_t i = B - first_bad;
+    TORCH_CHECK_VALUE(false, bad_label_message(i, y[i].item<int64_t>(), K, ignore_index));
+  }
 
   const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = features.options().dtype(acc);
