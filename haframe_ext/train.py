@@ -16,8 +16,9 @@ Reliability contract of :func:`train`:
   previous checkpoint to fall back to.
 - A non-finite loss stops the run with :class:`TrainingDivergedError`; the last good checkpoint is
   kept untouched.
-- Under ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on GPU, a DistributedSampler,
-  metrics reduced across ranks, only rank 0 writes files; a collective that does not complete
+- Under ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on GPU, a distributed batch sampler
+  (:class:`GlobalBatchSampler`: every world size sees the same global batches), metrics reduced
+  across ranks, only rank 0 writes files; a collective that does not complete
   within ``dist_timeout`` seconds (a dead peer) raises :class:`DistributedError`.
 """
 
@@ -314,6 +315,42 @@ def _worker_init(worker_id: int) -> None:
     random.seed(s)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The training batches of one process for one epoch.
+
+    The epoch's permutation of the dataset (seeded by ``seed`` and ``epoch`` only) is cut into
+    global batches of ``per_rank * world`` samples, and process ``rank`` takes the ``rank``-th
+    near-equal slice of each.  So every world size sees the same global batches in the same
+    order (a single process is ``world = 1``), which is what lets a torchrun run match a
+    single-process run with the same global batch (up to per-process batch-norm statistics).
+    A final global batch with fewer than 2 samples per process is dropped (batch norm).
+    Unlike ``DistributedSampler`` it never pads by repeating samples.
+    """
+
+    def __init__(self, n: int, per_rank: int, world: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0):
+        self.n, self.per_rank, self.world, self.rank = int(n), int(per_rank), int(world), int(rank)
+        self.seed, self.epoch = int(seed), int(epoch)
+
+    def _chunks(self):
+        B = self.per_rank * self.world
+        for start in range(0, self.n, B):
+            size = min(B, self.n - start)
+            if size < 2 * self.world:
+                break
+            yield start, size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch + 1, 10 ** 6))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for start, size in self._chunks():
+            q, r = divmod(size, self.world)
+            lo = start + self.rank * q + min(self.rank, r)
+            yield perm[lo:lo + q + (1 if self.rank < r else 0)]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._chunks())
+
+
 def _is_better(name: str, value: float, best: Optional[float]) -> bool:
     if value is None or not math.isfinite(value):
         return False
@@ -409,7 +446,9 @@ class _Dist:
 
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if failed:  # tearing down a broken group can abort in the backend: leave it to process exit
+            return
         if self.owns_group:
             import torch.distributed as dist
 
@@ -708,6 +747,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         config = TrainConfig.from_dict(config)
     config.validate()
     dctx = _Dist(config)
+    failed = False
     try:
         with _determinism(config, dctx.device):
             return _train(config, dctx)
@@ -715,13 +755,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         raise
     except Exception as exc:
         if dctx.enabled and _is_comm_error(exc):
+            failed = True
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise DistributedError(
-                f"rank {dctx.rank}/{dctx.world}: a collective operation failed or timed out after "
-                f"{config.dist_timeout:g} s ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                "another process probably died: check its log") from exc
+                f"rank {dctx.rank}/{dctx.world}: a collective operation failed ({type(exc).__name__}: {detail}); "
+                f"another process probably died or hangs (collectives time out after {config.dist_timeout:g} s): "
+                "check its log") from exc
         raise
     finally:
-        dctx.close()
+        dctx.close(failed)
 
 
 def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
@@ -751,7 +793,9 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     n_train = len(train_set)
     if n_train < 2:
         raise ValueError(f"the training set has {n_train} samples; need at least 2")
-    steps_per_epoch = math.ceil((math.ceil(n_train / dctx.world) if dctx.enabled else n_train) / per_rank)
+    steps_per_epoch = len(GlobalBatchSampler(n_train, per_rank, dctx.world, dctx.rank))
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({n_train} samples) is too small for {dctx.world} process(es)")
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
 
@@ -806,18 +850,11 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
             _seed_everything(_derive_seed(config.seed, epoch + 1, dctx.rank))
             if isinstance(criterion, HAFrameLoss):
                 criterion.set_epoch(epoch)
-            g = torch.Generator().manual_seed(_derive_seed(config.seed, epoch + 1, 10 ** 6))
-            if dctx.enabled:
-                sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dctx.world, rank=dctx.rank,
-                                                              shuffle=True, seed=config.seed % 2 ** 31)
-                sampler.set_epoch(epoch)
-                loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler,
-                                                     num_workers=config.num_workers, worker_init_fn=_worker_init,
-                                                     generator=g, pin_memory=device.type == "cuda")
-            else:
-                loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, shuffle=True, generator=g,
-                                                     num_workers=config.num_workers, worker_init_fn=_worker_init,
-                                                     pin_memory=device.type == "cuda")
+            g = torch.Generator().manual_seed(_derive_seed(config.seed, epoch + 1, 2 * 10 ** 6))  # worker seeds
+            batches = GlobalBatchSampler(n_train, per_rank, dctx.world, dctx.rank, config.seed, epoch)
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
+                                                 worker_init_fn=_worker_init, generator=g,
+                                                 pin_memory=device.type == "cuda")
             model_ddp.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -826,8 +863,6 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                        disable=not show, leave=False, dynamic_ncols=True)
             lr_now = config.lr
             for i, (x, y) in enumerate(loader):
-                if y.shape[0] < 2:  # batch norm cannot train on one sample; equal on every rank
-                    continue
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 lr_now = _set_lr(optimizer, config, step, total_steps, warmup_steps)

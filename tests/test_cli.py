@@ -153,6 +153,6 @@ def test_train_label_count_mismatch(tmp_path, capsys):
 
 
 def test_bench_in_process(capsys):
-    assert main(["bench", "--in-process", "--batch", "8", "--min-run-time", "0.02"]) == 0
+    assert main(["bench", "--batch", "8", "--min-run-time", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "reference_loss" in out and "haframe_loss" in out and "TF32" in out

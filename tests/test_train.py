@@ -202,6 +202,20 @@ def test_config_validation(tmp_path, toy_tree):
 
 
 # ----------------------------------------------------------------------------- torchrun
+@pytest.mark.parametrize("n", [100, 37, 5])
+def test_global_batches_are_the_same_for_every_world_size(n):
+    single = list(T.GlobalBatchSampler(n, per_rank=8, world=1, rank=0, seed=3, epoch=2))
+    ranks = [list(T.GlobalBatchSampler(n, per_rank=4, world=2, rank=r, seed=3, epoch=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for i, batch in enumerate(single):
+        assert ranks[0][i] + ranks[1][i] == batch
+        assert abs(len(ranks[0][i]) - len(ranks[1][i])) <= 1
+    seen = [j for b in single for j in b]
+    assert len(seen) == len(set(seen))  # no sample repeated
+    assert len(seen) >= n - 3  # only a last batch under 2 samples per process is dropped
+    assert single != list(T.GlobalBatchSampler(n, 8, 1, 0, seed=3, epoch=3))  # reshuffled each epoch
+
+
 def test_torchrun_two_processes_gloo(tmp_path, toy_tree):
     cfg = tiny(tmp_path, toy_tree, epochs=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
