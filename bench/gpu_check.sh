@@ -8,6 +8,9 @@ set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HAFRAME_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16
 [ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
+# The image's default CXX (/opt/gcc/bin/g++) links libstdc++ statically into shared objects; that
+# private copy crashes on every numeric error message (seen 2026-11-27). Build with the system g++.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 PY=${PY:-python3}
 SKIP=${SKIP:-}
 t0=$(date +%s)
@@ -31,6 +34,8 @@ if ! $PY -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log
   tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -E "build CUDA|warning" "$OUT/build.log" | head -20
+so=$($PY -c "import importlib.util as u; print(u.find_spec('haframe_ext._C').origin)")
+ldd "$so" | grep -q "libstdc++" || echo "WARNING: $so does not load the shared libstdc++ (static copy linked in)"
 cd /tmp && $PY -c "import haframe_ext as hx; print('native', hx.native_available(), hx.native_error())" && cd - >/dev/null
 
 if [[ " $SKIP " != *" tests "* ]]; then
