@@ -162,19 +162,31 @@ def fused_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_ind
 _CACHE: dict = {}
 
 
-def _derived(weight: torch.Tensor, acc: torch.dtype):
-    """(similarity, gram) for a frozen weight, computed once per weight version: exactly one is not None."""
-    key = (id(weight), weight._version, acc, weight.device, tuple(weight.shape))
+_MAX_SIMILARITY_BYTES = 2 << 30  # refuse to build a K x K similarity larger than this
+
+
+def _derived(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
+    """(weight in dtype, similarity, gram) for a frozen weight, once per weight version (one of the two is None)."""
+    key = (id(weight), weight._version, dtype, acc, weight.device, tuple(weight.shape))
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is weight:
         return hit[1]
-    w = weight.detach().to(acc)
+    w_cast = weight.detach().to(dtype)
+    w = w_cast.to(acc)
     K, d = w.shape
-    unit = bool((torch.linalg.vector_norm(w, dim=1) - 1).abs().max() < 1e-4)
+    # unit rows, up to the rounding of the weight's dtype (bf16 rows are 1 +- ~2e-4)
+    tol = max(1e-4, 2 * torch.finfo(dtype).eps)
+    unit = bool((torch.linalg.vector_norm(w, dim=1) - 1).abs().max() < tol)
     if unit and K > d and K > _MROUTE_MIN_K:
-        value = (None, w.T @ w)  # [d, d] M route
+        value = (w_cast, None, w.T @ w)  # [d, d] M route
     else:
-        value = (w @ w.T, None)  # [K, K] gather route (S = W W^T by definition)
+        nbytes = K * K * w.element_size()
+        if nbytes > _MAX_SIMILARITY_BYTES:
+            raise ValueError(
+                f"the fused loss needs S = weight @ weight.T ({K} x {K}, {nbytes / 2**30:.1f} GiB) because the "
+                "rows of weight are not unit vectors; normalise the rows (a frame's are) so that the d x d route "
+                "applies, or pass similarity= / gram= explicitly")
+        value = (w_cast, w @ w.T, None)  # [K, K] gather route (S = W W^T by definition)
     for k in [k for k, v in _CACHE.items() if v[0]() is None]:
         del _CACHE[k]
     _CACHE[key] = (weakref.ref(weight), value)
@@ -211,15 +223,15 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     if not use_native:
         return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity)
     acc = _acc_dtype(features.dtype)
-    if weight.dtype != features.dtype:
-        weight = weight.to(features.dtype)
-    if similarity is not None:
-        similarity, gram = similarity.to(acc).contiguous(), None
-    elif gram is not None:
-        gram = gram.to(acc).contiguous()
-    elif compiling:
-        w = weight.detach().to(acc)
-        similarity = w @ w.T
+    if similarity is None and gram is None and not compiling:
+        weight, similarity, gram = _derived(weight, features.dtype, acc)
     else:
-        similarity, gram = _derived(weight, acc)
+        weight = weight.to(features.dtype)
+        if similarity is not None:
+            similarity, gram = similarity.to(acc).contiguous(), None
+        elif gram is not None:
+            gram = gram.to(acc).contiguous()
+        else:  # traced by torch.compile: no Python-side cache
+            w = weight.detach().to(acc)
+            similarity = w @ w.T
     return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)

@@ -105,11 +105,26 @@ def test_reductions_ignore_index_and_grad_output(device, reduction, alpha):
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_route_large_k_uses_m_route_and_matches(device):
     h, w, y = make(33, 5000, 64, torch.float32, device, seed=2)
-    assert ops._derived(w, torch.float32)[1] is not None  # K > 4096 > d with unit rows: M route
+    assert ops._derived(w, torch.float32, torch.float32)[2] is not None  # K > 4096 > d, unit rows: M route
     want_l, want_g = reference(h, w, y, reduction="mean")
     got_l, got_g = fused(h, w, y, reduction="mean")
     assert_match(got_l, want_l, torch.float32, "loss")
     assert_match(got_g, want_g, torch.float32, "grad")
+
+
+def test_bf16_frame_counts_as_unit_and_takes_the_m_route():
+    _, w, _ = make(2, 5000, 64, torch.float32, "cpu", seed=2)
+    w_cast, S, M = ops._derived(w, torch.bfloat16, torch.float32)
+    assert S is None and M.shape == (64, 64) and w_cast.dtype == torch.bfloat16
+    assert ops._derived(w, torch.bfloat16, torch.float32)[0] is w_cast  # cached per weight version
+
+
+@needs_native
+def test_huge_similarity_is_refused_with_the_fix_named():
+    h = torch.randn(2, 4)
+    w = torch.randn(30000, 4) * 3  # rows not unit: would need a 30000 x 30000 S (3.4 GiB)
+    with pytest.raises(ValueError, match="normalise the rows"):
+        ops.haframe_loss(h, w, torch.tensor([0, 1]), backend="native")
 
 
 @needs_native
