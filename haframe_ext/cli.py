@@ -89,7 +89,10 @@ def cmd_frame(args) -> int:
 
 
 def _plot_frame(frame, path: Path, label: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -252,7 +252,8 @@ class HAFrameLoss(nn.Module):
     ``weight`` and ``similarity`` are buffers (saved in ``state_dict``, moved by ``.to``).
     ``a`` is ``alpha`` at the current epoch (see :func:`alpha_at` for the schedules; call
     :meth:`set_epoch` at the start of each epoch).  The loss is computed by
-    :func:`haframe_ext.ops.haframe_loss` (the fused native op when built).
+    :func:`haframe_ext.ops.haframe_loss` (the fused native op when built); ``backend`` is passed to it
+    (``"auto"``, ``"native"`` or ``"reference"``).
     """
 
     def __init__(self, frame, alpha: float = 0.4, schedule: str = "constant",
@@ -295,14 +296,8 @@ class HAFrameLoss(nn.Module):
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()  # the loss accumulates in float32 anyway
-        fn = getattr(ops, "haframe_loss", None)
-        if fn is None:  # pragma: no cover - only before the fused op landed
-            return ops.reference_loss(features, self.weight, target, self.alpha, self.reduction,
-                                      self.ignore_index, similarity=self.similarity)
-        kwargs = {"similarity": self.similarity}
-        if self.backend != "auto":
-            kwargs["backend"] = self.backend
-        return fn(features, self.weight, target, self.alpha, self.reduction, self.ignore_index, **kwargs)
+        return ops.haframe_loss(features, self.weight, target, self.alpha, self.reduction, self.ignore_index,
+                                similarity=self.similarity, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, alpha={self.base_alpha}, "

@@ -1173,11 +1173,18 @@ def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
             print("\nafter CRM re-ranking:")
             print(_demo_table({m: dict(v, seconds=results[m]["seconds"]) for m, v in crm.items()}))
     if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot = False
+            if verbose:
+                print("\nmatplotlib is not installed: skipping demo.png (pip install matplotlib)")
+    if plot:
         if frame_S is None:
             frame_S = _frame_similarity(demo_config("haframe", out, epochs, seed, **overrides))
         _demo_plot(results, frame_S, out / "demo.png")
-        if verbose:
-            print(f"\nwrote {out / 'results.json'} and {out / 'demo.png'}")
+    if verbose:
+        print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'demo.png'}" if plot else ""))
     return results
 
 

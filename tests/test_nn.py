@@ -159,6 +159,19 @@ def test_loss_matches_reference_and_follows_schedule(cifar_frame):
     assert fresh.epoch == 5 and fresh.alpha == pytest.approx(0.2)
 
 
+def test_loss_backends_agree(cifar_frame):
+    torch.manual_seed(1)
+    h = torch.randn(32, 100, requires_grad=True)
+    y = torch.randint(0, 100, (32,))
+    auto = HAFrameLoss(cifar_frame, alpha=0.4)
+    ref = HAFrameLoss(cifar_frame, alpha=0.4, backend="reference")
+    la, lr = auto(h, y), ref(h, y)
+    (ga,) = torch.autograd.grad(la, h)
+    (gr,) = torch.autograd.grad(lr, h)
+    assert la.item() == pytest.approx(lr.item(), rel=1e-5)
+    assert torch.allclose(ga, gr, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_accepts_half_precision_features(cifar_frame):
     loss_fn = HAFrameLoss(cifar_frame)
     h = torch.randn(4, 100).to(torch.bfloat16)
