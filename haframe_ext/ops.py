@@ -15,6 +15,7 @@ NaN or Inf in a row gives a NaN loss for that row (and for the reduced loss), ne
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -30,7 +31,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, check_labels=True) -> None:
+def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, check_labels=True,
+                gram=None) -> None:
     """Raise a clear error for bad shapes, dtypes, devices, labels or alpha (before any kernel)."""
     if not isinstance(features, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("features and weight must be torch.Tensor")
@@ -60,11 +62,22 @@ def _check_args(features, weight, target, alpha, reduction, ignore_index, simila
         raise ValueError(
             f"features ({features.device}), weight ({weight.device}) and target ({target.device}) "
             "must be on the same device")
-    if similarity is not None:
-        if similarity.shape != (K, K):
-            raise ValueError(f"similarity must be (K, K) = ({K}, {K}), got {tuple(similarity.shape)}")
-        if similarity.device != features.device:
-            raise ValueError(f"similarity is on {similarity.device}, features on {features.device}")
+    for name, extra, sym, n in (("similarity", similarity, "K", K), ("gram", gram, "d", d)):
+        if extra is None:
+            continue
+        if not isinstance(extra, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor ({n}, {n}), got {type(extra).__module__}."
+                            f"{type(extra).__name__}")
+        if tuple(extra.shape) != (n, n):
+            raise ValueError(f"{name} must be ({sym}, {sym}) = ({n}, {n}), got {tuple(extra.shape)}")
+        if extra.device != features.device:
+            raise ValueError(f"{name} is on {extra.device}, features on {features.device}")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
@@ -137,7 +150,11 @@ _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # ATen's at::Reduction order
 
 
 def _fused_fake(features, weight, target, similarity, gram, alpha, ignore_index, reduction, need_grad):
-    """Output shapes of haframe_ext::fused_loss for torch.compile / meta tensors."""
+    """Output shapes of haframe_ext::fused_loss for torch.compile / meta tensors (devices checked as the op does)."""
+    for name, t in (("weight", weight), ("target", target), ("similarity", similarity), ("gram", gram)):
+        if t is not None and t.device != features.device:
+            raise ValueError(f"{name} is on {t.device} but features are on {features.device}: "
+                             "all inputs must be on the same device")
     shape = (features.shape[0],) if reduction == 0 else ()
     loss = features.new_empty(shape, dtype=_acc_dtype(features.dtype))
     grad = features.new_empty(features.shape if need_grad else (0,))
@@ -219,7 +236,7 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
             "buffer), or pass backend='reference' to train the classifier with the plain-PyTorch loss")
     compiling = torch.compiler.is_compiling()
     _check_args(features, weight, target, alpha, reduction, ignore_index, similarity,
-                check_labels=not use_native and not compiling)
+                check_labels=not use_native and not compiling, gram=gram)
     if not use_native:
         return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity)
     acc = _acc_dtype(features.dtype)

@@ -164,15 +164,11 @@ def test_raw_op_refuses_unknown_reduction_code(code):
 
 def test_ignore_index_out_of_int64_range_is_an_error_not_a_crash():
     h, w, y = make()
-    with pytest.raises(RuntimeError, match="ignore_index"):
-        ops.haframe_loss(h, w, y, ignore_index=2**70, backend="native")
-    with pytest.raises((OverflowError, RuntimeError)):
-        ops.haframe_loss(h, w, y, ignore_index=2**70, backend="reference")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+            ops.haframe_loss(h, w, y, ignore_index=2**70, backend=backend)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-integer ignore_index is truncated by int() on the native path "
-                                       "(1.5 ignores label 1) but compared exactly by the reference (ignores "
-                                       "nothing): the backends disagree; _check_args should require an int")
 def test_float_ignore_index_is_refused_or_agrees_across_backends():
     h, w, _ = make(B=4, K=5, dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 3])
@@ -301,9 +297,9 @@ def test_mismatched_shapes(backend, case, exc, msg):
 def test_wrong_gram_shape_is_a_clear_error(gram_shape):
     h, w, y = make(B=4, K=5, d=6)
     gram = torch.zeros(gram_shape)
-    with pytest.raises(ValueError, match=r"gram must be \(6, 6\), got shape"):
+    with pytest.raises(ValueError, match=r"gram must be .*\(6, 6\), got"):
         ops.haframe_loss(h, w, y, gram=gram, backend="native")
-    with pytest.raises(ValueError, match=r"gram must be \(6, 6\), got shape"):
+    with pytest.raises(ValueError, match=r"gram must be .*\(6, 6\), got"):
         OP(h, w, y, None, gram)
 
 
@@ -374,9 +370,6 @@ def test_similarity_on_another_device_is_reported():
         ops.haframe_loss(h, w, y, similarity=(w @ w.T).to("meta"), backend="native")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a raw fused_loss call with one input on 'meta' dispatches to the "
-                                       "register_fake kernel, which checks no devices and returns uninitialised "
-                                       "CPU memory as the loss; _fused_fake should check devices like the op")
 @pytest.mark.parametrize("which", ["target", "similarity"])
 def test_raw_op_with_an_input_on_another_device_raises(which):
     h, w, y = make()
@@ -389,9 +382,6 @@ def test_raw_op_with_an_input_on_another_device_raises(which):
         OP(h, w, y, S, None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a numpy similarity passes the shape check, then the device check "
-                                       "compares numpy's 'cpu' string with torch.device('cpu') and reports "
-                                       "'similarity is on cpu, features on cpu'; _check_args should require a Tensor")
 def test_numpy_similarity_gets_a_type_error():
     h, w, y = make()
     with pytest.raises(TypeError, match="similarity must be a torch.Tensor"):
