@@ -59,9 +59,25 @@ def _similarity_from_kernel(E: np.ndarray, s_min: float) -> np.ndarray:  # E: [K
     return S
 
 
+def _eigvalsh(S: np.ndarray) -> np.ndarray:  # S: [K, K]
+    """All eigenvalues of a symmetric matrix, ascending, float64 [K].
+
+    numpy's eigvalsh (LAPACK dsyevd, divide and conquer) handles highly degenerate spectra (such as
+    flat hierarchies: one eigenvalue repeated K - 1 times) where the subset driver dsyevr can fail
+    with "Internal Error."; should it ever fail to converge, the QR driver dsyev is tried as well.
+    """
+    try:
+        return np.linalg.eigvalsh(S)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.eigh(S, eigvals_only=True, driver="ev")
+
+
 def _min_eig(S: np.ndarray) -> float:  # S: [K, K]
     """Smallest eigenvalue of a symmetric matrix."""
-    return float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0])[0])
+    try:
+        return float(scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0])[0])
+    except np.linalg.LinAlgError:  # dsyevr can fail on degenerate spectra: use the full decomposition
+        return float(_eigvalsh(S)[0])
 
 
 def similarity_matrix(d, gamma: float, s_min: float) -> np.ndarray:
@@ -112,10 +128,14 @@ def exact_s_min(d, gamma: float) -> float:
     K = len(E)
     if _min_eig(E) <= 1e-10:  # singular or indefinite (e.g. two classes at distance 0): no Cholesky of E
         return _bisect_s_min(E)
+    A = np.ones_like(E) - E
     try:
-        lam_max = scipy.linalg.eigh(np.ones_like(E) - E, E, eigvals_only=True, subset_by_index=[K - 1, K - 1])[0]
+        lam_max = scipy.linalg.eigh(A, E, eigvals_only=True, subset_by_index=[K - 1, K - 1])[0]
     except np.linalg.LinAlgError:
-        return _bisect_s_min(E)
+        try:  # the subset driver can fail on degenerate spectra; the full (divide and conquer) one is robust
+            lam_max = scipy.linalg.eigh(A, E, eigvals_only=True, driver="gvd")[-1]
+        except np.linalg.LinAlgError:
+            return _bisect_s_min(E)
     if lam_max <= 0:
         return -1.0
     return max(-1.0 / float(lam_max), -1.0)
@@ -237,8 +257,8 @@ class HAFrame:
             if not math.isfinite(s) or s >= 1:
                 raise ValueError(f"s_min must be a finite number < 1, got {s_min!r}")
             S = _similarity_from_kernel(E, s)
-            lam = scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[0, 0])[0]
-            top = scipy.linalg.eigh(S, eigvals_only=True, subset_by_index=[len(S) - 1, len(S) - 1])[0]
+            eig = _eigvalsh(S)  # all eigenvalues: the subset driver fails on degenerate spectra
+            lam, top = float(eig[0]), float(eig[-1])
             if lam < -_PSD_RTOL * top:
                 raise ValueError(
                     f"s_min={s} makes the similarity matrix not positive semi-definite (smallest eigenvalue "

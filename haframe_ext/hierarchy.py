@@ -425,25 +425,47 @@ class Hierarchy:
         return self._order[i]
 
     def tree_distances(self) -> np.ndarray:
-        """LCA heights computed on the tree, int64 [K, K] (equals distances() except for reference-matrix builtins)."""
+        """LCA heights computed on the tree, int64 [K, K] (equals distances() except for reference-matrix builtins).
+
+        O(K^2 + nodes) time, whatever the depth: with the classes in depth-first order every subtree
+        is a contiguous block, and the pairs whose LCA is node v are the blocks between one child's
+        leaves and the leaves of the children before it, each written with v's height.
+        """
         K = self.num_classes
-        levels = int(self._depth.max()) + 1
-        paths = np.full((K, levels), -1, dtype=np.int64)  # [K, L] node index at each depth, root first
-        rows = np.arange(K)
-        cur = self._class_idx.copy()
-        while True:
-            alive = cur >= 0
-            if not alive.any():
-                break
-            paths[rows[alive], self._depth[cur[alive]]] = cur[alive]
-            cur = np.where(alive, self._parent_idx[np.maximum(cur, 0)], -1)
-        # Paths agree on a prefix (the shared ancestors); its length is the depth of the LCA plus one.
-        common = np.zeros((K, K), dtype=np.int64)  # [K, K]
-        for level in range(levels):
-            col = paths[:, level]
-            common += (col[:, None] == col[None, :]) & (col >= 0)[:, None]
-        lca = np.take_along_axis(paths, common - 1, axis=1)  # [K, K] node index of LCA(i, j)
-        return self._height[lca]
+        n = len(self._order)
+        index = self._index
+        kids = [[index[c] for c in self._children[name]] for name in self._order]  # node -> child indices
+        count = np.zeros(n, dtype=np.int64)  # leaves under each node
+        count[[i for i in range(n) if not kids[i]]] = 1
+        for i in range(n - 1, 0, -1):  # breadth-first order reversed: children before parents
+            count[self._parent_idx[i]] += count[i]
+        start = np.zeros(n, dtype=np.int64)  # first depth-first leaf position under each node
+        for v in range(n):  # breadth-first: a parent's start is set before its children's
+            s = int(start[v])
+            for c in kids[v]:
+                start[c] = s
+                s += int(count[c])
+        lca_height = np.zeros((K, K), dtype=np.int64)  # [K, K] in depth-first leaf order
+        for v in range(n):  # breadth-first: a node is written before its descendants
+            if len(kids[v]) < 2:
+                continue
+            h, first, size = self._height[v], int(start[v]), int(count[v])
+            inner = sum(int(count[c]) ** 2 for c in kids[v])  # pairs within one child (and the diagonal)
+            if inner <= size * size - inner:
+                # Mostly cross pairs (wide or balanced nodes): one contiguous block write is cheaper, and
+                # the pairs within a child are overwritten later by their own (lower) LCA.  The extra
+                # work is at most the cross pairs written, so the total stays O(K^2).
+                lca_height[first:first + size, first:first + size] = h
+                continue
+            for c in kids[v][1:]:  # the cross pairs only: child c against the children before it
+                lo, hi = int(start[c]), int(start[c] + count[c])
+                lca_height[first:lo, lo:hi] = h
+                lca_height[lo:hi, first:lo] = h
+        np.fill_diagonal(lca_height, 0)
+        pos = start[self._class_idx]  # [K] depth-first position of each class label
+        if np.array_equal(pos, np.arange(K)):  # classes already in depth-first order: no permuted copy
+            return lca_height
+        return lca_height[np.ix_(pos, pos)]
 
     def distances(self) -> np.ndarray:
         """Class distance matrix, int64 [K, K]: d[i, j] = height of LCA(i, j) (cached; returns a copy).
@@ -515,13 +537,33 @@ def _fmt(v) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else repr(v)
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_FLOAT_EXACT_INT = 2.0 ** 53  # float64 integers up to this are exact, so the int64 cast loses nothing
+
+
+def _ragged_message(x, exc: Exception) -> str:
+    """Error message for an input numpy cannot turn into an array, naming the first row of another length."""
+    try:
+        lengths = [len(row) for row in x]
+    except TypeError:  # not a sequence of sequences
+        lengths = []
+    for i, n in enumerate(lengths):
+        if n != lengths[0]:
+            return (f"distance matrix must be square (K, K), but its rows have different lengths: row {i} "
+                    f"has {n} entries and row 0 has {lengths[0]}; expected K rows of K numbers")
+    return (f"distance matrix must be square (K, K) of numbers, but numpy cannot make an array of it "
+            f"({exc}); expected K rows of K numbers")
+
+
 def as_distance_matrix(x) -> np.ndarray:
     """Validate class distances and return them as a new [K, K] array, int64 if all integer-valued else float64.
 
     Accepts a Hierarchy, a numpy array (or nested list), a torch tensor, or a path to a ``.npy``
     (loaded without pickle) or ``.csv`` (comma-separated, optional header line) file.  Float
     matrices may be asymmetric or off the zero diagonal by rounding (1e-12 of the largest
-    distance); they are then symmetrised and the diagonal set to 0.
+    distance); they are then symmetrised and the diagonal set to 0.  Integer-valued floats
+    become int64 only up to 2**53 (where float64 integers are exact); larger ones stay float64.
+    Unsigned integers above the int64 maximum are refused rather than wrapped.
     """
     if isinstance(x, Hierarchy):
         return x.distances()
@@ -531,8 +573,13 @@ def as_distance_matrix(x) -> np.ndarray:
         if ext == ".npy":
             try:
                 arr = np.load(path, allow_pickle=False)
-            except ValueError as exc:
-                raise HierarchyError(f"distance file {path!r}: cannot load without pickle ({exc})") from None
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                raise  # the path itself is wrong, as for a .csv file: the OS error says so
+            except (ValueError, EOFError, OSError) as exc:  # empty, truncated, pickled or not .npy at all
+                raise HierarchyError(
+                    f"distance file {path!r}: not a readable .npy array; cannot load without pickle "
+                    f"({type(exc).__name__}: {str(exc) or 'no data'}); write the [K, K] matrix with "
+                    "numpy.save(path, d)") from None
         elif ext == ".csv":
             arr = _read_csv(path)
         else:
@@ -541,7 +588,10 @@ def as_distance_matrix(x) -> np.ndarray:
         t = x.detach().cpu()
         arr = (t.double() if t.is_floating_point() else t).numpy()
     else:
-        arr = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged nested lists: "inhomogeneous shape"
+            raise HierarchyError(_ragged_message(x, exc)) from None
 
     if arr.dtype.kind not in "iuf":
         raise HierarchyError(f"distance matrix must be numeric (integers or floats), got dtype {arr.dtype}")
@@ -551,6 +601,11 @@ def as_distance_matrix(x) -> np.ndarray:
     if K < 2:
         raise HierarchyError(f"distance matrix must have at least 2 classes, got K={K}")
     is_float = arr.dtype.kind == "f"
+    if arr.dtype.kind == "u" and arr.max() > _INT64_MAX:  # would wrap to a negative int64
+        i, j = np.argwhere(arr > _INT64_MAX)[0]
+        raise HierarchyError(
+            f"distance matrix entry d[{i},{j}]={_fmt(arr[i, j])} is too large: {arr.dtype} distances must "
+            f"be at most {_INT64_MAX} (the int64 maximum); rescale the distances")
     d = arr.astype(np.float64 if is_float else np.int64)  # a copy
     if is_float:
         bad = np.argwhere(~np.isfinite(d))
@@ -561,7 +616,7 @@ def as_distance_matrix(x) -> np.ndarray:
         tol = 1e-12 * max(float(np.abs(d).max()), 1.0)
     else:
         tol = 0
-    bad = np.argwhere(np.abs(d - d.T) > tol)
+    bad = np.argwhere((np.abs(d - d.T) > tol) if is_float else (d != d.T))  # d - d.T may wrap for int64
     if len(bad):
         i, j = bad[0]
         raise HierarchyError(
@@ -578,8 +633,12 @@ def as_distance_matrix(x) -> np.ndarray:
         raise HierarchyError(
             f"distance matrix has a negative entry: d[{i},{j}]={_fmt(d[i, j])}; distances must be >= 0")
     if is_float:
-        d = (d + d.T) / 2
+        # Halve before adding: (d + d.T) / 2 overflows to inf near the float64 maximum.  Symmetric
+        # entries are kept bit for bit; the others get a mean that is the same for (i, j) and (j, i).
+        d = np.where(d == d.T, d, 0.5 * d + 0.5 * d.T)
         np.fill_diagonal(d, 0.0)
-        if np.array_equal(d, np.round(d)):
+        # int64 only where every value is an integer that float64 holds exactly (|v| <= 2**53):
+        # beyond that the cast could overflow or the values were rounded anyway, so keep float64.
+        if d.max() <= _FLOAT_EXACT_INT and np.array_equal(d, np.round(d)):
             d = d.astype(np.int64)
     return d

@@ -573,23 +573,16 @@ def test_distance_npy_files(tmp_path, make):
     _raises(lambda: as_distance_matrix(path), "distance file", "d.npy")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty .npy file lets numpy's EOFError escape as_distance_matrix "
-                                       "(hierarchy.py catches only ValueError around np.load)")
 def test_empty_npy_file_is_a_hierarchy_error(tmp_path):
     path = tmp_path / "empty.npy"
     path.write_bytes(b"")
     _raises(lambda: as_distance_matrix(path), "distance file")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a ragged nested list lets numpy's plain ValueError escape "
-                                       "(np.asarray is not guarded in as_distance_matrix)")
 def test_ragged_nested_list_is_a_hierarchy_error():
     _raises(lambda: as_distance_matrix([[0, 1], [1]]), "square")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: integer-valued floats beyond the int64 range (or whose symmetrised "
-                                       "mean overflows to inf) are cast to int64 and silently become "
-                                       "-9223372036854775808, a negative distance")
 @pytest.mark.parametrize("v", [1e19, 1e20, 1e308])
 def test_huge_float_distances_are_kept_or_refused(v):
     x = np.array([[0.0, v], [v, 0.0]])
@@ -601,8 +594,6 @@ def test_huge_float_distances_are_kept_or_refused(v):
         assert (out >= 0).all() and float(out[0, 1]) == v
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: uint64 distances above the int64 range wrap on the int64 cast, and "
-                                       "the error then reports a negative value the user never wrote")
 def test_huge_uint64_distance_is_named_as_given():
     big = np.iinfo(np.uint64).max
     msg = _raises(lambda: as_distance_matrix(np.array([[0, big], [big, 0]], dtype=np.uint64)))
@@ -645,9 +636,6 @@ _LAPACK_CASES = [(13, 3.5, "exact+1e-7"), (13, 3.5, -0.3170657975292831), (16, 1
                  (14, 3.0, -0.13234921160596794)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: HAFrame.from_distances with a float s_min calls scipy.linalg.eigh("
-                                       "subset_by_index=[K-1, K-1]) which raises LinAlgError('Internal Error.') "
-                                       "on degenerate spectra (flat hierarchies); it escapes to the user")
 def test_user_s_min_on_flat_hierarchy_never_raises_linalg_error():
     escaped = []
     for K, gamma, s in _LAPACK_CASES:
