@@ -1,0 +1,276 @@
+"""Every user mistake at the command line: exactly one line on stderr (``haframe: error: ...``), no traceback,
+exit code 2 — checked by running the console module in child processes, the way a user does.
+
+A fresh ``python -m haframe_ext.cli`` costs ~3 s of CPU (importing torch), too much for 66 cases on two cores,
+so every case runs in a *forked* child of one "fork server" process that imported torch and the package once:
+the child sets ``sys.argv``, points fd 2 at a file and runs ``haframe_ext.cli`` as ``__main__`` with
+``runpy`` (exactly what ``python -m`` does), and an uncaught exception prints its traceback and exits 1, as
+the interpreter would.  One case of each category also runs as a genuinely fresh ``python -m haframe_ext.cli``
+(``test_console_script_in_a_fresh_process``).  Child processes run with ``HAFRAME_DISABLE_NATIVE=1`` (none of
+these mistakes reaches the fused op).  Extends tests/test_cli.py, which checks a dozen such mistakes in-process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_EDGES = "".join(f"{p}\t{c}\n" for p, c in [
+    ("root", "A"), ("root", "B"), ("A", "A1"), ("A", "A2"), ("B", "B1"), ("B", "B2"),
+    ("A1", "c0"), ("A1", "c1"), ("A2", "c2"), ("A2", "c3"), ("B1", "c4"), ("B1", "c5"), ("B2", "c6"), ("B2", "c7")])
+TRAIN = ["train", "--hierarchy", "toy.tsv", "--epochs", "1", "--no-progress", "--no-tensorboard", "--out", "run"]
+
+
+def _feats(folder: Path, train=None, test=None):
+    folder.mkdir()
+    tr = train if train is not None else {"features": torch.randn(16, 3), "labels": torch.arange(16) % 8}
+    te = test if test is not None else {"features": torch.randn(8, 3), "labels": torch.arange(8)}
+    for name, obj in (("train.pt", tr), ("test.pt", te)):
+        if isinstance(obj, bytes):
+            (folder / name).write_bytes(obj)
+        else:
+            torch.save(obj, folder / name)
+
+
+def make_inputs(d: Path) -> None:
+    """Every file the cases refer to, relative to the folder the CLI runs in."""
+    (d / "toy.tsv").write_text(TOY_EDGES)
+    (d / "garbage.tsv").write_bytes(b"\xff\xfe\x00\x01 binary garbage")
+    (d / "cycle.tsv").write_text("root\tx\na\tb\nb\tc\nc\ta\n")
+    (d / "three_fields.tsv").write_text("root\ta\tb\n")
+    (d / "empty.tsv").write_text("")
+    (d / "classes_unknown.txt").write_text("\n".join(["c0", "c1", "c2", "c3", "c4", "c5", "c6", "zz"]) + "\n")
+    (d / "asym.csv").write_text("0,1\n2,0\n")
+    (d / "d.txt").write_text("0,1\n1,0\n")
+    np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(d / "d2.npy", np.array([[0, 1], [1, 0]]))
+    (d / "bad.json").write_text("{not json")
+    (d / "list.json").write_text("[1, 2]")
+    (d / "unknown_field.json").write_text('{"epochz": 3}')
+    (d / "latin1.json").write_bytes(b'{"epochs": 1, "out": "\xe9"}')
+    (d / "a_file").write_text("not a folder")
+    (d / "text.pt").write_text("hello")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, d / "foreign.pt")
+    _feats(d / "feat_labels_too_big", train={"features": torch.randn(16, 3), "labels": torch.arange(16) % 12})
+    _feats(d / "feat_test_labels_too_big", test={"features": torch.randn(8, 3), "labels": torch.arange(8) + 4})
+    _feats(d / "feat_row_mismatch", train={"features": torch.randn(16, 3), "labels": torch.arange(10) % 8})
+    x = torch.randn(16, 3)
+    x[3, 1] = float("nan")
+    _feats(d / "feat_nan", train={"features": x, "labels": torch.arange(16) % 8})
+    _feats(d / "feat_dims", test={"features": torch.randn(8, 5), "labels": torch.arange(8)})
+    _feats(d / "feat_random_bytes", train=np.random.default_rng(0).bytes(300))
+    _feats(d / "feat_text", train=b"hello")
+    _feats(d / "feat_float_labels", train={"features": torch.randn(16, 3), "labels": torch.rand(16)})
+    (d / "feat_no_train").mkdir()
+    torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8)}, d / "feat_no_train" / "test.pt")
+    (d / "cifar_empty").mkdir()
+    (d / "cifar_garbage").mkdir()
+    for name in ("meta", "train", "test"):
+        (d / "cifar_garbage" / name).write_bytes(b"\x00\x01 not a pickle")
+    (d / "images" / "train" / "zz").mkdir(parents=True)
+    (d / "images" / "train" / "zz" / "x.png").write_bytes(b"")
+    (d / "images" / "test").mkdir()
+
+
+# (id, argv, fragments the single stderr line must contain)
+CASES = [
+    # missing files
+    ("missing-hierarchy-file", ["train", "--hierarchy", "nope/tree.tsv", "--out", "run"],
+     ["nope/tree.tsv", "not a builtin name", "nor an existing file"]),
+    ("missing-classes-file", TRAIN + ["--classes", "nope.txt"], ["No such file or directory", "nope.txt"]),
+    ("missing-distances-file", TRAIN + ["--distances", "nope.npy"], ["distance matrix file not found: nope.npy"]),
+    ("missing-config-file", ["train", "--config", "nope.json"], ["config file not found: nope.json"]),
+    ("missing-data-root", TRAIN + ["--dataset", "features", "--data-root", "nope"], ["data root not found: nope"]),
+    ("no-data-root", TRAIN + ["--dataset", "features"], ["needs a data root (--data-root)"]),
+    ("missing-train-features", TRAIN + ["--dataset", "features", "--data-root", "feat_no_train"],
+     ["expected a folder with train and test feature files"]),
+    ("missing-cifar-files", ["train", "--hierarchy", "cifar100", "--dataset", "cifar100", "--data-root",
+                             "cifar_empty", "--epochs", "1", "--out", "run"], ["CIFAR-100 file not found", "meta"]),
+    ("missing-resume-checkpoint", TRAIN + ["--resume-from", "nope.pt"], ["checkpoint not found: nope.pt"]),
+    ("missing-eval-checkpoint", ["eval", "--checkpoint", "nope.pt"], ["checkpoint not found: nope.pt"]),
+    ("eval-checkpoint-is-a-folder", ["eval", "--checkpoint", "images"], ["checkpoint not found: images"]),
+    ("missing-frame-distances", ["frame", "--distances", "nope.npy"], ["not found"]),
+    ("missing-frame-classes", ["frame", "--hierarchy", "toy.tsv", "--classes", "nope.txt"], ["classes file not found"]),
+    ("frame-out-folder-missing", ["frame", "--hierarchy", "toy.tsv", "--out", "nope/f.pt"],
+     ["output folder does not exist: nope"]),
+    ("out-below-a-file", TRAIN[:-1] + ["a_file/run"], ["Not a directory"]),
+    ("out-is-a-file", TRAIN[:-1] + ["a_file"], ["a_file"]),
+    # wrong format
+    ("hierarchy-binary-garbage", TRAIN[:2] + ["garbage.tsv"] + TRAIN[3:], ["garbage.tsv", "not UTF-8"]),
+    ("hierarchy-cycle", TRAIN[:2] + ["cycle.tsv"] + TRAIN[3:], ["cycle in the hierarchy"]),
+    ("hierarchy-three-fields", TRAIN[:2] + ["three_fields.tsv"] + TRAIN[3:], ["line 1: malformed line"]),
+    ("hierarchy-empty-file", TRAIN[:2] + ["empty.tsv"] + TRAIN[3:], ["the hierarchy is empty"]),
+    ("classes-unknown-name", TRAIN + ["--classes", "classes_unknown.txt"], ["line 8: unknown class 'zz'"]),
+    ("distances-asymmetric", TRAIN + ["--distances", "asym.csv"], ["not symmetric"]),
+    ("distances-extension", ["frame", "--distances", "d.txt"], ["unknown extension '.txt'"]),
+    ("distances-pickled-npy", ["frame", "--distances", "obj.npy"], ["cannot load without pickle"]),
+    ("config-not-json", ["train", "--config", "bad.json"], ["bad.json: not valid JSON"]),
+    ("config-json-list", ["train", "--config", "list.json"], ["expected a JSON object"]),
+    ("config-unknown-field", ["train", "--config", "unknown_field.json"], ["unknown TrainConfig field(s): epochz"]),
+    ("config-not-utf8", ["train", "--config", "latin1.json"], ["can't decode byte 0xe9"]),
+    ("features-random-bytes", TRAIN + ["--dataset", "features", "--data-root", "feat_random_bytes"],
+     ["train.pt: not a readable features file"]),
+    ("features-text-file", TRAIN + ["--dataset", "features", "--data-root", "feat_text"], ["train.pt"]),
+    ("features-nan", TRAIN + ["--dataset", "features", "--data-root", "feat_nan"], ["features contain NaN or Inf"]),
+    ("features-dims-differ", TRAIN + ["--dataset", "features", "--data-root", "feat_dims"], ["different dimensions"]),
+    ("features-rows-vs-labels", TRAIN + ["--dataset", "features", "--data-root", "feat_row_mismatch"],
+     ["16 feature rows but 10 labels"]),
+    ("features-float-labels", TRAIN + ["--dataset", "features", "--data-root", "feat_float_labels"],
+     ["labels must be integer class indices"]),
+    ("cifar-garbage-files", ["train", "--hierarchy", "cifar100", "--dataset", "cifar100", "--data-root",
+                             "cifar_garbage", "--epochs", "1", "--out", "run"], ["not a valid CIFAR-100 file"]),
+    ("eval-text-checkpoint", ["eval", "--checkpoint", "text.pt"], ["text.pt is corrupted or truncated"]),
+    ("eval-foreign-checkpoint", ["eval", "--checkpoint", "foreign.pt"], ["not a haframe_ext checkpoint"]),
+    # unknown names
+    ("unknown-dataset", TRAIN + ["--dataset", "mnist"], ["unknown dataset 'mnist'", "synthetic"]),
+    ("unknown-method", TRAIN + ["--method", "softmax"], ["unknown method 'softmax'", "haframe"]),
+    ("unknown-hierarchy", ["train", "--hierarchy", "imagenet", "--out", "run"], ["'imagenet'", "cifar100"]),
+    ("unknown-frame-hierarchy", ["frame", "--hierarchy", "imagenet"], ["'imagenet'", "not a builtin name"]),
+    ("unknown-demo-method", ["demo", "--methods", "softmax", "--out", "demo"], ["unknown method 'softmax'"]),
+    ("unknown-alpha-schedule", TRAIN + ["--alpha-schedule", "zigzag"], ["unknown alpha schedule 'zigzag'"]),
+    ("unknown-subcommand", ["fit"], ["invalid choice: 'fit'"]),
+    ("unknown-flag", TRAIN + ["--learning-rate", "0.1"], ["unrecognized arguments: --learning-rate"]),
+    ("unknown-split", ["eval", "--checkpoint", "text.pt", "--split", "dev"], ["invalid choice: 'dev'"]),
+    ("image-backbone-for-vectors", TRAIN + ["--backbone", "wrn28"], ["use the 'mlp' backbone"]),
+    ("cuda-on-a-cpu-machine", TRAIN + ["--device", "cuda"], ["CUDA is not available"]),
+    # label count not matching the hierarchy
+    ("labels-beyond-hierarchy", TRAIN + ["--dataset", "features", "--data-root", "feat_labels_too_big"],
+     ["labels range over [0, 11] but the hierarchy has 8 classes"]),
+    ("test-labels-beyond-hierarchy", TRAIN + ["--dataset", "features", "--data-root", "feat_test_labels_too_big"],
+     ["test.pt", "hierarchy has 8 classes"]),
+    ("cifar-with-8-class-hierarchy", TRAIN + ["--dataset", "cifar100", "--data-root", "cifar_empty"],
+     ["CIFAR-100 has 100 classes but the hierarchy has 8"]),
+    ("distances-for-2-classes", TRAIN + ["--distances", "d2.npy"], ["distance matrix is (2, 2) but the hierarchy has 8"]),
+    ("image-folder-unknown-class", TRAIN + ["--dataset", "imagefolder", "--data-root", "images"],
+     ["class folder(s) not in the hierarchy", "zz"]),
+    # bad values
+    ("epochs-not-int", TRAIN + ["--epochs", "abc"], ["argument --epochs: invalid int value: 'abc'"]),
+    ("epochs-zero", TRAIN + ["--epochs", "0"], ["epochs must be >= 1"]),
+    ("flag-without-value", ["train", "--epochs"], ["argument --epochs: expected one argument"]),
+    ("batch-size-one", TRAIN + ["--batch-size", "1"], ["batch_size must be >= 2"]),
+    ("alpha-above-one", TRAIN + ["--alpha", "1.5"], ["alpha must be in [0, 1]"]),
+    ("negative-lr", TRAIN + ["--lr", "-0.1"], ["lr must be > 0"]),
+    ("gamma-nan", ["frame", "--hierarchy", "toy.tsv", "--gamma", "nan"], ["gamma must be a finite number > 0"]),
+    ("s-min-word", TRAIN + ["--s-min", "tight"], ["must be 'exact', 'grid' or a number"]),
+    ("s-min-inadmissible", TRAIN + ["--s-min", "-5"], ["s_min=-5.0", "most negative admissible value", "-0.476547"]),
+    ("feature-dim-below-K", TRAIN + ["--feature-dim", "3"], ["dim=3 is smaller than K=8"]),
+    ("etf-one-class", ["frame", "--etf", "1"], ["--etf needs K >= 2"]),
+]
+
+XFAIL = {
+    "out-is-a-file": "BUG: --out naming an existing file raises FileExistsError from out.mkdir(); cli.main does not "
+                     "catch FileExistsError (only FileNotFoundError, IsADirectoryError, NotADirectoryError, "
+                     "PermissionError), so the user gets a traceback and exit code 1",
+    "features-text-file": "BUG: a features train.pt holding plain text makes torch.load(weights_only=True) raise "
+                          "KeyError, which data.load_features does not catch: traceback, exit code 1",
+}
+
+
+FORK_SERVER = r"""
+import json, os, runpy, sys, traceback
+import torch._inductor, tqdm.auto, scipy.linalg  # imported lazily by the trainer: pay for them once, here
+import haframe_ext, haframe_ext.train, haframe_ext.data, haframe_ext.models  # the expensive imports, once
+cases, folder = json.load(open(sys.argv[1])), sys.argv[2]
+codes = {}
+for cid, argv in cases:
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.path.join(folder, cid + ".err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.argv = ["haframe", *argv]
+        code = 0
+        try:
+            runpy.run_module("haframe_ext.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes[cid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+json.dump(codes, open(os.path.join(folder, "codes.json"), "w"))
+"""
+
+
+def _env():
+    return dict(os.environ, HAFRAME_DISABLE_NATIVE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    make_inputs(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def results(workdir, tmp_path_factory):
+    """Run every case in a forked child of one fork server; id -> (exit code, stderr)."""
+    errs = tmp_path_factory.mktemp("cli_stderr")
+    (errs / "cases.json").write_text(json.dumps([[cid, argv] for cid, argv, _ in CASES]))
+    p = subprocess.run([sys.executable, "-c", FORK_SERVER, str(errs / "cases.json"), str(errs)], capture_output=True,
+                       text=True, env=_env(), timeout=300, cwd=str(workdir))
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads((errs / "codes.json").read_text())
+    return {cid: (codes[cid], (errs / f"{cid}.err").read_text()) for cid, _, _ in CASES}
+
+
+def _param(case):
+    marks = [pytest.mark.xfail(strict=True, reason=XFAIL[case[0]])] if case[0] in XFAIL else []
+    return pytest.param(case, id=case[0], marks=marks)
+
+
+def check_one_line(rc, err, fragments):
+    assert "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("haframe: error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert rc == 2, (rc, lines[0])
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_user_mistake_is_one_line_and_exit_code_2(results, case):
+    cid, _, fragments = case
+    check_one_line(*results[cid], fragments)
+
+
+# one case per category (missing file, wrong format, unknown name, label count) as a genuinely fresh process
+FRESH = ["missing-hierarchy-file", "hierarchy-binary-garbage", "unknown-dataset", "labels-beyond-hierarchy"]
+
+
+@pytest.fixture(scope="module")
+def fresh_results(workdir):
+    by_id = {c[0]: c for c in CASES}
+
+    def run(cid):
+        p = subprocess.run([sys.executable, "-m", "haframe_ext.cli", *by_id[cid][1]], capture_output=True, text=True,
+                           env=_env(), timeout=120, cwd=str(workdir))
+        return cid, (p.returncode, p.stderr)
+
+    with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, FRESH))
+
+
+@pytest.mark.parametrize("cid", FRESH)
+def test_console_script_in_a_fresh_process(fresh_results, cid):
+    fragments = next(c[2] for c in CASES if c[0] == cid)
+    check_one_line(*fresh_results[cid], fragments)
+
+
+def test_no_case_leaves_a_run_behind(results, fresh_results, workdir):
+    """Every mistake is caught before training: no checkpoint or results file appears."""
+    written = [p for p in workdir.rglob("*") if p.name in ("last.pt", "prev.pt", "best.pt", "results.json")]
+    assert not written, written
