@@ -3,8 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,19 +15,43 @@ namespace haframe {
 namespace {
 
 constexpr int64_t kCpuBlockBytes = 1 << 20;  // logits of one row block (about an L2 cache)
+constexpr int64_t kCpuParallelMacs = int64_t(1) << 21;  // B K d below which one thread does the work
 
-// Logsumexp of one row; writes e_k = exp(z_k - max) into e.
+constexpr int kLanes = 8;  // independent partial sums, so that the compiler vectorises the reductions
+
+// sum_j a[j] b[j] with kLanes partial sums.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  T p[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) p[j] += a[k + j] * b[k + j];
+  T s = 0;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < kLanes; ++j) s += p[j];
+  return s;
+}
+
+// Logsumexp of one row; writes e_k = exp(z_k - max) into e and returns their sum in *sum_out.
 template <typename acc_t>
-acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out, acc_t* max_out) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  acc_t m = -INFINITY;
-  for (int64_t k = 0; k < K; ++k) m = z[k] > m ? z[k] : m;  // NaN is skipped here, caught by the sum
+acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out) {
+  acc_t mx[kLanes];
+  std::fill(mx, mx + kLanes, acc_t(-INFINITY));
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) mx[j] = z[k + j] > mx[j] ? z[k + j] : mx[j];  // NaN skipped here,
+  acc_t m = -INFINITY;                                                              // caught by the sum
+  for (; k < K; ++k) m = z[k] > m ? z[k] : m;
+  for (int j = 0; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
   if (m == -INFINITY || m == INFINITY) m = 0;  // all -inf or an inf: let the sum carry inf/NaN
-  at::vec::map([m](Vec x) { return (x - Vec(m)).exp(); }, e, z, K);
+  for (k = 0; k < K; ++k) e[k] = hf_exp(z[k] - m);
+  acc_t p[kLanes] = {};
+  for (k = 0; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) p[j] += e[k + j];
   acc_t s = 0;
-  for (int64_t k = 0; k < K; ++k) s += e[k];
+  for (; k < K; ++k) s += e[k];
+  for (int j = 0; j < kLanes; ++j) s += p[j];
   *sum_out = s;
-  *max_out = m;
   return m + hf_log(s);
 }
 
@@ -60,23 +82,32 @@ void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
       if (u) std::fill(u + i * d, u + (i + 1) * d, acc_t(0));
       continue;
     }
-    acc_t ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += hr[j] * hr[j];
-    const acc_t inv_n = inv_norm(ss);
+    const acc_t inv_n = inv_norm(dot(hr, hr, d));
     inv_n_out[i] = inv_n;
-    acc_t s, m;
-    const acc_t lse = row_lse(zr, e, K, &s, &m);
+    acc_t s;
+    const acc_t lse = row_lse(zr, e, K, &s);
     const acc_t z_y = zr[label];
     const acc_t inv_s = acc_t(1) / s;
-    acc_t lcos = 0, rc = 0;
+    acc_t lcos = 0;
     if (S) {
       const acc_t* srow = S + label * K;  // S symmetric: row y is column y
-      for (int64_t k = 0; k < K; ++k) {
+      acc_t pl[kLanes] = {}, pr[kLanes] = {};
+      // one class: accumulate r^2 and r cos into lane j, write G over the logit
+      auto step = [&](int64_t k, int j) {
         acc_t c;
         const acc_t r = cos_residual(zr[k], inv_wn[k], inv_n, srow[k], &c);
-        lcos += r * r;
-        rc += r * c;
+        pl[j] += r * r;
+        pr[j] += r * c;
         if (need_grad) zr[k] = gscale * gather_grad_coef(e[k] * inv_s, k == label, r, inv_wn[k], inv_n, alpha);
+      };
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) step(k + j, j);
+      for (; k < K; ++k) step(k, 0);
+      acc_t rc = 0;
+      for (int j = 0; j < kLanes; ++j) {
+        lcos += pl[j];
+        rc += pr[j];
       }
       coef[i] = gscale * gather_h_coef(rc, inv_n, alpha);
     } else {
@@ -103,7 +134,8 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
   const int64_t B = h.size(0), d = h.size(1), K = W.size(0);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   int64_t rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuBlockBytes);
-  rows = std::min(rows, std::max<int64_t>(1, (B + nthreads - 1) / nthreads));
+  if (B * K * d >= kCpuParallelMacs)  // below this, waking threads costs more than it saves
+    rows = std::min(rows, std::max<int64_t>(1, (B + nthreads - 1) / nthreads));
   const int64_t nblocks = (B + rows - 1) / rows;
   const bool mroute = M.defined();
   const acc_t* Sp = mroute ? nullptr : S.data_ptr<acc_t>();
@@ -133,12 +165,8 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
         for (int64_t i = 0; i < nr; ++i) {
           if (target.data_ptr<int64_t>()[r0 + i] == ignore_index) continue;
           const acc_t *ur = up + i * d, *vr = vp + i * d, *hr = hp + i * d;
-          acc_t lcos = 0, hv = 0;
-          for (int64_t j = 0; j < d; ++j) {
-            lcos += ur[j] * vr[j];
-            hv += hr[j] * vr[j];
-          }
-          hv *= inv_n[i];
+          const acc_t lcos = dot(ur, vr, d);
+          const acc_t hv = dot(hr, vr, d) * inv_n[i];
           lp[i] += alpha * lcos;
           if (need_grad) {
             acc_t* gr = gb.data_ptr<acc_t>() + i * d;
@@ -161,9 +189,7 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
 template <typename acc_t>
 void inverse_row_norms(const acc_t* W, int64_t K, int64_t d, acc_t* out) {
   for (int64_t k = 0; k < K; ++k) {
-    acc_t ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += W[k * d + j] * W[k * d + j];
-    out[k] = acc_t(1) / std::max<acc_t>(hf_sqrt(ss), acc_t(kEps));
+    out[k] = acc_t(1) / std::max<acc_t>(hf_sqrt(dot(W + k * d, W + k * d, d)), acc_t(kEps));
   }
 }
 
