@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "fused_loss_checks.h"
@@ -32,6 +33,37 @@ T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// exp(x) for x <= 0 (NaN propagates) as 2^n p(r): within 3e-7 relative of expf, and vectorisable.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: below it every term is negligible next to the max's 1
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // x - n ln 2, two parts
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// e_k = exp(z_k - m) for a finite row maximum m; compiled for AVX2 as well, chosen at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void exp_shifted_float(const float* __restrict z, float m, float* __restrict e, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) e[k] = exp_nonpositive(z[k] - m);
+}
+
+inline void exp_shifted(const float* z, float m, float* e, int64_t K) { exp_shifted_float(z, m, e, K); }
+inline void exp_shifted(const double* z, double m, double* e, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) e[k] = hf_exp(z[k] - m);
+}
+
 // Logsumexp of one row; writes e_k = exp(z_k - max) into e and returns their sum in *sum_out.
 template <typename acc_t>
 acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out) {
@@ -43,8 +75,12 @@ acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out) {
   acc_t m = -INFINITY;                                                              // caught by the sum
   for (; k < K; ++k) m = z[k] > m ? z[k] : m;
   for (int j = 0; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
-  if (m == -INFINITY || m == INFINITY) m = 0;  // all -inf or an inf: let the sum carry inf/NaN
-  for (k = 0; k < K; ++k) e[k] = hf_exp(z[k] - m);
+  if (m == -INFINITY || m == INFINITY) {
+    m = 0;  // all -inf or an inf: let the sum carry inf/NaN
+    for (k = 0; k < K; ++k) e[k] = hf_exp(z[k] - m);
+  } else {
+    exp_shifted(z, m, e, K);  // every z - m <= 0 here (or NaN, which propagates)
+  }
   acc_t p[kLanes] = {};
   for (k = 0; k + kLanes <= K; k += kLanes)
     for (int j = 0; j < kLanes; ++j) p[j] += e[k + j];
