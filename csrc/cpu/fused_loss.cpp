@@ -15,7 +15,7 @@
 namespace haframe {
 namespace {
 
-constexpr int64_t kCpuBlockBytes = 1 << 20;  // logits of one row block (about an L2 cache)
+constexpr int64_t kCpuBlockBytes = int64_t(4) << 20;  // logits of one row block: enough rows to keep BLAS efficient
 constexpr int64_t kCpuParallelMacs = int64_t(1) << 21;  // B K d below which one thread does the work
 
 constexpr int kLanes = 8;  // independent partial sums, so that the compiler vectorises the reductions
