@@ -138,8 +138,11 @@ _HELP = {
     "backbone_lr_scale": "backbone learning rate = lr * this",
     "alpha_schedule": "constant | linear-increase | linear-decrease | cosine | cosine-linear | cosine-linear-decrease",
     "alpha_period": "period in epochs of the cosine alpha schedules",
-    "resume": "continue from <out>/last.pt if it exists",
-    "resume_from": "continue from this checkpoint",
+    "resume": "continue from <out>/last.pt if it exists (on CPU bit for bit the uninterrupted run, given the same "
+              "torch thread count, e.g. OMP_NUM_THREADS: the checkpoint records it and a different count is warned "
+              "about)",
+    "resume_from": "continue from this checkpoint (same thread-count caveat as --resume)",
+    "eval_ks": "the k values of top-k / HierDist@k metrics, each >= 1 (values above the class count are dropped)",
     "select_metric": "validation metric that picks best.pt (top1 is maximised, others minimised)",
     "stop_after_epochs": "stop after this many epochs in this invocation (resume later)",
     "grad_clip": "clip the global gradient norm to this value",
@@ -442,8 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    except (UserError, HierarchyError, DataError, CheckpointError, FileNotFoundError, IsADirectoryError,
-            NotADirectoryError, PermissionError, ValueError, argparse.ArgumentTypeError) as exc:
+    except (UserError, HierarchyError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError, ValueError, argparse.ArgumentTypeError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except ImportError as exc:

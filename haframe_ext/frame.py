@@ -340,17 +340,42 @@ class HAFrame:
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "HAFrame":
-        """Load a frame written by save() (no pickle: torch.load with weights_only=True)."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        """Load a frame written by save() (no pickle: torch.load with weights_only=True).
+
+        A missing file raises ``FileNotFoundError``; a file that is not a readable torch file (text,
+        garbage, truncated), is refused by weights-only loading (a pickled global such as
+        ``posix.system``: nothing in it is run) or is not a saved HAFrame raises
+        :class:`~haframe_ext.hierarchy.HierarchyError` (a ``ValueError``) naming the file.
+        """
+        import os
+
+        from .data import describe_torch_load_error
+        from .hierarchy import HierarchyError
+
+        if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+            raise FileNotFoundError(2, "HAFrame file not found", str(path))
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception as exc:  # text (KeyError), garbage, truncated zip, a refused global, ...
+            reason, unsafe = describe_torch_load_error(exc)  # without torch's "weights_only=False" advice
+            what = ("is not a safe torch file (refused by weights_only loading" if unsafe
+                    else "is not a readable HAFrame file (corrupted, truncated or not a torch file")
+            raise HierarchyError(f"{str(path)!r} {what}: {reason})") from None
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path!r} is not a saved HAFrame (no format={_FORMAT!r} entry); write it with HAFrame.save")
+            raise HierarchyError(
+                f"{str(path)!r} is not a saved HAFrame (no format={_FORMAT!r} entry); write it with HAFrame.save")
         if state.get("version") != 1:
-            raise ValueError(f"{path!r}: unsupported HAFrame file version {state.get('version')!r}; "
-                             "upgrade haframe_ext to read it")
-        dist = state["distances"]
-        return cls(state["weight"], state["similarity"], s_min=state["s_min"], gamma=state["gamma"],
-                   distances=None if dist is None else dist.numpy())
+            raise HierarchyError(f"{str(path)!r}: unsupported HAFrame file version {state.get('version')!r}; "
+                                 "upgrade haframe_ext to read it")
+        try:
+            dist = state["distances"]
+            return cls(state["weight"], state["similarity"], s_min=state["s_min"], gamma=state["gamma"],
+                       distances=None if dist is None else dist.numpy())
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise HierarchyError(f"{str(path)!r} is an incomplete or malformed HAFrame file "
+                                 f"({type(exc).__name__}: {exc})") from None
 
     def __repr__(self) -> str:
         gamma = "None" if self.gamma is None else f"{self.gamma:g}"

@@ -11,11 +11,23 @@ Reliability contract of :func:`train`:
   renames) exactly: model, optimizer, LR step, loss state, best metric and RNG states are restored,
   and each epoch's random streams (shuffling, augmentation) are derived from ``(seed, epoch, rank)``,
   so on CPU a run killed at any point and resumed ends with the same weights, bit for bit, as an
-  uninterrupted one (the killed epoch is redone from its start).
+  uninterrupted one (the killed epoch is redone from its start).  Bit-exactness on CPU also needs
+  the same number of torch intra-op threads (``torch.get_num_threads()``, e.g. ``OMP_NUM_THREADS``):
+  reductions are split by thread, so 1 and 2 threads differ in the last bits (~4e-7 after 3 epochs of
+  a toy run).  Each checkpoint records the count (``"threads"``) and a resume with another count
+  warns.  A temp file left by a write that was killed (``.last.pt.tmp-<pid>`` and the like, of a
+  process no longer running) is removed when the next checkpoint is written.
 - A truncated or corrupted checkpoint raises :class:`CheckpointError` naming the file and the
-  previous checkpoint to fall back to.
-- A non-finite loss stops the run with :class:`TrainingDivergedError`; the last good checkpoint is
-  kept untouched.
+  previous checkpoint to fall back to; a file that weights-only loading refuses (a pickled global
+  such as ``os.system``) is reported as "not a safe checkpoint" and nothing in it is run.  Messages
+  never repeat torch's advice to retry with ``weights_only=False``.
+- A non-finite loss or a non-finite global gradient norm (checked after ``backward``, all-reduced
+  across ranks, before ``optimizer.step()``) stops the run with :class:`TrainingDivergedError`, and
+  a checkpoint whose model or optimizer state holds a NaN/Inf is never written (the run stops
+  instead), so the last good checkpoint is kept untouched and really is finite.  With fp16 AMP on
+  CUDA (a ``GradScaler``) Inf/NaN gradients are expected now and then: the scaler detects them
+  after unscaling and skips that step, so the gradient check is left to it (the loss check and the
+  checkpoint check still apply).
 - Under ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on GPU, a distributed batch sampler
   (:class:`GlobalBatchSampler`: every world size sees the same global batches), metrics reduced
   across ranks, only rank 0 writes files; a collective that does not complete
@@ -32,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -45,8 +58,8 @@ import torch
 import torch.nn as nn
 
 from . import metrics as _metrics
-from .data import DataError, make_datasets
-from .models import FIXED_FRAME_METHODS, METHODS, build_frame, build_loss, build_model, check_method
+from .data import DataError, describe_torch_load_error, make_datasets
+from .models import BACKBONES, FIXED_FRAME_METHODS, METHODS, build_frame, build_loss, build_model, check_method
 from .nn import FixedFrameClassifier, HAFrameLoss
 
 __all__ = [
@@ -144,6 +157,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_method(self.method)
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        bad_ks = [k for k in self.eval_ks if int(k) < 1]
+        if bad_ks:
+            raise ValueError(f"eval_ks must be >= 1 (the k of top-k and HierDist@k), got {bad_ks[0]}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
@@ -231,8 +249,45 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# temp files of _write_tmp / _atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
+_TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: leave its file alone
+    return True
+
+
+def _remove_stale_temps(out: Path) -> List[Path]:
+    """Remove temp files that a killed write left in ``out`` (only our own ``.<name>.tmp-<pid>`` pattern,
+    only of processes that no longer run, never this process's)."""
+    removed = []
+    try:
+        entries = list(os.scandir(out))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP_NAME.match(e.name)
+        if m is None or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
 def _rotate_save(obj, out: Path) -> None:
-    """Write ``last.pt`` atomically, keeping the previous one as ``prev.pt``."""
+    """Write ``last.pt`` atomically, keeping the previous one as ``prev.pt`` (and removing temp files a
+    killed earlier write left behind)."""
+    _remove_stale_temps(out)
     last, prev = out / "last.pt", out / "prev.pt"
     tmp = _write_tmp(obj, last)
     if last.exists():
@@ -628,9 +683,12 @@ def load_checkpoint(path, map_location="cpu", *, kind: str = "training") -> Dict
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, CRC mismatch, unpickling error, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({msg}){hint}") from None
+    except Exception as exc:  # truncated zip, CRC mismatch, unpickling error, a refused global, ...
+        reason, unsafe = describe_torch_load_error(exc)  # never repeats torch's "weights_only=False" advice
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path} is not a safe checkpoint (refused by weights_only loading: "
+                                  f"{reason}; nothing in it was run){hint}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}){hint}") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a haframe_ext checkpoint (no format={CHECKPOINT_FORMAT!r}){hint}")
     if "digest" not in ck or _digest({k: v for k, v in ck.items() if k != "digest"}) != ck["digest"]:
@@ -673,6 +731,46 @@ def _resume_path(config: TrainConfig, out: Path) -> Optional[Path]:
         warnings.warn(f"{last} is missing; resuming from {prev}")
         return prev
     return None
+
+
+def _check_resume_threads(ck: Dict[str, Any], path: Path, device: torch.device) -> None:
+    """Warn when a CPU run resumes with another intra-op thread count than the one that wrote ``ck``:
+    CPU reductions split work by thread, so the result is then no longer bit-for-bit identical to an
+    uninterrupted run (it differs in the last bits; ~4e-7 after 3 epochs of the tests' toy run)."""
+    then, now = ck.get("threads"), torch.get_num_threads()
+    if device.type == "cpu" and isinstance(then, int) and then != now:
+        warnings.warn(f"{path} was written with {then} torch thread(s), this process uses {now}: the resumed run "
+                      f"is not bit-for-bit identical to an uninterrupted one (set OMP_NUM_THREADS={then} or "
+                      f"torch.set_num_threads({then}) for an exact resume)")
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients (read only: the gradients are not changed)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = getattr(torch.nn.utils, "get_total_norm", None)
+    if total is not None:
+        return total(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]), 2.0)
+
+
+def _non_finite_state(model: nn.Module, optimizer) -> Optional[str]:
+    """The name of the first model tensor (parameter or buffer) or optimizer state tensor with a NaN/Inf."""
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    for pid, st in optimizer.state_dict().get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"optimizer state {k} of parameter {pid}"
+    return None
+
+
+def _kept_message(good: Optional[Tuple[Path, int]]) -> str:
+    if good is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint {good[0]} (epoch {good[1]}) is kept"
 
 
 # ----------------------------------------------------------------------------- training
@@ -769,6 +867,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is an existing file, not a folder (choose another --out / out)")
     if dctx.main:
         out.mkdir(parents=True, exist_ok=True)
     dctx.barrier()
@@ -803,11 +903,19 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     best = {"metric": config.select_metric, "value": None, "epoch": None}
     history: List[Dict[str, Any]] = []
     resumed_from = None
+    good: Optional[Tuple[Path, int]] = None  # the checkpoint this run resumed from or last wrote, and its epoch
     if config.resume or config.resume_from:
         path = _resume_path(config, out)
         if path is not None:
             ck = load_checkpoint(path, map_location="cpu")
             _check_resume_config(ck["config"], config, path)
+            bad = next((k for k, v in ck["model"].items()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                       None)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad} has NaN or Inf): it cannot "
+                                      "be resumed; use an earlier checkpoint (--resume-from)")
+            _check_resume_threads(ck, path, device)
             try:
                 model.load_state_dict(ck["model"])
                 optimizer.load_state_dict(ck["optimizer"])
@@ -826,6 +934,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
             elif isinstance(rng, dict):
                 _set_rng_state(rng)
             resumed_from = str(path)
+            good = (Path(path), start_epoch)
     model_ddp = model
     if dctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -869,29 +978,53 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 with (autocast() if autocast is not None else contextlib.nullcontext()):
                     feats, logits = model_ddp(x)
                 loss = _compute_loss(criterion, feats.float(), logits, y)
-                bad = (~torch.isfinite(loss.detach())).to(torch.float32)
-                if dctx.enabled:
-                    dctx.all_reduce(bad, op="max")
-                if bool(bad.item()):
-                    last = out / "last.pt"
-                    keep = (f"the last good checkpoint {last} (epoch {start_epoch + epochs_run}) is kept"
-                            if last.exists() else "no checkpoint had been written yet")
-                    msg = (f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: training stopped; {keep}. "
-                           "Lower the learning rate or enable gradient clipping (--grad-clip).")
-                    logger.log({"event": "diverged", "epoch": epoch + 1, "step": i + 1, "message": msg})
-                    raise TrainingDivergedError(msg)
+                # One flag pair per step, all-reduced (max) so that every rank stops at the same step:
+                # [loss non-finite, gradient norm non-finite].  Both are checked before optimizer.step(),
+                # so a NaN/Inf never reaches the weights, the momentum or a checkpoint.
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
+                    # fp16 AMP: scaled gradients overflow to Inf now and then by design; GradScaler finds
+                    # that after unscaling and skips optimizer.step() (lowering the scale), so the weights
+                    # stay finite and the gradient-norm check is left to the scaler (flag 0 here).
                     scaler.scale(loss).backward()
                     if config.grad_clip is not None:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    grad_norm = None
                 else:
                     loss.backward()
                     if config.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    else:
+                        grad_norm = _grad_norm(model)
+                flags = torch.stack([~torch.isfinite(loss.detach()),
+                                     (~torch.isfinite(grad_norm.detach())).to(loss.device) if grad_norm is not None
+                                     else torch.zeros((), dtype=torch.bool, device=loss.device)]).to(torch.float32)
+                if dctx.enabled:
+                    dctx.all_reduce(flags, op="max")
+                loss_bad, grad_bad = (bool(v) for v in flags.tolist())
+                if loss_bad or grad_bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    local_loss = loss.item()
+                    if loss_bad:
+                        what = (f"loss became {local_loss}" if not math.isfinite(local_loss)
+                                else "loss became non-finite in another process")
+                        advice = "Lower the learning rate or enable gradient clipping (--grad-clip)."
+                    else:
+                        norm = grad_norm.item() if grad_norm is not None else float("nan")
+                        what = (f"the gradient norm became {norm} (with a finite loss, {local_loss:.6g})"
+                                if not math.isfinite(norm)
+                                else "the gradient norm became non-finite in another process")
+                        advice = ("Lower the learning rate, or look for an operation whose gradient is undefined "
+                                  "(e.g. sqrt or norm at 0) in the model or the loss.")
+                    msg = (f"{what} at epoch {epoch + 1}, step {i + 1}: training stopped; "
+                           f"{_kept_message(good)}. {advice}")
+                    logger.log({"event": "diverged", "epoch": epoch + 1, "step": i + 1, "message": msg})
+                    raise TrainingDivergedError(msg)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
                     optimizer.step()
                 step += 1
                 with torch.no_grad():
@@ -919,6 +1052,19 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                       "alpha": criterion.alpha if isinstance(criterion, HAFrameLoss) else 0.0,
                       "val": val, "seconds": time.perf_counter() - t0, "best_epoch": best["epoch"]}
             history.append(_clean({k: v for k, v in record.items() if k != "val"} | {"val": val}))
+            # never checkpoint a non-finite state (with the gradient check above it can still come from a finite
+            # update that overflows, or from batch-norm statistics of Inf activations); every rank checks, so all
+            # of them stop together
+            bad_state = _non_finite_state(model, optimizer)
+            flag = torch.tensor(0.0 if bad_state is None else 1.0, device=device)
+            dctx.all_reduce(flag, op="max")
+            if bool(flag.item()):
+                where = f" ({bad_state})" if bad_state else " (in another process)"
+                msg = (f"the model state became non-finite (NaN or Inf) during epoch {epoch + 1}{where}: training "
+                       f"stopped without writing its checkpoint; {_kept_message(good)}. Lower the learning rate "
+                       "or enable gradient clipping (--grad-clip).")
+                logger.log({"event": "diverged", "epoch": epoch + 1, "message": msg})
+                raise TrainingDivergedError(msg)
             # checkpoint: rank 0 writes; every rank's RNG state is gathered so a resume is exact per rank
             rng = _gather_rng(dctx)
             if dctx.main:
@@ -930,13 +1076,15 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                       "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "total": total_steps},
                       "scaler": scaler.state_dict() if scaler is not None else None,
-                      "loss": criterion.state_dict(), "rng": rng, "best": best, "history": history}
+                      "loss": criterion.state_dict(), "rng": rng, "best": best, "history": history,
+                      "threads": torch.get_num_threads()}
                 _rotate_save(_seal(ck), out)
                 logger.log(record)
                 if show:
                     tqdm.write(f"[{config.method}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
                                f"acc {train_acc:.3f} | val top1 {val.get('top1', float('nan')):.4f} "
                                f"hierdist@1 {val.get('hierdist@1', float('nan')):.3f}")
+            good = (out / "last.pt", epoch + 1)
             dctx.barrier()
             epochs_run += 1
         finished = start_epoch + epochs_run >= config.epochs

@@ -156,3 +156,99 @@ def test_bench_in_process(capsys):
     assert main(["bench", "--batch", "8", "--min-run-time", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "reference_loss" in out and "haframe_loss" in out and "TF32" in out
+
+
+# ----------------------------------------------------------------------------- reliability fixes (bugs 10, 11, smaller)
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _no_torch_advice(line):
+    assert "weights_only` set to `False`" not in line and "weights_only=False" not in line, line
+    assert "will likely succeed" not in line, line
+
+
+def test_bad_backbone_eval_ks_and_out_are_one_line_errors(tmp_path, capsys):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    base = ["train", "--hierarchy", str(edges), "--epochs", "1", "--no-progress", "--no-tensorboard"]
+    rc = main(base + ["--backbone", "resnet9000", "--out", str(tmp_path / "r")])
+    assert_user_error(rc, capsys.readouterr().err,
+                      "unknown backbone 'resnet9000'; choose one of mlp, small-cnn, wrn28, resnet50")
+    for ks in (["0"], ["-3"], ["1", "0", "5"]):
+        rc = main(base + ["--eval-ks", *ks, "--out", str(tmp_path / "r")])
+        assert_user_error(rc, capsys.readouterr().err, "eval_ks must be >= 1")
+    (tmp_path / "a_file").write_text("not a folder")
+    rc = main(base + ["--out", str(tmp_path / "a_file")])
+    assert_user_error(rc, capsys.readouterr().err, str(tmp_path / "a_file"), "is an existing file, not a folder")
+    assert (tmp_path / "a_file").read_text() == "not a folder" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content", ["text", "random", "empty", "evil"])
+def test_unreadable_features_file_is_one_line_without_torch_advice(tmp_path, capsys, content):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    train_pt = feats / "train.pt"
+    if content == "text":
+        train_pt.write_text("hello")  # the legacy unpickler's KeyError (bug 11)
+    elif content == "random":
+        train_pt.write_bytes(np.random.default_rng(0).bytes(300))
+    elif content == "empty":
+        train_pt.write_bytes(b"")
+    else:
+        torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8) % 4, "x": _Evil()}, train_pt)
+    torch.save({"features": torch.randn(4, 3), "labels": torch.arange(4)}, feats / "test.pt")
+    rc = main(["train", "--hierarchy", str(edges), "--dataset", "features", "--data-root", str(feats),
+               "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    what = ("not a safe torch file, refused by weights_only loading: it asks for the global posix.system"
+            if content == "evil" else "corrupted, truncated or not a torch file")
+    assert_user_error(rc, err, f"{train_pt}: not a readable features file ({what}")
+    _no_torch_advice(err)
+
+
+def test_eval_of_a_malicious_checkpoint_says_not_safe(tmp_path, capsys):
+    torch.save({"format": "haframe_ext.checkpoint", "x": _Evil()}, tmp_path / "evil.pt")
+    rc = main(["eval", "--checkpoint", str(tmp_path / "evil.pt")])
+    err = capsys.readouterr().err
+    assert_user_error(rc, err, "evil.pt is not a safe checkpoint (refused by weights_only loading: it asks for the "
+                               "global posix.system")
+    assert "corrupted" not in err
+    _no_torch_advice(err)
+    (tmp_path / "rand.pt").write_bytes(np.random.default_rng(1).bytes(400))
+    rc = main(["eval", "--checkpoint", str(tmp_path / "rand.pt")])
+    err = capsys.readouterr().err
+    assert_user_error(rc, err, "rand.pt is corrupted or truncated")
+    _no_torch_advice(err)
+
+
+def test_haframe_load_of_a_bad_file_is_a_hierarchy_error(tmp_path):
+    from haframe_ext import HierarchyError
+
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(300))
+    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    HAFrame.etf(4).save(tmp_path / "f.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "f.pt").read_bytes()[:-50])
+    for name in ("text.pt", "random.pt", "trunc.pt"):
+        with pytest.raises(HierarchyError, match="is not a readable HAFrame file") as info:
+            HAFrame.load(tmp_path / name)
+        _no_torch_advice(str(info.value))
+    with pytest.raises(HierarchyError, match=r"is not a safe torch file \(refused by weights_only loading: it asks "
+                                             r"for the global posix\.system"):
+        HAFrame.load(tmp_path / "evil.pt")
+    torch.save({"format": "haframe_ext.HAFrame", "version": 1}, tmp_path / "partial.pt")
+    with pytest.raises(HierarchyError, match="incomplete or malformed HAFrame file"):
+        HAFrame.load(tmp_path / "partial.pt")
+    with pytest.raises(FileNotFoundError):
+        HAFrame.load(tmp_path / "nope.pt")
+    assert HAFrame.load(tmp_path / "f.pt").num_classes == 4
+
+
+def test_resume_help_states_the_thread_count_caveat(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "OMP_NUM_THREADS" in text and "thread count" in text

@@ -166,13 +166,7 @@ CASES = [
     ("etf-one-class", ["frame", "--etf", "1"], ["--etf needs K >= 2"]),
 ]
 
-XFAIL = {
-    "out-is-a-file": "BUG: --out naming an existing file raises FileExistsError from out.mkdir(); cli.main does not "
-                     "catch FileExistsError (only FileNotFoundError, IsADirectoryError, NotADirectoryError, "
-                     "PermissionError), so the user gets a traceback and exit code 1",
-    "features-text-file": "BUG: a features train.pt holding plain text makes torch.load(weights_only=True) raise "
-                          "KeyError, which data.load_features does not catch: traceback, exit code 1",
-}
+XFAIL = {}  # case id -> reason, for a strict xfail while a bug is open (bugs 10 and 11 are fixed)
 
 
 FORK_SERVER = r"""

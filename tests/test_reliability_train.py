@@ -325,9 +325,6 @@ def test_natural_divergence_in_epoch_1_says_no_checkpoint_was_written(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-finite gradient with a finite loss on the last step of an epoch "
-                                       "is applied by optimizer.step() and the NaN weights are checkpointed; the "
-                                       "next epoch's NaN loss then calls that checkpoint 'the last good checkpoint'")
 def test_nan_gradient_at_the_end_of_an_epoch_never_reaches_a_checkpoint(tmp_path):
     cfg = write_inputs(tmp_path)
     out = tmp_path / "run"
@@ -370,7 +367,8 @@ def test_malicious_checkpoint_is_refused_and_never_executed(two_epochs, tmp_path
     evil = {"format": T.CHECKPOINT_FORMAT, "version": 1, "epoch": 2, "payload": _Evil(marker)}
     path = out / "last.pt" if where == "last.pt" else tmp_path / "evil.pt"
     torch.save(evil, path)
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+    with pytest.raises(CheckpointError, match=r"not a safe checkpoint \(refused by weights_only loading: "
+                                              r"it asks for the global posix\.system"):
         if where == "eval":
             T.evaluate_checkpoint(path)
         else:

@@ -172,6 +172,162 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_tree, monke
     assert '"diverged"' in log
 
 
+def _nan_gradient_hook(monkeypatch, at_call):
+    """Make the loss of call ``at_call`` finite with a NaN gradient (d sqrt(x)/dx at 0 is Inf, times 0)."""
+    calls = {"n": 0}
+    real = T._compute_loss
+
+    def poisoned(criterion, features, logits, target):
+        calls["n"] += 1
+        loss = real(criterion, features, logits, target)
+        if calls["n"] == at_call:
+            loss = loss + 0.0 * torch.sqrt((features * 0).sum())
+        return loss
+
+    monkeypatch.setattr(T, "_compute_loss", poisoned)
+
+
+def test_nan_gradient_stops_before_the_update(tmp_path, toy_tree, monkeypatch):
+    """Bug 9: a finite loss with a NaN gradient is caught after backward, before optimizer.step()."""
+    _nan_gradient_hook(monkeypatch, at_call=6 + 3)  # epoch 2, step 3
+    with pytest.raises(TrainingDivergedError, match=r"the gradient norm became nan \(with a finite loss, [0-9.]+\) "
+                                                    r"at epoch 2, step 3: training stopped; the last good checkpoint "
+                                                    r".*last\.pt \(epoch 1\) is kept") as info:
+        train(tiny(tmp_path, toy_tree, epochs=3))
+    assert "weights_only" not in str(info.value)
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(out / name, weights_only=True)
+        assert ck["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()), name
+    assert not (out / "prev.pt").exists() and not (out / "results.json").exists()
+    assert '"diverged"' in (out / "metrics.jsonl").read_text()
+
+
+def test_a_non_finite_model_is_never_checkpointed(tmp_path, toy_tree, monkeypatch):
+    """Second line of defence: with the gradient check disabled, NaN weights at the end of epoch 2 are not
+    written; last.pt stays the finite epoch-1 checkpoint (and prev.pt is not rotated)."""
+    real_loss = T._compute_loss
+    monkeypatch.setattr(T, "_grad_norm", lambda model: torch.zeros(()))
+    _nan_gradient_hook(monkeypatch, at_call=2 * 6)  # the last step of epoch 2
+    with pytest.raises(TrainingDivergedError, match=r"model state became non-finite \(NaN or Inf\) during epoch 2 "
+                                                    r"\(.+\): training stopped without writing its checkpoint; "
+                                                    r"the last good checkpoint .*last\.pt \(epoch 1\) is kept"):
+        train(tiny(tmp_path, toy_tree, epochs=3))
+    out = tmp_path / "run"
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and not (out / "prev.pt").exists()
+    assert load_checkpoint(out / "best.pt", kind="best")["epoch"] == 1
+    # in epoch 1: nothing is written, and the message says so
+    monkeypatch.setattr(T, "_compute_loss", real_loss)
+    _nan_gradient_hook(monkeypatch, at_call=6)
+    with pytest.raises(TrainingDivergedError, match="during epoch 1 .*no checkpoint had been written yet"):
+        train(tiny(tmp_path, toy_tree, epochs=3, out=str(tmp_path / "run1")))
+    assert not any((tmp_path / "run1").glob("*.pt"))
+
+
+def test_with_a_grad_scaler_a_nan_gradient_is_left_to_the_scaler(tmp_path, toy_tree, monkeypatch):
+    """With a GradScaler (fp16 AMP on CUDA; a CPU scaler stands in here) Inf/NaN gradients are expected: the
+    scaler skips that step and lowers its scale, so the run goes on and every checkpoint stays finite."""
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler not available")
+    try:
+        torch.amp.GradScaler("cpu")
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"no CPU GradScaler: {exc}")
+    monkeypatch.setattr(T, "_autocast_factory", lambda config, device: (None, torch.amp.GradScaler("cpu")))
+    _nan_gradient_hook(monkeypatch, at_call=6 + 3)  # epoch 2, step 3
+    res = train(tiny(tmp_path, toy_tree, epochs=2))
+    assert res["epochs"] == 2
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert ck["scaler"]["scale"] < 65536.0  # the scaler saw the NaN gradient and backed off
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(tmp_path, toy_tree):
+    train(tiny(tmp_path, toy_tree, epochs=2, stop_after_epochs=1))
+    last = tmp_path / "run" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    ck.pop("digest")
+    k = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][k] = ck["model"][k].clone().fill_(float("nan"))
+    torch.save(T._seal(ck), last)  # a well-sealed file (e.g. written by an older version) holding NaN weights
+    with pytest.raises(CheckpointError, match=f"holds non-finite weights \\({k} has NaN or Inf\\)"):
+        train(tiny(tmp_path, toy_tree, epochs=2, resume=True))
+
+
+# ----------------------------------------------------------------------------- threads, temp files, messages
+def test_thread_count_is_recorded_and_a_different_count_on_resume_warns(tmp_path, toy_tree):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(tiny(tmp_path, toy_tree, epochs=3, stop_after_epochs=1))
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["threads"] == 1
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match=r"written with 1 torch thread\(s\), this process uses 2.*not "
+                                             r"bit-for-bit.*OMP_NUM_THREADS=1"):
+            train(tiny(tmp_path, toy_tree, epochs=3, stop_after_epochs=1, resume=True))
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["threads"] == 2
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*torch thread")
+            train(tiny(tmp_path, toy_tree, epochs=3, resume=True))  # same count: no warning
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stale_temp_files_of_killed_writes_are_removed(tmp_path, toy_tree):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = os.getppid()
+    stale = [out / f".last.pt.tmp-{dead.pid}", out / f".best.pt.tmp-{dead.pid}"]
+    kept = [out / f".last.pt.tmp-{alive}",  # a process that still runs (maybe writing)
+            out / ".last.pt.tmp-abc", out / "last.pt.tmp-123", out / f".mine.pt.tmp-{dead.pid}", out / "notes.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    train(tiny(tmp_path, toy_tree, epochs=1))
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+
+
+def test_bad_backbone_and_eval_ks_are_config_errors(tmp_path, toy_tree):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9000'; choose one of mlp, small-cnn, wrn28, "
+                                         r"resnet50"):
+        train(tiny(tmp_path, toy_tree, backbone="resnet9000"))
+    for ks in [(0,), (1, -5)]:
+        with pytest.raises(ValueError, match=r"eval_ks must be >= 1"):
+            train(tiny(tmp_path, toy_tree, eval_ks=ks))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file, not a folder"):
+        train(tiny(tmp_path, toy_tree, out=str(tmp_path / "a_file")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_and_unsafe_checkpoints_are_told_apart_without_torch_advice(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 3)
+    torch.save({"x": torch.zeros(3)}, tmp_path / "good.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"is not a safe checkpoint \(refused by weights_only loading: it asks "
+                                              r"for the global posix\.system") as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    msgs = [str(info.value)]
+    for name in ("text.pt", "random.pt", "trunc.pt"):
+        with pytest.raises(CheckpointError, match=f"{name} is corrupted or truncated") as info:
+            load_checkpoint(tmp_path / name)
+        msgs.append(str(info.value))
+    for m in msgs:
+        assert "weights_only` set to `False`" not in m and "weights_only=False" not in m, m
+        assert "will likely succeed" not in m and "\n" not in m, m
+
+
 # ----------------------------------------------------------------------------- evaluation, seeds
 def test_evaluate_checkpoint_matches_training_results(tmp_path, toy_tree):
     res = train(tiny(tmp_path, toy_tree, epochs=2))
