@@ -100,7 +100,7 @@ def _plot_frame(frame, path: Path, label: str) -> None:
 
     if path.parent and not path.parent.exists():
         raise UserError(f"output folder does not exist: {path.parent}")
-    from .train import tree_order
+    from .demo import tree_order
 
     S = frame.similarity.double().cpu().numpy()
     W = frame.weight.double().cpu().numpy()
@@ -261,7 +261,7 @@ def cmd_eval(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    from .train import demo
+    from .demo import demo
 
     demo(args.out, epochs=args.epochs, seed=args.seed, methods=args.methods, plot=not args.no_plot,
          verbose=True, progress=args.progress)
@@ -429,7 +429,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``haframe`` console script; returns the exit code."""
     from .data import DataError
-    from .train import CheckpointError, DistributedError, TrainingDivergedError
+    from .checkpoint import CheckpointError
+    from .distributed import DistributedError
+    from .train import TrainingDivergedError
 
     try:
         from .hierarchy import HierarchyError

@@ -1,5 +1,10 @@
-"""Training and evaluation: :class:`TrainConfig`, :func:`train`, :func:`evaluate_checkpoint`,
-the multi-seed runner :func:`run_seeds` and the no-download :func:`demo`.
+"""Training and evaluation: :class:`TrainConfig`, model and data from a config, the training loop
+:func:`train`, :func:`evaluate_checkpoint` and the multi-seed runner :func:`run_seeds`.
+
+Checkpoint files live in :mod:`haframe_ext.checkpoint`, process groups and sharding in
+:mod:`haframe_ext.distributed` and the no-download demo in :mod:`haframe_ext.demo`; their public
+names (:func:`load_checkpoint`, :class:`CheckpointError`, :func:`atomic_save`,
+:class:`DistributedError`, :class:`GlobalBatchSampler`, :func:`demo`, ...) are importable from here too.
 
 Reliability contract of :func:`train`:
 
@@ -38,13 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -58,7 +60,11 @@ import torch
 import torch.nn as nn
 
 from . import metrics as _metrics
-from .data import DataError, describe_torch_load_error, make_datasets
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, _atomic_write_text, _rotate_save,
+                         _seal, _set_rng_state, atomic_save, load_checkpoint)
+from .data import DataError, make_datasets
+from .distributed import (DistributedError, GlobalBatchSampler, _derive_seed, _Dist, _gather_rng, _gather_rows,
+                          _is_comm_error)
 from .models import BACKBONES, FIXED_FRAME_METHODS, METHODS, build_frame, build_loss, build_model, check_method
 from .nn import FixedFrameClassifier, HAFrameLoss
 
@@ -68,20 +74,9 @@ __all__ = [
     "build_from_config",
 ]
 
-CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, corrupted or does not belong to this run."""
-
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
-
-
-class DistributedError(RuntimeError):
-    """A collective operation failed or timed out (usually: another rank died)."""
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -210,154 +205,6 @@ def _distances_for(config: TrainConfig, hierarchy) -> np.ndarray:
     return hierarchy.distances()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_tmp(obj, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = _write_tmp(obj, path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# temp files of _write_tmp / _atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
-_TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or unknown: leave its file alone
-    return True
-
-
-def _remove_stale_temps(out: Path) -> List[Path]:
-    """Remove temp files that a killed write left in ``out`` (only our own ``.<name>.tmp-<pid>`` pattern,
-    only of processes that no longer run, never this process's)."""
-    removed = []
-    try:
-        entries = list(os.scandir(out))
-    except OSError:
-        return removed
-    for e in entries:
-        m = _TEMP_NAME.match(e.name)
-        if m is None or not e.is_file(follow_symlinks=False):
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(e.path)
-            removed.append(Path(e.path))
-    return removed
-
-
-def _rotate_save(obj, out: Path) -> None:
-    """Write ``last.pt`` atomically, keeping the previous one as ``prev.pt`` (and removing temp files a
-    killed earlier write left behind)."""
-    _remove_stale_temps(out)
-    last, prev = out / "last.pt", out / "prev.pt"
-    tmp = _write_tmp(obj, last)
-    if last.exists():
-        os.replace(last, prev)
-    os.replace(tmp, last)
-    _fsync_dir(out)
-
-
-def _digest(obj) -> str:
-    """Content hash of a checkpoint payload (tensors' bytes, dtypes and shapes; plain values' repr)."""
-    h = hashlib.blake2b(digest_size=16)
-
-    def walk(o):
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-        elif isinstance(o, dict):
-            h.update(b"{")
-            for k in sorted(o, key=lambda k: (type(k).__name__, str(k))):
-                h.update(repr(k).encode())
-                walk(o[k])
-            h.update(b"}")
-        elif isinstance(o, (list, tuple)):
-            h.update(b"[" if isinstance(o, list) else b"(")
-            for v in o:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr(o).encode())
-
-    walk(obj)
-    return h.hexdigest()
-
-
-def _seal(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """The payload plus its content digest (checked by load_checkpoint)."""
-    return dict(payload, digest=_digest(payload))
-
-
-def _rng_state() -> Dict[str, Any]:
-    """torch / CUDA / numpy / python RNG states as tensors and numbers (weights_only-loadable)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, pystate, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached),
-        "python_version": int(version), "python_state": torch.tensor(pystate, dtype=torch.int64),
-        "python_gauss": None if gauss is None else float(gauss),
-    }
-
-
-def _set_rng_state(s: Dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(s["numpy_pos"]),
-                         int(s["numpy_has_gauss"]), float(s["numpy_cached_gaussian"])))
-    random.setstate((int(s["python_version"]), tuple(int(v) for v in s["python_state"].tolist()),
-                     s["python_gauss"]))
-
-
-def _derive_seed(*parts: int) -> int:
-    h = hashlib.sha256(("haframe:" + ":".join(str(int(p)) for p in parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -368,42 +215,6 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed()
     np.random.seed(s % 2 ** 32)
     random.seed(s)
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """The training batches of one process for one epoch.
-
-    The epoch's permutation of the dataset (seeded by ``seed`` and ``epoch`` only) is cut into
-    global batches of ``per_rank * world`` samples, and process ``rank`` takes the ``rank``-th
-    near-equal slice of each.  So every world size sees the same global batches in the same
-    order (a single process is ``world = 1``), which is what lets a torchrun run match a
-    single-process run with the same global batch (up to per-process batch-norm statistics).
-    A final global batch with fewer than 2 samples per process is dropped (batch norm).
-    Unlike ``DistributedSampler`` it never pads by repeating samples.
-    """
-
-    def __init__(self, n: int, per_rank: int, world: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0):
-        self.n, self.per_rank, self.world, self.rank = int(n), int(per_rank), int(world), int(rank)
-        self.seed, self.epoch = int(seed), int(epoch)
-
-    def _chunks(self):
-        B = self.per_rank * self.world
-        for start in range(0, self.n, B):
-            size = min(B, self.n - start)
-            if size < 2 * self.world:
-                break
-            yield start, size
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch + 1, 10 ** 6))
-        perm = torch.randperm(self.n, generator=g).tolist()
-        for start, size in self._chunks():
-            q, r = divmod(size, self.world)
-            lo = start + self.rank * q + min(self.rank, r)
-            yield perm[lo:lo + q + (1 if self.rank < r else 0)]
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self._chunks())
 
 
 def _is_better(name: str, value: float, best: Optional[float]) -> bool:
@@ -441,83 +252,6 @@ def _clean(d):
     if isinstance(d, np.ndarray):
         return d.tolist()
     return d
-
-
-# ----------------------------------------------------------------------------- distributed
-class _Dist:
-    """Rank/world/device of this process; a no-op when not under torchrun."""
-
-    def __init__(self, config: TrainConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self.rank = int(os.environ.get("RANK", "0") or 0)
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        self.owns_group = False
-        want = config.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        if self.enabled:
-            import torch.distributed as dist
-
-            if want.startswith("cuda"):
-                torch.cuda.set_device(self.local_rank)
-                self.device = torch.device("cuda", self.local_rank)
-                backend = "nccl"
-            else:
-                self.device = torch.device("cpu")
-                backend = "gloo"
-            if not dist.is_initialized():
-                try:
-                    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(config.dist_timeout)))
-                except Exception as exc:
-                    raise DistributedError(f"rank {self.rank}: could not join the process group "
-                                           f"({type(exc).__name__}: {exc})") from exc
-                self.owns_group = True
-            self.rank = dist.get_rank()
-            self.world = dist.get_world_size()
-        else:
-            self.device = torch.device(want)
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if not self.enabled:
-            return t
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self, failed: bool = False) -> None:
-        if failed:  # tearing down a broken group can abort in the backend: leave it to process exit
-            return
-        if self.owns_group:
-            import torch.distributed as dist
-
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
-
-
-def _is_comm_error(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(exc, getattr(dist, "DistError", ())) or isinstance(exc, getattr(dist, "DistBackendError", ())):
-        return True
-    msg = str(exc).lower()
-    return any(s in msg for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "process group"))
 
 
 # ----------------------------------------------------------------------------- model + data from a config
@@ -628,26 +362,6 @@ def _evaluate(model: nn.Module, loader, distances: np.ndarray, ks, device, dctx:
     return out
 
 
-def _gather_rows(F: torch.Tensor, Y: torch.Tensor, dctx: _Dist):
-    import torch.distributed as dist
-
-    n = torch.tensor([F.shape[0]], device=dctx.device)
-    sizes = [torch.zeros_like(n) for _ in range(dctx.world)]
-    dist.all_gather(sizes, n)
-    m = int(max(int(s) for s in sizes))
-    Fp = torch.zeros(m, F.shape[1], dtype=F.dtype)
-    Yp = torch.full((m,), -1, dtype=torch.long)
-    Fp[:F.shape[0]] = F
-    Yp[:Y.shape[0]] = Y
-    Fg = [torch.zeros_like(Fp, device=dctx.device) for _ in range(dctx.world)]
-    Yg = [torch.zeros_like(Yp, device=dctx.device) for _ in range(dctx.world)]
-    dist.all_gather(Fg, Fp.to(dctx.device))
-    dist.all_gather(Yg, Yp.to(dctx.device))
-    Fs = torch.cat([f[:int(s)].cpu() for f, s in zip(Fg, sizes)])
-    Ys = torch.cat([y[:int(s)].cpu() for y, s in zip(Yg, sizes)])
-    return Fs, Ys
-
-
 def _eval_loader(ds, batch_size: int, dctx: _Dist, num_workers: int = 0):
     if dctx.enabled:
         ds = torch.utils.data.Subset(ds, list(range(dctx.rank, len(ds), dctx.world)))
@@ -665,47 +379,7 @@ def _neural_collapse(model, feats, labels):
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-_CKPT_KEYS = ("format", "version", "epoch", "config", "model", "optimizer", "scheduler", "loss", "rng", "best")
-
-
-def load_checkpoint(path, map_location="cpu", *, kind: str = "training") -> Dict[str, Any]:
-    """Load and check a checkpoint written by :func:`train` (``torch.load(weights_only=True)``).
-
-    Raises :class:`CheckpointError` naming the file (and the previous checkpoint, if any) when
-    it is missing, truncated, corrupted or not a haframe_ext checkpoint.
-    """
-    path = Path(path)
-    prev = path.with_name("prev.pt") if path.name == "last.pt" else None
-    hint = (f"; the previous checkpoint {prev} looks intact: resume from it with resume_from="
-            f"'{prev}' (CLI: --resume-from {prev})" if prev is not None and prev.exists() else "")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, CRC mismatch, unpickling error, a refused global, ...
-        reason, unsafe = describe_torch_load_error(exc)  # never repeats torch's "weights_only=False" advice
-        if unsafe:
-            raise CheckpointError(f"checkpoint {path} is not a safe checkpoint (refused by weights_only loading: "
-                                  f"{reason}; nothing in it was run){hint}") from None
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}){hint}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a haframe_ext checkpoint (no format={CHECKPOINT_FORMAT!r}){hint}")
-    if "digest" not in ck or _digest({k: v for k, v in ck.items() if k != "digest"}) != ck["digest"]:
-        raise CheckpointError(f"checkpoint {path} is corrupted (its content does not match the digest "
-                              f"written with it){hint}")
-    if ck.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint version {ck.get('version')!r}")
-    need = _CKPT_KEYS if kind == "training" else ("format", "version", "config", "model")
-    missing = [k for k in need if k not in ck]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}){hint}")
-    if not isinstance(ck["model"], dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
-                                                    for k, v in ck["model"].items()):
-        raise CheckpointError(f"checkpoint {path} has a malformed model state{hint}")
-    return ck
-
-
+# ----------------------------------------------------------------------------- resuming and divergence checks
 def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path) -> None:
     cur = config.to_dict()
     diff = [k for k in _RESUME_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
@@ -1138,17 +812,6 @@ def _crm_part(d: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return out or None
 
 
-def _gather_rng(dctx: _Dist):
-    state = _rng_state()
-    if not dctx.enabled:
-        return [state]
-    import torch.distributed as dist
-
-    states = [None] * dctx.world
-    dist.all_gather_object(states, state)
-    return states
-
-
 # ----------------------------------------------------------------------------- checkpoint evaluation
 def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root: Optional[str] = None,
                         split: str = "test", batch_size: int = 512, device: str = "auto",
@@ -1245,150 +908,14 @@ def _format_table(rows: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the demo
-DEMO_METHODS = ("cross-entropy", "haframe", "etf")
-DEMO_COLUMNS = ("top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20")
+# ----------------------------------------------------------------------------- the demo (re-exported lazily)
+_DEMO_NAMES = ("DEMO_METHODS", "DEMO_COLUMNS", "demo", "demo_config", "tree_order")
 
 
-def demo_config(method: str, out, epochs: int = 30, seed: int = 0, **overrides) -> TrainConfig:
-    """The demo's configuration for one method: synthetic data on the CIFAR-100 hierarchy, MLP backbone."""
-    base = dict(out=str(Path(out) / method), method=method, dataset="synthetic", hierarchy="cifar100",
-                backbone="mlp", hidden=256, depth=2, input_dim=64, n_per_class=60, eval_per_class=30,
-                difficulty=1.0, gamma=2.0, alpha=0.4, epochs=epochs, batch_size=128, eval_batch_size=1024,
-                lr=0.05, weight_decay=5e-4, seed=seed, progress=False, tensorboard=False)
-    base.update(overrides)
-    return TrainConfig.from_dict(base)
+def __getattr__(name: str):
+    # haframe_ext.demo imports this module, so its names are looked up on first use (no import cycle)
+    if name in _DEMO_NAMES:
+        from . import demo as _demo_module
 
-
-def _demo_table(results: Dict[str, Dict[str, Any]]) -> str:
-    head = "method".ljust(16) + "".join(c.rjust(18) for c in DEMO_COLUMNS) + "seconds".rjust(10)
-    lines = [head, "-" * len(head)]
-    for m, r in results.items():
-        lines.append(m.ljust(16) + "".join(f"{float(r.get(c, float('nan'))):18.4f}" for c in DEMO_COLUMNS)
-                     + f"{r.get('seconds', 0.0):10.1f}")
-    return "\n".join(lines)
-
-
-def demo(out="haframe-demo", epochs: int = 30, seed: int = 0, methods: Sequence[str] = DEMO_METHODS, *,
-         plot: bool = True, verbose: bool = True, progress: bool = False, threads: Optional[int] = 1,
-         **overrides) -> Dict[str, Dict[str, Any]]:
-    """Train the demo's methods on the synthetic CIFAR-100-hierarchy task; print a table, write
-    ``<out>/results.json`` (method -> test metrics plus ``seconds``; CRM variants under
-    ``"<method>+crm"`` in ``results_crm.json``) and ``<out>/demo.png``. ``overrides`` go to
-    :func:`demo_config` (e.g. ``n_per_class``, ``difficulty``, ``hidden``).
-
-    ``threads``: torch intra-op threads during the demo (restored afterwards). One thread is as
-    fast as two for these small MLPs and far more robust when other processes share the CPUs.
-    """
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides)
-    finally:
-        torch.set_num_threads(prev_threads)
-
-
-def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for m in methods:
-        check_method(m)
-    results: Dict[str, Dict[str, Any]] = {}
-    crm: Dict[str, Dict[str, Any]] = {}
-    frame_S = None
-    for m in methods:
-        cfg = demo_config(m, out, epochs, seed, progress=progress, **overrides)
-        t0 = time.perf_counter()
-        r = train(cfg)
-        secs = time.perf_counter() - t0
-        results[m] = dict(r["test"], seconds=secs)
-        if r.get("test_crm"):
-            crm[m] = r["test_crm"]
-        if m == "haframe" and frame_S is None:
-            frame_S = _frame_similarity(cfg)
-        if verbose:
-            print(f"[demo] {m}: top-1 {results[m].get('top1', float('nan')):.4f}, "
-                  f"hierdist@5 {results[m].get('hierdist@5', float('nan')):.3f}, {secs:.1f} s", flush=True)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=2, default=_json_default) + "\n")
-    if crm:
-        (out / "results_crm.json").write_text(json.dumps(_clean(crm), indent=2, default=_json_default) + "\n")
-    table = _demo_table(results)
-    if verbose:
-        print()
-        print(table)
-        if crm:
-            print("\nafter CRM re-ranking:")
-            print(_demo_table({m: dict(v, seconds=results[m]["seconds"]) for m, v in crm.items()}))
-    if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plot = False
-            if verbose:
-                print("\nmatplotlib is not installed: skipping demo.png (pip install matplotlib)")
-    if plot:
-        if frame_S is None:
-            frame_S = _frame_similarity(demo_config("haframe", out, epochs, seed, **overrides))
-        _demo_plot(results, frame_S, out / "demo.png")
-    if verbose:
-        print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'demo.png'}" if plot else ""))
-    return results
-
-
-def _frame_similarity(cfg: TrainConfig) -> np.ndarray:
-    from .frame import HAFrame
-
-    h = load_hierarchy(cfg.hierarchy, cfg.classes)
-    fr = HAFrame.from_distances(_distances_for(cfg, h), cfg.gamma, s_min=cfg.s_min)
-    return fr.similarity.double().cpu().numpy()
-
-
-def tree_order(distances) -> np.ndarray:
-    """A class order that puts classes close in the hierarchy next to each other (for heatmaps)."""
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
-    d = np.asarray(distances, dtype=np.float64)
-    if d.shape[0] < 3:
-        return np.arange(d.shape[0])
-    return leaves_list(linkage(squareform(d, checks=False), method="average"))
-
-
-def _demo_plot(results: Dict[str, Dict[str, Any]], S: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    methods = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 2.2, 1.5]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
-    ax = axes[0]
-    bars = ax.bar(range(len(methods)), [results[m]["top1"] for m in methods],
-                  color=[colors[i % len(colors)] for i in range(len(methods))])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("top-1 (higher is better)")
-    ax = axes[1]
-    cols = [c for c in DEMO_COLUMNS if c != "top1"]
-    w = 0.8 / max(1, len(methods))
-    for i, m in enumerate(methods):
-        bars = ax.bar(np.arange(len(cols)) + (i - (len(methods) - 1) / 2) * w,
-                      [results[m].get(c, np.nan) for c in cols], w, label=m, color=colors[i % len(colors)])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("hierarchical distance")
-    ax.set_title("mistake severity and HierDist@k (lower is better)")
-    ax.legend()
-    ax = axes[2]
-    order = tree_order(1.0 - S)
-    im = ax.imshow(S[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
-    ax.set_title("HAFrame similarity S (CIFAR-100 tree)")
-    ax.set_xlabel("class (tree order)")
-    ax.set_ylabel("class (tree order)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        return getattr(_demo_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

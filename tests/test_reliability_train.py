@@ -71,12 +71,13 @@ FAULT = textwrap.dedent('''
     import os, signal, sys, time
     from pathlib import Path
     import torch
+    import haframe_ext.checkpoint as C
     import haframe_ext.train as T
     from haframe_ext import cli
 
     mode, out, marker = os.environ["HF_FAULT"], Path(os.environ["HF_OUT"]), Path(os.environ["HF_MARKER"])
     calls = {"after_ckpt": 0, "all": 0, "write_last": 0}
-    real_loss, real_write, real_replace = T._compute_loss, T._write_tmp, os.replace
+    real_loss, real_write, real_replace = T._compute_loss, C._write_tmp, os.replace
 
     def loss_hook(criterion, features, logits, target):
         calls["all"] += 1
@@ -105,7 +106,7 @@ FAULT = textwrap.dedent('''
         if mode == "kill_between_renames" and Path(dst).name == "prev.pt":
             os.kill(os.getpid(), signal.SIGKILL)                       # last.pt -> prev.pt done, tmp not renamed
 
-    T._compute_loss, T._write_tmp, os.replace = loss_hook, write_hook, replace_hook
+    T._compute_loss, C._write_tmp, os.replace = loss_hook, write_hook, replace_hook
     sys.exit(cli.main(sys.argv[1:]))
 ''' % STEPS_PER_EPOCH)
 

@@ -1,0 +1,210 @@
+"""Checkpoint files: atomic writes, rotation, stale temp cleanup, the content seal, RNG state and :func:`load_checkpoint`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from .data import describe_torch_load_error
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "atomic_save", "load_checkpoint"]
+
+CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupted or does not belong to this run."""
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(obj, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    tmp = _write_tmp(obj, path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# temp files of _write_tmp / _atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
+_TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: leave its file alone
+    return True
+
+
+def _remove_stale_temps(out: Path) -> List[Path]:
+    """Remove temp files that a killed write left in ``out`` (only our own ``.<name>.tmp-<pid>`` pattern,
+    only of processes that no longer run, never this process's)."""
+    removed = []
+    try:
+        entries = list(os.scandir(out))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP_NAME.match(e.name)
+        if m is None or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
+def _rotate_save(obj, out: Path) -> None:
+    """Write ``last.pt`` atomically, keeping the previous one as ``prev.pt`` (and removing temp files a
+    killed earlier write left behind)."""
+    _remove_stale_temps(out)
+    last, prev = out / "last.pt", out / "prev.pt"
+    tmp = _write_tmp(obj, last)
+    if last.exists():
+        os.replace(last, prev)
+    os.replace(tmp, last)
+    _fsync_dir(out)
+
+
+def _digest(obj) -> str:
+    """Content hash of a checkpoint payload (tensors' bytes, dtypes and shapes; plain values' repr)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=lambda k: (type(k).__name__, str(k))):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[" if isinstance(o, list) else b"(")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _seal(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """The payload plus its content digest (checked by load_checkpoint)."""
+    return dict(payload, digest=_digest(payload))
+
+
+def _rng_state() -> Dict[str, Any]:
+    """torch / CUDA / numpy / python RNG states as tensors and numbers (weights_only-loadable)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached),
+        "python_version": int(version), "python_state": torch.tensor(pystate, dtype=torch.int64),
+        "python_gauss": None if gauss is None else float(gauss),
+    }
+
+
+def _set_rng_state(s: Dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), int(s["numpy_pos"]),
+                         int(s["numpy_has_gauss"]), float(s["numpy_cached_gaussian"])))
+    random.setstate((int(s["python_version"]), tuple(int(v) for v in s["python_state"].tolist()),
+                     s["python_gauss"]))
+
+
+# ----------------------------------------------------------------------------- loading
+_CKPT_KEYS = ("format", "version", "epoch", "config", "model", "optimizer", "scheduler", "loss", "rng", "best")
+
+
+def load_checkpoint(path, map_location="cpu", *, kind: str = "training") -> Dict[str, Any]:
+    """Load and check a checkpoint written by :func:`train` (``torch.load(weights_only=True)``).
+
+    Raises :class:`CheckpointError` naming the file (and the previous checkpoint, if any) when
+    it is missing, truncated, corrupted or not a haframe_ext checkpoint.
+    """
+    path = Path(path)
+    prev = path.with_name("prev.pt") if path.name == "last.pt" else None
+    hint = (f"; the previous checkpoint {prev} looks intact: resume from it with resume_from="
+            f"'{prev}' (CLI: --resume-from {prev})" if prev is not None and prev.exists() else "")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, CRC mismatch, unpickling error, a refused global, ...
+        reason, unsafe = describe_torch_load_error(exc)  # never repeats torch's "weights_only=False" advice
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path} is not a safe checkpoint (refused by weights_only loading: "
+                                  f"{reason}; nothing in it was run){hint}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}){hint}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a haframe_ext checkpoint (no format={CHECKPOINT_FORMAT!r}){hint}")
+    if "digest" not in ck or _digest({k: v for k, v in ck.items() if k != "digest"}) != ck["digest"]:
+        raise CheckpointError(f"checkpoint {path} is corrupted (its content does not match the digest "
+                              f"written with it){hint}")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {ck.get('version')!r}")
+    need = _CKPT_KEYS if kind == "training" else ("format", "version", "config", "model")
+    missing = [k for k in need if k not in ck]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}){hint}")
+    if not isinstance(ck["model"], dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
+                                                    for k, v in ck["model"].items()):
+        raise CheckpointError(f"checkpoint {path} has a malformed model state{hint}")
+    return ck
