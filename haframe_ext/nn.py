@@ -40,13 +40,16 @@ SCHEDULES = (
 )
 
 
+_MAX_DERIVED_K = 4096  # above this many classes no K x K similarity is built from a bare weight
+
+
 def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
-    """Return ``(weight [K, d], similarity [K, K])`` as float32 tensors from a frame-like object.
+    """Return ``(weight [K, d], similarity [K, K] or None)`` as float32 tensors from a frame-like object.
 
     ``frame`` may be an :class:`~haframe_ext.frame.HAFrame`, a :class:`FixedFrameClassifier`, a
     :class:`HAFrameLoss`, anything with ``weight`` (and optionally ``similarity``) attributes, or a
     plain ``[K, d]`` tensor / array.  Without a similarity, ``weight @ weight.T`` is used (exact for
-    a frame, whose rows are unit vectors).
+    a frame, whose rows are unit vectors), except above 4096 classes, where it stays None.
     """
     if isinstance(frame, torch.Tensor):
         weight = frame
@@ -68,13 +71,15 @@ def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
         weight = weight.float()
     weight = weight.to(torch.float32).clone()
     if similarity is None:
-        similarity = weight @ weight.T
+        # a K x K matrix for a large low-dimensional frame would dwarf the model: leave it to the loss,
+        # which then uses the d x d route (haframe_ext.ops)
+        similarity = weight @ weight.T if weight.shape[0] <= _MAX_DERIVED_K else None
     else:
         similarity = torch.as_tensor(similarity).detach().to(device=weight.device, dtype=torch.float32).clone()
         K = weight.shape[0]
         if similarity.shape != (K, K):
             raise ValueError(f"similarity must be (K, K) = ({K}, {K}), got {tuple(similarity.shape)}")
-    return weight.contiguous(), similarity.contiguous()
+    return weight.contiguous(), (None if similarity is None else similarity.contiguous())
 
 
 class FixedFrameClassifier(nn.Module):
@@ -294,8 +299,8 @@ class HAFrameLoss(nn.Module):
             self.epoch = int(state["epoch"])
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if features.dtype in (torch.float16, torch.bfloat16):
-            features = features.float()  # the loss accumulates in float32 anyway
+        # bf16/fp16 features (autocast) stay as they are: the op accumulates in float32, returns a
+        # float32 loss and a gradient in the features' dtype
         return ops.haframe_loss(features, self.weight, target, self.alpha, self.reduction, self.ignore_index,
                                 similarity=self.similarity, backend=self.backend)
 

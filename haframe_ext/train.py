@@ -371,8 +371,8 @@ def _eval_loader(ds, batch_size: int, dctx: _Dist, num_workers: int = 0):
 
 def _neural_collapse(model, feats, labels):
     clf = getattr(model, "classifier", None)
-    if not isinstance(clf, FixedFrameClassifier) or feats.shape[0] == 0:
-        return None
+    if not isinstance(clf, FixedFrameClassifier) or feats.shape[0] == 0 or clf.similarity is None:
+        return None  # (no K x K similarity is kept for very large frames)
     try:
         return _clean(_metrics.neural_collapse(feats, labels, clf.weight.detach().cpu(), clf.similarity.detach().cpu()))
     except Exception as exc:  # diagnostics must never lose a finished run

@@ -252,3 +252,25 @@ def test_resnet50_needs_torchvision():
             build_backbone("resnet50")
     else:
         assert resnet50().out_features == 2048
+
+
+def test_large_bare_frame_keeps_no_k_by_k_similarity_and_uses_the_d_by_d_route():
+    w = torch.nn.functional.normalize(torch.randn(5000, 16), dim=1)
+    loss_fn = HAFrameLoss(w, alpha=0.4)
+    assert loss_fn.similarity is None and FixedFrameClassifier(w).similarity is None
+    h = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5000, (6,))
+    got = loss_fn(h, y)
+    want = ops.reference_loss(h, loss_fn.weight.double(), y, 0.4)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_loss_keeps_bf16_features_and_returns_float32(cifar_frame):
+    loss_fn = HAFrameLoss(cifar_frame)
+    h = torch.randn(4, 100).to(torch.bfloat16).requires_grad_()
+    out = loss_fn(h, torch.tensor([0, 1, 2, 3]))
+    out.backward()
+    assert out.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    ref = ops.reference_loss(h.detach().double(), loss_fn.weight.to(torch.bfloat16).double(), torch.tensor([0, 1, 2, 3]),
+                             0.4, similarity=loss_fn.similarity.double())
+    assert out.item() == pytest.approx(ref.item(), rel=1e-3)
