@@ -3,7 +3,7 @@
 # builds the extension from source, runs the tests on CUDA, compute-sanitizer memcheck + racecheck
 # on a small case, and the GPU benchmarks; logs and tables go to $OUT (at most 8 files).
 #   device run: bash bench/gpu_check.sh            (carry .whl for Liger-Kernel, optional)
-# Stages can be skipped with SKIP="tests sanitize bench".
+# Stages can be skipped with SKIP="tests sanitize profile bench".
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} HAFRAME_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16
@@ -49,6 +49,10 @@ if [[ " $SKIP " != *" tests "* ]]; then
   [ "${TESTS:-}" = all ] && tests=tests
   timeout 300 $PY -m pytest $tests -q -p no:cacheprovider --timeout 120 --tb=short -x > "$OUT/tests.log" 2>&1
   tail -30 "$OUT/tests.log"
+  stamp "CUDA tests of the op on the tuned path (HAFRAME_CUDA_TUNED=1)"
+  HAFRAME_CUDA_TUNED=1 timeout 200 $PY -m pytest tests/test_ops.py tests/test_reliability_ops.py -q -k cuda \
+    -p no:cacheprovider --timeout 120 --tb=short >> "$OUT/tests.log" 2>&1
+  tail -15 "$OUT/tests.log"
 fi
 
 if [[ " $SKIP " != *" sanitize "* ]]; then
@@ -59,6 +63,12 @@ if [[ " $SKIP " != *" sanitize "* ]]; then
   timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize_case.py \
     >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?" | tee -a "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|sanitize case" "$OUT/sanitizer.log"
+fi
+
+if [[ " $SKIP " != *" profile "* ]]; then
+  stamp "profile: host vs device time per step"
+  timeout 120 $PY -m bench.profile_step --device cuda --shapes ${PROFILE_SHAPES:-inat,sq4096_bf16} --steps 10 \
+    > "$OUT/profile.txt" 2>&1; grep -E "^\[|ERROR" "$OUT/profile.txt"
 fi
 
 if [[ " $SKIP " != *" bench "* ]]; then

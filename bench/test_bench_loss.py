@@ -36,7 +36,7 @@ ROUNDS = {
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
 CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "gemm2")
-GPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_tuned", "eager", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
 
 
 def _params():
@@ -118,4 +118,12 @@ def test_providers_compute_the_same_gradient(shape, providers):
     """The timed closures compute the same loss: fused (and the paper loop) agree with eager on h.grad."""
     case = P.make_case(P.CPU_SHAPES[shape], "cpu")
     errs = P.check_agreement(case, providers=providers)
+    assert max(errs.values()) < 1e-4, errs
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_providers_compute_the_same_gradient():
+    """On CUDA the default and the tuned fused paths agree with eager on h.grad."""
+    case = P.make_case(P.GPU_SHAPES["inat"], "cuda")
+    errs = P.check_agreement(case, providers=("fused", "fused_tuned", "eager"))
     assert max(errs.values()) < 1e-4, errs

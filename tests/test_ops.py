@@ -112,6 +112,55 @@ def test_auto_route_large_k_uses_m_route_and_matches(device):
     assert_match(got_g, want_g, torch.float32, "grad")
 
 
+# Shapes for the tuned CUDA epilogue (HAFRAME_CUDA_TUNED=1): K, d multiples of the 16-byte vector
+# width, a row that stays in registers (K <= 4096), one that is streamed (K > 4096), and a misaligned
+# features pointer that must fall back to the generic kernel.
+TUNED_SHAPES = [(5, 64, 64), (256, 1024, 512), (9, 4104, 24), (3, 8, 8)]
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("tuned", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("shape", TUNED_SHAPES, ids=lambda s: "B{}-K{}-d{}".format(*s))
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_cuda_tuned_path_parity(monkeypatch, tuned, dtype, shape, route):
+    monkeypatch.setenv("HAFRAME_CUDA_TUNED", tuned)
+    h, w, y = make(*shape, dtype, "cuda", seed=11)
+    if shape[0] > 4:
+        h[3] = 0  # a zero row next to the ignored row 1
+    want_l, want_g = reference(h, w, y)
+    got_l, got_g = fused(h, w, y, route=route)
+    assert_match(got_l, want_l, dtype, "loss")
+    assert_match(got_g, want_g, dtype, "grad")
+    for reduction in ("mean", "sum"):
+        want_r, want_rg = reference(h, w, y, reduction=reduction)
+        got_r, got_rg = fused(h, w, y, reduction=reduction, route=route)
+        assert_match(got_r, want_r, dtype, "loss")
+        assert_match(got_rg, want_rg, dtype, "grad")
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_cuda_tuned_path_misaligned_nan_and_no_grad(monkeypatch, route):
+    monkeypatch.setenv("HAFRAME_CUDA_TUNED", "1")
+    h, w, y = make(6, 64, 64, torch.float32, "cuda", seed=12)
+    flat = torch.empty(h.numel() + 1, device="cuda")
+    h_off = flat[1:].view_as(h).copy_(h)  # contiguous, but 4 bytes off a 16-byte boundary
+    assert h_off.data_ptr() % 16 != 0
+    want_l, want_g = reference(h, w, y)
+    got_l, got_g = fused(h_off, w, y, route=route)
+    assert_match(got_l, want_l, torch.float32, "loss")
+    assert_match(got_g, want_g, torch.float32, "grad")
+    h[0, 5] = float("nan")
+    got_l, got_g = fused(h, w, y, route=route)
+    assert torch.isnan(got_l[0]) and torch.isfinite(got_l[2:]).all() and torch.isfinite(got_g[2:]).all()
+    with torch.no_grad():
+        loss = ops.haframe_loss(h[2:], w, y[2:], reduction="none", backend="native")
+    assert_match(loss, got_l[2:].double().cpu(), torch.float32, "loss")
+
+
 def test_bf16_frame_counts_as_unit_and_takes_the_m_route():
     _, w, _ = make(2, 5000, 64, torch.float32, "cpu", seed=2)
     w_cast, S, M = ops._derived(w, torch.bfloat16, torch.float32)

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <cstdlib>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +19,14 @@ namespace haframe {
 namespace {
 
 constexpr int64_t kCudaChunkBytes = int64_t(64) << 20;  // logits held at once
+
+// HAFRAME_CUDA_TUNED=1 selects the tuned path (vector epilogue with the correction folded in, one-kernel
+// inverse norms, the label counters copied straight to host memory). Off by default until a GPU session
+// has run the CUDA tests on it (bench/gpu_check.sh runs them with it on and off).
+bool tuned_path_enabled() {
+  const char* v = std::getenv("HAFRAME_CUDA_TUNED");
+  return v != nullptr && v[0] == '1';
+}
 
 template <typename T>
 struct CudaType {
@@ -51,12 +60,20 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   const at::Tensor y = target.to(at::kLong).contiguous();
 
   // Label range on the host before any kernel indexes with it: one small kernel and one copy back.
+  const bool tuned = tuned_path_enabled();
   at::Tensor stats = at::empty({2}, y.options());
-  cuda::launch_label_check(y.data_ptr<int64_t>(), B, K, ignore_index,
-                           reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>()), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor host_stats = stats.cpu();
-  const int64_t n_valid = host_stats[0].item<int64_t>(), first_bad = host_stats[1].item<int64_t>();
+  unsigned long long host_stats[2] = {0, 0};
+  auto* dev_stats = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
+  if (tuned) {
+    C10_CUDA_CHECK(cuda::label_check_to_host(y.data_ptr<int64_t>(), B, K, ignore_index, dev_stats, host_stats, stream));
+  } else {
+    cuda::launch_label_check(y.data_ptr<int64_t>(), B, K, ignore_index, dev_stats, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor copied = stats.cpu();
+    host_stats[0] = static_cast<unsigned long long>(copied[0].item<int64_t>());
+    host_stats[1] = static_cast<unsigned long long>(copied[1].item<int64_t>());
+  }
+  const int64_t n_valid = static_cast<int64_t>(host_stats[0]), first_bad = static_cast<int64_t>(host_stats[1]);
   if (first_bad > 0) {
     const int64_t i = B - first_bad;
     TORCH_CHECK_VALUE(false, bad_label_message(i, y[i].item<int64_t>(), K, ignore_index));
@@ -64,13 +81,16 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
 
   const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = features.options().dtype(acc);
-  at::Tensor rows = at::zeros({B}, acc_opts);
+  at::Tensor rows = at::empty({B}, acc_opts);  // the epilogue writes every row
   at::Tensor grad = need_grad ? at::empty({B, d}, features.options()) : at::empty({0}, features.options());
   if (B > 0) {
     const at::Tensor h = features.contiguous();
     const at::Tensor W = weight.contiguous();
-    const at::Tensor inv_wn = at::linalg_vector_norm(W.to(acc), 2, {1}).clamp_min(kEps).reciprocal();
     const bool mroute = gram.has_value();
+    // 1/||w_k|| enters only the gather route's cosines (the M route's rows are unit by contract)
+    at::Tensor inv_wn;
+    if (!mroute && !tuned) inv_wn = at::linalg_vector_norm(W.to(acc), 2, {1}).clamp_min(kEps).reciprocal();
+    if (!mroute && tuned) inv_wn = at::empty({K}, acc_opts);
     const at::Tensor S = mroute ? at::Tensor() : similarity->contiguous();
     const at::Tensor M = mroute ? gram->contiguous() : at::Tensor();
 
@@ -85,19 +105,37 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
       using cuda_t = typename CudaType<scalar_t>::type;
       const acc_t a = static_cast<acc_t>(alpha);
       const acc_t gscale = reduction == kMean ? (n_valid > 0 ? acc_t(1) / n_valid : acc_t(0)) : acc_t(1);
+      acc_t* iw = mroute ? nullptr : inv_wn.data_ptr<acc_t>();
+      if (tuned && !mroute) {
+        cuda::launch_row_inv_norm<cuda_t, acc_t>(cuda_ptr<scalar_t>(W), K, d, iw, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // the vector epilogue needs K, d multiples of 16 bytes and aligned rows (every chunk starts at row
+      // r0 of h and grad, aligned when d is a multiple of the vector width)
+      const void* ptrs[] = {zbuf.data_ptr(), h.data_ptr(), W.data_ptr(), mroute ? nullptr : S.data_ptr(), iw,
+                            ubuf.defined() ? ubuf.data_ptr() : nullptr, need_grad ? grad.data_ptr() : nullptr};
+      const bool vec = tuned && cuda::vec_epilogue_supported(K, d, static_cast<int>(sizeof(scalar_t)), ptrs, 7);
       for (int64_t r0 = 0; r0 < B; r0 += R) {
         const int64_t nr = std::min(R, B - r0);
         const at::Tensor hb = h.narrow(0, r0, nr);
         at::Tensor z = zbuf.narrow(0, 0, nr);
         at::mm_out(z, hb, W.t());
         acc_t* lp = rows.data_ptr<acc_t>() + r0;
-        cuda::launch_row_epilogue<cuda_t, acc_t>(
-            cuda_ptr<scalar_t>(z), cuda_ptr<scalar_t>(hb), cuda_ptr<scalar_t>(W), inv_wn.data_ptr<acc_t>(),
-            mroute ? nullptr : S.data_ptr<acc_t>(), y.data_ptr<int64_t>() + r0, nr, K, d, a, ignore_index, need_grad,
-            gscale, lp, coef.data_ptr<acc_t>(), inv_n.data_ptr<acc_t>(), mroute ? ubuf.data_ptr<acc_t>() : nullptr,
-            stream);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
+        if (vec) {
+          cuda::launch_row_epilogue_vec<cuda_t, acc_t>(
+              cuda_ptr<scalar_t>(z), cuda_ptr<scalar_t>(hb), cuda_ptr<scalar_t>(W), iw,
+              mroute ? nullptr : S.data_ptr<acc_t>(), y.data_ptr<int64_t>() + r0, nr, K, d, a, ignore_index,
+              need_grad, gscale, lp, inv_n.data_ptr<acc_t>(), mroute ? ubuf.data_ptr<acc_t>() : nullptr,
+              need_grad && !mroute ? cuda_ptr<scalar_t>(gb) : nullptr, stream);
+        } else {
+          cuda::launch_row_epilogue<cuda_t, acc_t>(
+              cuda_ptr<scalar_t>(z), cuda_ptr<scalar_t>(hb), cuda_ptr<scalar_t>(W), iw,
+              mroute ? nullptr : S.data_ptr<acc_t>(), y.data_ptr<int64_t>() + r0, nr, K, d, a, ignore_index,
+              need_grad, gscale, lp, coef.data_ptr<acc_t>(), inv_n.data_ptr<acc_t>(),
+              mroute ? ubuf.data_ptr<acc_t>() : nullptr, stream);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (mroute) {
           at::Tensor v = vbuf.narrow(0, 0, nr);
           at::mm_out(v, ubuf.narrow(0, 0, nr), M);
@@ -105,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
                                                     v.data_ptr<acc_t>(), inv_n.data_ptr<acc_t>(), nr, d, a, gscale,
                                                     lp, need_grad ? cuda_ptr<scalar_t>(gb) : nullptr, stream);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else if (need_grad) {
+        } else if (need_grad && !vec) {
           cuda::launch_gather_correction<cuda_t, acc_t>(cuda_ptr<scalar_t>(hb), coef.data_ptr<acc_t>(), nr, d,
                                                         cuda_ptr<scalar_t>(gb), stream);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -47,9 +47,10 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Block-wide sum, returned to every thread.
-template <typename T>
+// Block-wide sum over NT threads, returned to every thread.
+template <typename T, int NT = kBlock>
 __device__ T block_sum(T v) {
+  constexpr int kWarps = NT / 32;
   __shared__ T sm[kWarps];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   v = warp_sum(v);
@@ -61,9 +62,10 @@ __device__ T block_sum(T v) {
   return t;
 }
 
-// Block-wide reduction of a logsumexp state and two sums, returned to every thread.
-template <typename T>
+// Block-wide reduction (NT threads) of a logsumexp state and two sums, returned to every thread.
+template <typename T, int NT = kBlock>
 __device__ void block_reduce_row(Lse<T>& l, T& a, T& b) {
+  constexpr int kWarps = NT / 32;
   __shared__ T sm[4][kWarps];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 #pragma unroll
@@ -200,6 +202,223 @@ __global__ void gather_correction_kernel(const scalar_t* __restrict__ h, const a
     corr[i] = from_acc<scalar_t, acc_t>(-coef[i / d] * to_acc<acc_t>(h[i]));
 }
 
+// ---------------------------------------------------------------------------------------------- tuned path
+// 16-byte loads and stores. Needs K and d multiples of V = 16 / sizeof(scalar_t) and 16-byte aligned
+// rows (the host checks both). When a row fits in registers (NV > 0: K <= NV V kBlock) the logits and
+// the scaled residuals stay there between the two passes, so pass 2 only writes G; otherwise (NV == 0)
+// pass 2 reads the row again. The gather-route correction -coef h is written here too (corr != nullptr).
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+// Loads N consecutive elements (a multiple of one 16-byte pack) and widens them to acc_t.
+template <int N, typename acc_t, typename T>
+__device__ __forceinline__ void load_n(const T* __restrict__ p, acc_t (&out)[N]) {
+  constexpr int P = 16 / sizeof(T);
+  static_assert(N % P == 0, "a vector is a whole number of 16-byte packs");
+#pragma unroll
+  for (int q = 0; q < N / P; ++q) {
+    const Pack<T, P> pk = *reinterpret_cast<const Pack<T, P>*>(p + q * P);
+#pragma unroll
+    for (int e = 0; e < P; ++e) out[q * P + e] = to_acc<acc_t>(pk.v[e]);
+  }
+}
+
+// Rounds N acc_t values to T and stores them as 16-byte packs.
+template <int N, typename T, typename acc_t>
+__device__ __forceinline__ void store_n(T* __restrict__ p, const acc_t (&in)[N]) {
+  constexpr int P = 16 / sizeof(T);
+  static_assert(N % P == 0, "a vector is a whole number of 16-byte packs");
+#pragma unroll
+  for (int q = 0; q < N / P; ++q) {
+    Pack<T, P> pk;
+#pragma unroll
+    for (int e = 0; e < P; ++e) pk.v[e] = from_acc<T, acc_t>(in[q * P + e]);
+    *reinterpret_cast<Pack<T, P>*>(p + q * P) = pk;
+  }
+}
+
+// One row's pass-1 work on a vector of V logits starting at element k0 (residuals scaled by inv_wn kept in rw).
+template <int V, typename acc_t>
+__device__ __forceinline__ void vec_pass1(const acc_t (&zv)[V], const acc_t* __restrict__ srow,
+                                          const acc_t* __restrict__ inv_wn, int64_t k0, acc_t in, Lse<acc_t>& l,
+                                          acc_t& lcos, acc_t& rc, acc_t (&rw)[V]) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) lse_push(l, zv[e]);
+  if (srow) {
+    acc_t s[V], iw[V];
+    load_n<V>(srow + k0, s);
+    load_n<V>(inv_wn + k0, iw);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      acc_t c;
+      const acc_t r = cos_residual(zv[e], iw[e], in, s[e], &c);
+      lcos += r * r;
+      rc += r * c;
+      rw[e] = iw[e] * r;
+    }
+  }
+}
+
+// G over one vector of V logits (rw: residuals times inv_wn, unused on the M route).
+template <int V, typename acc_t>
+__device__ __forceinline__ void vec_grad(acc_t (&zv)[V], const acc_t (&rw)[V], bool gather, int64_t k0,
+                                         int64_t label, acc_t lse, acc_t in, acc_t alpha, acc_t gscale) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const acc_t p = hf_exp(zv[e] - lse);
+    const bool is_y = k0 + e == label;
+    const acc_t g = gather ? gather_grad_coef(p, is_y, rw[e], acc_t(1), in, alpha) : ce_grad_coef(p, is_y, alpha);
+    zv[e] = gscale * g;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V, int NV, int NT>
+__global__ void __launch_bounds__(NT)
+    row_epilogue_vec_kernel(scalar_t* __restrict__ z, const scalar_t* __restrict__ h,
+                            const scalar_t* __restrict__ W, const acc_t* __restrict__ inv_wn,
+                            const acc_t* __restrict__ S, const int64_t* __restrict__ y, int64_t K, int64_t d,
+                            acc_t alpha, int64_t ignore_index, bool need_grad, acc_t gscale,
+                            acc_t* __restrict__ loss, acc_t* __restrict__ inv_n_out, acc_t* __restrict__ u,
+                            scalar_t* __restrict__ corr) {
+  const int64_t row = blockIdx.x;
+  scalar_t* zr = z + row * K;
+  const scalar_t* hr = h + row * d;
+  const int64_t label = y[row];
+  const int64_t nk = K / V, nd = d / V;
+  if (label == ignore_index) {  // as the generic kernel: zero loss, G, u; corr = -0 h
+    acc_t x[V];
+    if (threadIdx.x == 0) {
+      loss[row] = acc_t(0);
+      inv_n_out[row] = acc_t(0);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = acc_t(0);
+    if (need_grad)
+      for (int64_t i = threadIdx.x; i < nk; i += NT) store_n<V>(zr + i * V, x);
+    if (u)
+      for (int64_t i = threadIdx.x; i < nd; i += NT) store_n<V>(u + row * d + i * V, x);
+    if (corr)
+      for (int64_t i = threadIdx.x; i < nd; i += NT) {
+        load_n<V>(hr + i * V, x);
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[e] = -acc_t(0) * x[e];
+        store_n<V>(corr + row * d + i * V, x);
+      }
+    return;  // uniform over the block: no thread reaches a barrier below
+  }
+
+  acc_t ss = 0;
+  for (int64_t i = threadIdx.x; i < nd; i += NT) {
+    acc_t x[V];
+    load_n<V>(hr + i * V, x);
+#pragma unroll
+    for (int e = 0; e < V; ++e) ss += x[e] * x[e];
+  }
+  const acc_t in = inv_norm(block_sum<acc_t, NT>(ss));
+  const acc_t* srow = S ? S + label * K : nullptr;  // S symmetric: row y is column y
+
+  Lse<acc_t> l = lse_empty<acc_t>();
+  acc_t lcos = 0, rc = 0;
+  constexpr int NR = NV > 0 ? NV : 1;
+  acc_t zreg[NR][V], rwreg[NR][V];
+  if (NV > 0) {
+#pragma unroll
+    for (int t = 0; t < NR; ++t) {
+      const int64_t i = threadIdx.x + int64_t(t) * NT;
+      if (i < nk) {
+        load_n<V>(zr + i * V, zreg[t]);
+        vec_pass1<V>(zreg[t], srow, inv_wn, i * V, in, l, lcos, rc, rwreg[t]);
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < nk; i += NT) {
+      load_n<V>(zr + i * V, zreg[0]);
+      vec_pass1<V>(zreg[0], srow, inv_wn, i * V, in, l, lcos, rc, rwreg[0]);
+    }
+  }
+  block_reduce_row<acc_t, NT>(l, lcos, rc);
+  const acc_t lse = lse_value(l);
+  const acc_t z_y = to_acc<acc_t>(zr[label]);
+  __syncthreads();  // every thread has read z_y before G overwrites it
+
+  if (need_grad) {
+    if (NV > 0) {
+#pragma unroll
+      for (int t = 0; t < NR; ++t) {
+        const int64_t i = threadIdx.x + int64_t(t) * NT;
+        if (i < nk) {
+          vec_grad<V>(zreg[t], rwreg[t], srow != nullptr, i * V, label, lse, in, alpha, gscale);
+          store_n<V>(zr + i * V, zreg[t]);
+        }
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < nk; i += NT) {
+        load_n<V>(zr + i * V, zreg[0]);
+        if (srow) {  // recompute the scaled residuals of this vector
+          acc_t s[V], iw[V];
+          load_n<V>(srow + i * V, s);
+          load_n<V>(inv_wn + i * V, iw);
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            acc_t c;
+            rwreg[0][e] = iw[e] * cos_residual(zreg[0][e], iw[e], in, s[e], &c);
+          }
+        }
+        vec_grad<V>(zreg[0], rwreg[0], srow != nullptr, i * V, label, lse, in, alpha, gscale);
+        store_n<V>(zr + i * V, zreg[0]);
+      }
+    }
+  }
+  const acc_t c_h = srow ? gscale * gather_h_coef(rc, in, alpha) : acc_t(0);
+  if (corr) {  // gather route: corr = -c h
+    for (int64_t i = threadIdx.x; i < nd; i += NT) {
+      acc_t x[V];
+      load_n<V>(hr + i * V, x);
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = -c_h * x[e];
+      store_n<V>(corr + row * d + i * V, x);
+    }
+  }
+  if (u) {
+    const scalar_t* wy = W + label * d;
+    for (int64_t i = threadIdx.x; i < nd; i += NT) {
+      acc_t x[V], w[V];
+      load_n<V>(hr + i * V, x);
+      load_n<V>(wy + i * V, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = mroute_u(x[e], in, w[e]);
+      store_n<V>(u + row * d + i * V, x);
+    }
+  }
+  if (threadIdx.x == 0) {
+    loss[row] = row_loss(lse, z_y, lcos, alpha);
+    inv_n_out[row] = in;
+  }
+}
+
+// Inverse row norms of W, 1 / max(||w_k||, eps) (NaN stays NaN), one warp per row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kBlock) row_inv_norm_kernel(const scalar_t* __restrict__ W, int64_t K, int64_t d,
+                                                               acc_t* __restrict__ out) {
+  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (row >= K) return;  // whole warps leave together
+  const scalar_t* wr = W + row * d;
+  acc_t ss = 0;
+  for (int64_t j = threadIdx.x & 31; j < d; j += 32) {
+    const acc_t x = to_acc<acc_t>(wr[j]);
+    ss += x * x;
+  }
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) {
+    acc_t n = hf_sqrt(ss);
+    if (n < acc_t(kEps)) n = acc_t(kEps);
+    out[row] = acc_t(1) / n;
+  }
+}
+
 __global__ void label_check_kernel(const int64_t* __restrict__ y, int64_t B, int64_t K, int64_t ignore_index,
                                    unsigned long long* __restrict__ stats) {
   unsigned long long valid = 0;
@@ -252,6 +471,53 @@ void launch_gather_correction(const scalar_t* h, const acc_t* coef, int64_t R, i
   gather_correction_kernel<scalar_t, acc_t><<<grid, 256, 0, stream>>>(h, coef, R, d, corr);
 }
 
+template <typename scalar_t>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+bool vec_epilogue_supported(int64_t K, int64_t d, int elem_size, const void* const* ptrs, int n_ptrs) {
+  const int64_t V = 16 / elem_size;
+  if (K % V != 0 || d % V != 0) return false;
+  for (int i = 0; i < n_ptrs; ++i)
+    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
+  return true;
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_row_epilogue_vec(scalar_t* z, const scalar_t* h, const scalar_t* W, const acc_t* inv_wn, const acc_t* S,
+                             const int64_t* y, int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
+                             bool need_grad, acc_t gscale, acc_t* loss, acc_t* inv_n, acc_t* u, scalar_t* corr,
+                             cudaStream_t stream) {
+  if (R <= 0) return;
+  constexpr int V = vec_width<scalar_t>();
+  constexpr int NV = 16 / V;  // registers for 16 logits per thread: K <= 16 * kBlock stays resident
+  const dim3 grid(static_cast<unsigned>(R));
+  if (K <= int64_t(NV) * V * kBlock)
+    row_epilogue_vec_kernel<scalar_t, acc_t, V, NV, kBlock><<<grid, kBlock, 0, stream>>>(
+        z, h, W, inv_wn, S, y, K, d, alpha, ignore_index, need_grad, gscale, loss, inv_n, u, corr);
+  else  // long rows are few per chunk (64 MiB of logits): 1024 threads a row keep the SMs full
+    row_epilogue_vec_kernel<scalar_t, acc_t, V, 0, 1024><<<grid, 1024, 0, stream>>>(
+        z, h, W, inv_wn, S, y, K, d, alpha, ignore_index, need_grad, gscale, loss, inv_n, u, corr);
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_row_inv_norm(const scalar_t* W, int64_t K, int64_t d, acc_t* out, cudaStream_t stream) {
+  if (K <= 0) return;
+  const int64_t blocks = (K + kWarps - 1) / kWarps;
+  row_inv_norm_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(W, K, d, out);
+}
+
+cudaError_t label_check_to_host(const int64_t* y, int64_t B, int64_t K, int64_t ignore_index,
+                                unsigned long long* stats, unsigned long long* host_stats, cudaStream_t stream) {
+  launch_label_check(y, B, K, ignore_index, stats, stream);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  err = cudaMemcpyAsync(host_stats, stats, 2 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream);
+  if (err != cudaSuccess) return err;
+  return cudaStreamSynchronize(stream);
+}
+
 #define HAFRAME_INSTANTIATE(scalar_t, acc_t)                                                                      \
   template void launch_row_epilogue<scalar_t, acc_t>(scalar_t*, const scalar_t*, const scalar_t*, const acc_t*,  \
                                                      const acc_t*, const int64_t*, int64_t, int64_t, int64_t,      \
@@ -261,7 +527,12 @@ void launch_gather_correction(const scalar_t* h, const acc_t* coef, int64_t R, i
                                                       int64_t, int64_t, acc_t, acc_t, acc_t*, scalar_t*,          \
                                                       cudaStream_t);                                              \
   template void launch_gather_correction<scalar_t, acc_t>(const scalar_t*, const acc_t*, int64_t, int64_t,        \
-                                                          scalar_t*, cudaStream_t);
+                                                          scalar_t*, cudaStream_t);                                \
+  template void launch_row_epilogue_vec<scalar_t, acc_t>(scalar_t*, const scalar_t*, const scalar_t*,            \
+                                                         const acc_t*, const acc_t*, const int64_t*, int64_t,       \
+                                                         int64_t, int64_t, acc_t, int64_t, bool, acc_t, acc_t*,     \
+                                                         acc_t*, acc_t*, scalar_t*, cudaStream_t);                  \
+  template void launch_row_inv_norm<scalar_t, acc_t>(const scalar_t*, int64_t, int64_t, acc_t*, cudaStream_t);
 
 HAFRAME_INSTANTIATE(float, float)
 HAFRAME_INSTANTIATE(double, double)

@@ -46,6 +46,41 @@ void launch_gather_correction(const scalar_t* h,  // [R, d]
                               scalar_t* corr,     // [R, d]
                               cudaStream_t stream);
 
+// The tuned epilogue: launch_row_epilogue's work with 16-byte loads, the row kept in registers between
+// its two passes when K <= 16 * 256, and the gather-route correction corr = -coef h written here
+// (corr != nullptr; launch_gather_correction is then not needed). Only for shapes and pointers that
+// vec_epilogue_supported accepts.
+template <typename scalar_t, typename acc_t>
+void launch_row_epilogue_vec(scalar_t* z,          // [R, K] logits in, G out
+                             const scalar_t* h,    // [R, d]
+                             const scalar_t* W,    // [K, d]
+                             const acc_t* inv_wn,  // [K] (gather route)
+                             const acc_t* S,       // [K, K] symmetric, or nullptr (M route)
+                             const int64_t* y,     // [R]
+                             int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
+                             acc_t gscale,
+                             acc_t* loss,          // [R]
+                             acc_t* inv_n,         // [R]
+                             acc_t* u,             // [R, d] or nullptr
+                             scalar_t* corr,       // [R, d] or nullptr
+                             cudaStream_t stream);
+
+// Whether launch_row_epilogue_vec applies: K and d multiples of 16 / elem_size, every pointer 16-byte aligned.
+bool vec_epilogue_supported(int64_t K, int64_t d, int elem_size, const void* const* ptrs, int n_ptrs);
+
+// out[k] = 1 / max(||W[k]||, eps), accumulated in acc_t (one launch, no cast copy of W).
+template <typename scalar_t, typename acc_t>
+void launch_row_inv_norm(const scalar_t* W,  // [K, d]
+                         int64_t K, int64_t d,
+                         acc_t* out,         // [K]
+                         cudaStream_t stream);
+
+// launch_label_check, then its two counters copied to host_stats (host memory) and the stream synchronised.
+cudaError_t label_check_to_host(const int64_t* y, int64_t B, int64_t K, int64_t ignore_index,
+                                unsigned long long* stats,       // [2] device
+                                unsigned long long* host_stats,  // [2] host
+                                cudaStream_t stream);
+
 // Label range check: stats[0] = number of rows not equal to ignore_index, stats[1] = B - i for the
 // first row i whose label is outside [0, K) and not ignore_index (0 when there is none).
 void launch_label_check(const int64_t* y,               // [B]
