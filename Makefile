@@ -6,7 +6,8 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 
 install:
 	$(PIP) torch==2.13.0
-	$(PIP) "scikit-build-core>=0.10" ninja numpy scipy tqdm matplotlib pytest pytest-benchmark pytest-timeout hypothesis
+	$(PIP) "scikit-build-core>=0.10" ninja numpy scipy tqdm matplotlib pytest pytest-benchmark pytest-timeout hypothesis \
+		tensorboard
 	$(PIP) --no-build-isolation -e .
 
 demo: install

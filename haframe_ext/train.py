@@ -456,10 +456,12 @@ class _Logger:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
+            except ImportError as exc:
+                warnings.warn(f"TensorBoard logging is off: {exc}. Install it (pip install tensorboard, or "
+                              "haframe_ext[tensorboard]) or pass --no-tensorboard / tensorboard=False; "
+                              "metrics.jsonl is written either way", RuntimeWarning, stacklevel=3)
+            else:
                 self.tb = SummaryWriter(str(out / "tb"))
-            except Exception:
-                self.tb = None
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:

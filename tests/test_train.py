@@ -401,3 +401,38 @@ def test_demo_main_effect(tmp_path):
     assert {"top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20", "num_samples",
             "seconds"} <= set(saved["haframe"])
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_scalars_match_metrics_log(tmp_path, toy_tree):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(tmp_path, toy_tree, epochs=2, tensorboard=True))
+    out = tmp_path / "run"
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r and isinstance(r.get("train_loss"), float)]
+    assert epochs, records
+    tags = acc.Tags()["scalars"]
+    assert {"train_loss", "lr", "val/top1", "val/hierdist@5"} <= set(tags), tags
+    got = {e.step: e.value for e in acc.Scalars("train_loss")}
+    for r in epochs:
+        assert got[r["epoch"]] == pytest.approx(r["train_loss"], rel=1e-6)
+
+
+def test_missing_tensorboard_warns_with_the_fix(tmp_path, toy_tree, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.warns(RuntimeWarning, match="pip install tensorboard"):
+        train(tiny(tmp_path, toy_tree, epochs=1, tensorboard=True))
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "tb").exists()
