@@ -208,6 +208,10 @@ __global__ void gather_correction_kernel(const scalar_t* __restrict__ h, const a
 // the scaled residuals stay there between the two passes, so pass 2 only writes G; otherwise (NV == 0)
 // pass 2 reads the row again. The gather-route correction -coef h is written here too (corr != nullptr).
 
+#ifndef HF_CHECK_ALIGN16  // the CPU emulator of tests/cuda_emu checks every vector access
+#define HF_CHECK_ALIGN16(p) ((void)0)
+#endif
+
 template <typename T, int N>
 struct alignas(16) Pack {
   T v[N];
@@ -220,6 +224,7 @@ __device__ __forceinline__ void load_n(const T* __restrict__ p, acc_t (&out)[N])
   static_assert(N % P == 0, "a vector is a whole number of 16-byte packs");
 #pragma unroll
   for (int q = 0; q < N / P; ++q) {
+    HF_CHECK_ALIGN16(p + q * P);
     const Pack<T, P> pk = *reinterpret_cast<const Pack<T, P>*>(p + q * P);
 #pragma unroll
     for (int e = 0; e < P; ++e) out[q * P + e] = to_acc<acc_t>(pk.v[e]);
@@ -236,6 +241,7 @@ __device__ __forceinline__ void store_n(T* __restrict__ p, const acc_t (&in)[N])
     Pack<T, P> pk;
 #pragma unroll
     for (int e = 0; e < P; ++e) pk.v[e] = from_acc<T, acc_t>(in[q * P + e]);
+    HF_CHECK_ALIGN16(p + q * P);
     *reinterpret_cast<Pack<T, P>*>(p + q * P) = pk;
   }
 }
