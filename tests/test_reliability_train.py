@@ -351,7 +351,12 @@ class _Evil:
 
 def test_every_file_the_trainer_writes_loads_with_weights_only(two_epochs, tmp_path):
     cfg, out = two_epochs
-    train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread count the checkpoints were written with (no resume warning)
+    try:
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+    finally:
+        torch.set_num_threads(threads)
     from haframe_ext import HAFrame
 
     HAFrame.from_hierarchy("cifar100", gamma=2.0).save(tmp_path / "frame.pt")
