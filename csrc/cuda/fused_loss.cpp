@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <cstdlib>
+#include <initializer_list>
+#include <limits>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,6 +28,18 @@ constexpr int64_t kCudaChunkBytes = int64_t(64) << 20;  // logits held at once
 bool tuned_path_enabled() {
   const char* v = std::getenv("HAFRAME_CUDA_TUNED");
   return v != nullptr && v[0] == '1';
+}
+
+// HAFRAME_DEBUG_POISON=1 fills every output and work buffer with NaN before the kernels run, so that a
+// row or element a kernel fails to write shows up in the tests (the GPU check runs them with it on).
+bool poison_enabled() {
+  const char* v = std::getenv("HAFRAME_DEBUG_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+void poison(std::initializer_list<at::Tensor> ts) {
+  for (const at::Tensor& t : ts)
+    if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 template <typename T>
@@ -99,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
     at::Tensor coef = at::empty({R}, acc_opts), inv_n = at::empty({R}, acc_opts);
     at::Tensor ubuf = mroute ? at::empty({R, d}, acc_opts) : at::Tensor();
     at::Tensor vbuf = mroute ? at::empty({R, d}, acc_opts) : at::Tensor();
+    if (poison_enabled()) poison({rows, grad, zbuf, coef, inv_n, ubuf, vbuf, tuned ? inv_wn : at::Tensor()});
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "haframe_fused_loss_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
