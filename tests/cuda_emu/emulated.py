@@ -135,11 +135,12 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
         S = None if mroute else similarity.contiguous()
         M = gram.contiguous() if mroute else None
         R = max(1, min(B, chunk_bytes // max(1, K * features.element_size())))
-        zbuf = torch.empty(R, K, dtype=dtype)
-        coef = torch.empty(R, dtype=acc)
-        inv_n = torch.empty(R, dtype=acc)
-        ubuf = torch.empty(R, d, dtype=acc) if mroute else None
-        vbuf = torch.empty(R, d, dtype=acc) if mroute else None
+        nan = float("nan")  # every buffer poisoned, as HAFRAME_DEBUG_POISON=1 does on the GPU
+        zbuf = torch.full((R, K), nan, dtype=dtype)
+        coef = torch.full((R,), nan, dtype=acc)
+        inv_n = torch.full((R,), nan, dtype=acc)
+        ubuf = torch.full((R, d), nan, dtype=acc) if mroute else None
+        vbuf = torch.full((R, d), nan, dtype=acc) if mroute else None
         gscale = (1.0 / n_valid if n_valid > 0 else 0.0) if reduction == 1 else 1.0
         if tuned and not mroute:
             getattr(L, f"emu_row_inv_norm_{tag}")(_p(W), _i(K), _i(d), _p(inv_wn))
