@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 PROG = "haframe"
 
@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- frame
 def _load_frame_inputs(args):
     """(distances, label) from --hierarchy (name, edge file or matrix file) or --distances."""
-    from .hierarchy import Hierarchy, as_distance_matrix
+    from .hierarchy import as_distance_matrix
     from .train import load_hierarchy
 
     if args.distances:

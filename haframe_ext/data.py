@@ -8,14 +8,13 @@ files use.  Feature files are read with ``torch.load(weights_only=True)`` or ``n
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
 import zipfile
 from collections import deque
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ with ``a`` optionally following a schedule over epochs (:class:`HAFrameLoss`).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -47,11 +47,9 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -65,7 +63,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
 from .data import DataError, make_datasets
 from .distributed import (DistributedError, GlobalBatchSampler, _derive_seed, _Dist, _gather_rng, _gather_rows,
                           _is_comm_error)
-from .models import BACKBONES, FIXED_FRAME_METHODS, METHODS, build_frame, build_loss, build_model, check_method
+from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
 from .nn import FixedFrameClassifier, HAFrameLoss
 
 __all__ = [
