@@ -161,6 +161,23 @@ def test_cuda_tuned_path_misaligned_nan_and_no_grad(monkeypatch, route):
     assert_match(loss, got_l[2:].double().cpu(), torch.float32, "loss")
 
 
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_graph_capture_is_refused_with_the_fix_named():
+    h, w, y = make(8, 16, 16, torch.float32, "cuda")
+    S = w @ w.T
+    ops.haframe_loss(h, w, y, similarity=S, backend="native")  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            ops.haframe_loss(h, w, y, similarity=S, backend="native")
+    torch.cuda.synchronize()
+    # the reference path captures (the op remains usable afterwards)
+    loss = ops.haframe_loss(h, w, y, similarity=S, backend="native")
+    assert torch.isfinite(loss)
+
+
 def test_bf16_frame_counts_as_unit_and_takes_the_m_route():
     _, w, _ = make(2, 5000, 64, torch.float32, "cpu", seed=2)
     w_cast, S, M = ops._derived(w, torch.bfloat16, torch.float32)

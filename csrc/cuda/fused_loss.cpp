@@ -71,6 +71,12 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), d = features.size(1), K = weight.size(0);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "haframe_ext fused_loss cannot be captured in a CUDA graph: it checks the labels on the host "
+              "(one device-to-host copy per call). Capture the model without the loss, or call "
+              "haframe_loss(..., backend='reference') inside the captured region");
   const at::Tensor y = target.to(at::kLong).contiguous();
 
   // Label range on the host before any kernel indexes with it: one small kernel and one copy back.
