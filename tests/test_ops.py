@@ -173,7 +173,7 @@ def test_cuda_graph_capture_is_refused_with_the_fix_named():
         with torch.cuda.graph(graph):
             ops.haframe_loss(h, w, y, similarity=S, backend="native")
     torch.cuda.synchronize()
-    # the reference path captures (the op remains usable afterwards)
+    # the op still works once the refused capture has ended
     loss = ops.haframe_loss(h, w, y, similarity=S, backend="native")
     assert torch.isfinite(loss)
 
