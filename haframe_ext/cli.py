@@ -142,6 +142,8 @@ _HELP = {
               "torch thread count, e.g. OMP_NUM_THREADS: the checkpoint records it and a different count is warned "
               "about)",
     "resume_from": "continue from this checkpoint (same thread-count caveat as --resume)",
+    "overwrite": "start over in an --out folder that holds an earlier run: its checkpoints, logs and results are "
+                 "deleted first (without it such a folder is refused, to lose nothing)",
     "eval_ks": "the k values of top-k / HierDist@k metrics, each >= 1 (values above the class count are dropped)",
     "select_metric": "validation metric that picks best.pt (top1 is maximised, others minimised)",
     "stop_after_epochs": "stop after this many epochs in this invocation (resume later)",

@@ -24,7 +24,8 @@ def demo_config(method: str, out, epochs: int = 30, seed: int = 0, **overrides) 
     base = dict(out=str(Path(out) / method), method=method, dataset="synthetic", hierarchy="cifar100",
                 backbone="mlp", hidden=256, depth=2, input_dim=64, n_per_class=60, eval_per_class=30,
                 difficulty=1.0, gamma=2.0, alpha=0.4, epochs=epochs, batch_size=128, eval_batch_size=1024,
-                lr=0.05, weight_decay=5e-4, seed=seed, progress=False, tensorboard=False)
+                lr=0.05, weight_decay=5e-4, seed=seed, progress=False, tensorboard=False,
+                overwrite=True)  # the demo always starts over in its folder
     base.update(overrides)
     return TrainConfig.from_dict(base)
 

@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     resume_from: Optional[str] = None       # explicit checkpoint to resume from (default out/last.pt)
+    overwrite: bool = False                 # start over in an out folder that holds an earlier run (its files go)
     n_per_class: int = 50                   # synthetic
     eval_per_class: Optional[int] = None    # synthetic val/test per class (default n_per_class)
     input_dim: int = 64                     # synthetic
@@ -538,11 +539,35 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         dctx.close(failed)
 
 
+RUN_FILES = ("last.pt", "prev.pt", "best.pt", "metrics.jsonl", "results.json", "config.json")
+
+
+def _claim_out(config: TrainConfig, out: Path, dctx: _Dist) -> None:
+    """Refuse to start a new run over an earlier run's files (its checkpoints would be replaced and the two
+    logs mixed) unless ``overwrite``, which deletes them first; ``resume`` keeps them. Rank 0 decides."""
+    if config.resume or config.resume_from:
+        return
+    found = [n for n in RUN_FILES if (out / n).exists()] if dctx.main and out.is_dir() else []
+    refuse = bool(found) and not config.overwrite
+    if dctx.enabled:
+        refuse = bool(dctx.all_reduce(torch.tensor([float(refuse)], device=dctx.device), "max").item())
+    if refuse:
+        what = ", ".join(found) if found else "files of an earlier run (rank 0 found them)"
+        raise ValueError(f"output folder {out} already holds a run ({what}): pass --resume to continue it, "
+                         "--overwrite to delete those files and start over, or choose another --out")
+    if dctx.main and found:
+        for name in found:
+            (out / name).unlink()
+        for event_file in (out / "tb").glob("events.out.tfevents.*"):
+            event_file.unlink()
+
+
 def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is an existing file, not a folder (choose another --out / out)")
+    _claim_out(config, out, dctx)
     if dctx.main:
         out.mkdir(parents=True, exist_ok=True)
     dctx.barrier()

@@ -185,6 +185,20 @@ def test_bad_backbone_eval_ks_and_out_are_one_line_errors(tmp_path, capsys):
     assert (tmp_path / "a_file").read_text() == "not a folder" and not (tmp_path / "r").exists()
 
 
+def test_a_second_run_into_the_same_out_is_one_line_and_overwrite_starts_over(tmp_path, capsys):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    base = ["train", "--hierarchy", str(edges), "--epochs", "1", "--no-progress", "--no-tensorboard",
+            "--n-per-class", "8", "--input-dim", "8", "--hidden", "16", "--out", str(tmp_path / "r")]
+    assert main(base) == 0
+    capsys.readouterr()
+    best = (tmp_path / "r" / "best.pt").read_bytes()
+    rc = main(base)
+    assert_user_error(rc, capsys.readouterr().err, "already holds a run", "--resume", "--overwrite")
+    assert (tmp_path / "r" / "best.pt").read_bytes() == best
+    assert main(base + ["--overwrite"]) == 0
+
+
 @pytest.mark.parametrize("content", ["text", "random", "empty", "evil"])
 def test_unreadable_features_file_is_one_line_without_torch_advice(tmp_path, capsys, content):
     edges = tmp_path / "toy.tsv"

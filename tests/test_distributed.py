@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _torchrun import run_torchrun
 from haframe_ext.train import evaluate_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def runs(tmp_path_factory):
     single = subprocess.run([sys.executable, "-m", "haframe_ext.cli", "train", "--config", cfg, "--out",
                              tmp / "single"], capture_output=True, text=True, env=env(), timeout=180, cwd=str(cwd))
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(torchrun("-m", "haframe_ext.cli", "train", "--config", cfg, "--out", tmp / "ddp"),
-                         capture_output=True, text=True, env=env(), timeout=240, cwd=str(cwd))
+    ddp = run_torchrun(torchrun("-m", "haframe_ext.cli", "train", "--config", cfg, "--out", tmp / "ddp"),
+                       tmp / "ddp", env=env(), timeout=240, cwd=str(cwd))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return tmp, single, ddp
 
@@ -127,6 +128,20 @@ def test_only_rank_0_writes_files(runs):
     assert ddp.stdout.count("best epoch") == 1 and single.stdout.count("best epoch") == 1
     ck = load_checkpoint(tmp / "ddp" / "last.pt")
     assert isinstance(ck["rng"], list) and len(ck["rng"]) == 2  # every rank's RNG state, written by rank 0
+
+
+def test_a_second_job_into_the_same_out_is_refused_on_every_rank(runs, tmp_path):
+    """Rank 0 finds the earlier run and every rank stops at once (no rank waits for a collective)."""
+    tmp, _, _ = runs
+    cfg = tmp / "cfg.json"
+    before = {p.name: p.read_bytes() for p in (tmp / "ddp").iterdir() if p.is_file()}
+    t0 = time.monotonic()
+    p = subprocess.run(torchrun("-m", "haframe_ext.cli", "train", "--config", cfg, "--out", tmp / "ddp"),
+                       capture_output=True, text=True, env=env(), timeout=120, cwd=str(tmp_path))
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "already holds a run (last.pt" in p.stderr and "--overwrite" in p.stderr, p.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (tmp / "ddp").iterdir() if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------- a rank that dies or hangs

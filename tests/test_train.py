@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import haframe_ext.train as T
+from _torchrun import run_torchrun
 from haframe_ext.train import (CheckpointError, TrainConfig, TrainingDivergedError, evaluate_checkpoint,
                                load_checkpoint, run_seeds, train)
 
@@ -88,6 +89,37 @@ def test_schedule_and_backbone_lr_scale(tmp_path, toy_tree):
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
     assert groups["backbone"]["lr"] == pytest.approx(0.1 * groups["head"]["lr"])
+
+
+# ----------------------------------------------------------------------------- an earlier run in --out
+def test_a_new_run_over_an_earlier_one_is_refused_and_loses_nothing(tmp_path, toy_tree):
+    train(tiny(tmp_path, toy_tree, epochs=1))
+    out = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds a run \(last\.pt, best\.pt, metrics\.jsonl, "
+                                         r"results\.json, config\.json\): pass --resume .* --overwrite"):
+        train(tiny(tmp_path, toy_tree, epochs=2, lr=0.01))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_starts_over_with_fresh_logs(tmp_path, toy_tree):
+    pytest.importorskip("tensorboard")
+    train(tiny(tmp_path, toy_tree, epochs=1, tensorboard=True))
+    out = tmp_path / "run"
+    old_events = sorted((out / "tb").glob("events.out.tfevents.*"))
+    assert old_events
+    res = train(tiny(tmp_path, toy_tree, epochs=2, overwrite=True, tensorboard=True))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "train_loss" in r] == [1, 2]  # the first run's epoch 1 is gone
+    assert not any(p.exists() for p in old_events)
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2 == res["epochs"]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_resume_of_a_finished_run_is_not_refused(tmp_path, toy_tree):
+    train(tiny(tmp_path, toy_tree, epochs=1))
+    res = train(tiny(tmp_path, toy_tree, epochs=1, resume=True))
+    assert res["epochs"] == 1
 
 
 # ----------------------------------------------------------------------------- resume
@@ -378,7 +410,7 @@ def test_torchrun_two_processes_gloo(tmp_path, toy_tree):
     env = dict(os.environ, HAFRAME_DISABLE_NATIVE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "haframe_ext.cli", "train", "--config", str(tmp_path / "cfg.json"), "--no-progress"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(Path(T.__file__).parents[1]))
+    p = run_torchrun(cmd, tmp_path / "run", env=env, timeout=240, cwd=str(Path(T.__file__).parents[1]))
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["world_size"] == 2
