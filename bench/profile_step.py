@@ -39,7 +39,10 @@ def profile_provider(fn, device: torch.device, steps: int, top: int) -> str:
     wall = (time.perf_counter() - t0) / steps * 1e3
     events = prof.key_averages()
     dev_total = sum(_device_us(e) for e in events) / steps / 1e3
-    lines = [f"wall {wall:.3f} ms/step (under the profiler), device kernels {dev_total:.3f} ms/step"]
+    n_aten = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+    n_kernels = sum(e.count for e in events if _device_us(e) > 0 and "::" not in e.key) / steps
+    lines = [f"wall {wall:.3f} ms/step (under the profiler), device kernels {dev_total:.3f} ms/step, "
+             f"{n_aten:.0f} aten calls and {n_kernels:.0f} kernels per step"]
     by_dev = sorted(events, key=_device_us, reverse=True)[:top]
     lines.append("  top self device time (us/step):")
     for e in by_dev:
