@@ -7,14 +7,13 @@ run tests/test_ops.py on the card: timing, races and cuBLAS are not emulated.
 """
 
 import ctypes
-import math
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from haframe_ext import ops
+from test_ops import make as make_inputs
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulator")
 
@@ -33,16 +32,12 @@ def emulator():
     E.lib()
 
 
-def make(B, K, d, dtype, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
-    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1)
-    y = torch.randint(0, K, (B,), generator=g)
-    if B > 2:
-        y[1] = -100
+def make(B, K, d, dtype, seed=0):
+    """test_ops' inputs (unit-row frame, one ignored row) on the CPU, plus a zero feature row when B > 4."""
+    h, w, y = make_inputs(B, K, d, dtype, "cpu", seed)
     if B > 4:
         h[3] = 0
-    return h.to(dtype), w.to(dtype), y
+    return h, w, y
 
 
 def route_kw(w, dtype, route):
