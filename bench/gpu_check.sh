@@ -3,6 +3,11 @@
 # builds the extension from source, runs the tests on CUDA, compute-sanitizer memcheck + racecheck
 # on a small case, and the GPU benchmarks; logs and tables go to $OUT (at most 8 files).
 #   device run: bash bench/gpu_check.sh            (carry .whl for Liger-Kernel, optional)
+# .whl/ is git-ignored; fill it on the CPU machine first with
+#   pip download liger-kernel==0.8.5 --no-deps -d .whl
+# then run with carry [".whl"]. The test stages run with HAFRAME_DEBUG_POISON=1; the second one with
+# HAFRAME_CUDA_TUNED=1 too. If both are green, the tuned path can become the default (tuned_path_enabled
+# in csrc/cuda/fused_loss.cpp); compare fused and fused_tuned in gpu_bench.md first.
 # Stages can be skipped with SKIP="tests sanitize profile bench".
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
