@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -54,16 +55,19 @@ def build() -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = out_dir / "kernels_emu.cpp"
+    work = out_dir / f"work_{os.getpid()}"  # concurrent builds (several pytest processes) do not collide
+    work.mkdir(exist_ok=True)
+    src = work / "kernels_emu.cpp"
     src.write_text(f'#line 1 "{KERNELS}"\n' + rewrite(KERNELS.read_text()))
-    tmp = lib.with_suffix(f".{digest}.tmp")
+    tmp = work / lib.name
     cmd = [compiler() or "g++", "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-w",
-           f"-I{HERE / 'include'}", f"-I{out_dir}", f"-I{KERNELS.parent}", str(HERE / "bindings.cpp"),
+           f"-I{HERE / 'include'}", f"-I{work}", f"-I{KERNELS.parent}", str(HERE / "bindings.cpp"),
            "-o", str(tmp)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError("cuda_emu build failed:\n" + res.stderr[-4000:])
     tmp.replace(lib)
+    shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
