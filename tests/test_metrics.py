@@ -176,6 +176,28 @@ def test_collapse_uses_only_present_classes():
     assert noisy["angular_collapse_avg"] > 0 and sub.shape == (3, 3)
 
 
+@pytest.mark.parametrize("max_block", [1 << 22, 7, 1])
+def test_angular_collapse_matches_the_pairwise_definition(max_block):
+    """Mean and population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, also when done in row blocks."""
+    from haframe_ext import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    f = HAFrame.from_hierarchy("cifar100", 2.0, dtype=torch.float64)
+    labels = torch.randint(0, 100, (600,), generator=g)
+    feats = f.weight[labels] + 0.3 * torch.randn(600, 100, generator=g, dtype=torch.float64)
+    present = torch.unique(labels)
+    means = torch.stack([feats[labels == c].mean(0) for c in present])
+    unit = means / means.norm(dim=1, keepdim=True)
+    i, j = torch.triu_indices(len(present), len(present), offset=1)
+    gap = ((unit[i] * unit[j]).sum(1) - f.similarity[present[i], present[j]]).abs()
+    got = M._pair_gap_stats(unit, f.similarity[present][:, present], max_block=max_block)
+    assert got[0] == pytest.approx(float(gap.mean()), rel=1e-12)
+    assert got[1] == pytest.approx(float(gap.std(unbiased=False)), rel=1e-9)
+    out = neural_collapse(feats, labels, f.weight, f.similarity)
+    assert out["angular_collapse_avg"] == pytest.approx(float(gap.mean()), rel=1e-12)
+    assert out["angular_collapse_std"] == pytest.approx(float(gap.std(unbiased=False)), rel=1e-9)
+
+
 @pytest.mark.parametrize("args,match", [
     ((torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]), torch.eye(2), torch.eye(2)),
      r"weight must be a \[K, d\] tensor with d=3"),
