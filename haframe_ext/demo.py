@@ -154,7 +154,7 @@ def _demo_plot(results: Dict[str, Dict[str, Any]], S: np.ndarray, path: Path) ->
     ax.legend()
     ax = axes[2]
     order = tree_order(1.0 - S)
-    im = ax.imshow(S[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+    im = ax.imshow(S[np.ix_(order, order)], cmap="viridis", interpolation="antialiased")
     ax.set_title("HAFrame similarity S (CIFAR-100 tree)")
     ax.set_xlabel("class (tree order)")
     ax.set_ylabel("class (tree order)")
