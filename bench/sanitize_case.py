@@ -15,7 +15,8 @@ def main() -> None:
     # (9, 64, 32): the tuned vector epilogue with the row in registers; (5, 4104, 16): streamed rows
     for tuned, dtype, (B, K, d) in [(t, dt, s) for t in ("0", "1")
                                     for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-                                    for s in ((5, 3, 7), (9, 37, 20), (9, 64, 32), (5, 4104, 16))]:
+                                    for s in ((5, 3, 7), (9, 37, 20), (9, 64, 32), (5, 4104, 16))
+                                    if s[1] < 4096 or dt in (torch.float32, torch.bfloat16)]:  # sanitizer time
         os.environ["HAFRAME_CUDA_TUNED"] = tuned
         h = torch.randn(B, d, device="cuda", dtype=dtype)
         h[0] = 0
