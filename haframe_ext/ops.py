@@ -182,12 +182,27 @@ _CACHE: dict = {}
 _MAX_SIMILARITY_BYTES = 2 << 30  # refuse to build a K x K similarity larger than this
 
 
+def _cache_key(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
+    return (id(weight), weight._version, dtype, acc, weight.device, tuple(weight.shape))
+
+
+def _cached(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
+    """The cached (weight in dtype, similarity, gram) of this weight version, or None."""
+    hit = _CACHE.get(_cache_key(weight, dtype, acc))
+    return hit[1] if hit is not None and hit[0]() is weight else None
+
+
 def _derived(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
     """(weight in dtype, similarity, gram) for a frozen weight, once per weight version (one of the two is None)."""
-    key = (id(weight), weight._version, dtype, acc, weight.device, tuple(weight.shape))
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is weight:
-        return hit[1]
+    key = _cache_key(weight, dtype, acc)
+    hit = _cached(weight, dtype, acc)
+    if hit is not None:
+        return hit
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "haframe_loss derives S (or M) for a new weight on its first call, which needs the device and cannot "
+            "run inside CUDA-graph capture: make one call before capturing (a warm-up step), or pass "
+            "similarity= / gram=")
     w_cast = weight.detach().to(dtype)
     w = w_cast.to(acc)
     K, d = w.shape

@@ -129,6 +129,47 @@ def test_nan_row_no_grad_and_all_ignored(tuned, route):
     assert torch.isnan(mean) and total.item() == 0.0
 
 
+# ----------------------------------------------------------------------------- the CUDA-graph capture branch
+@pytest.mark.parametrize("tuned", [False, True], ids=["default", "tuned"])
+@pytest.mark.parametrize("route", ["gather", "m"])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_capture_branch_matches_reference(tuned, route, reduction):
+    """Counters and the gradient scale stay on the device: same loss and gradient as the host path."""
+    h, w, y = make(9, 64, 32, torch.float32, seed=6)
+    y[[4, 7]] = -100
+    want_l, want_g = reference(h, w, y, reduction={0: "none", 1: "mean", 2: "sum"}[reduction])
+    got_l, got_g = E.fused_loss(h, w, y, reduction=reduction, tuned=tuned, capturing=True,
+                                chunk_bytes=4 * 64 * 4, **route_kw(w, torch.float32, route))
+    assert_match(got_l, want_l, torch.float32, "loss")
+    assert_match(got_g, want_g, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["default", "tuned"])
+@pytest.mark.parametrize("route", ["gather", "m"])
+@pytest.mark.parametrize("K", [64, 62], ids=["vector", "generic"])
+def test_capture_branch_bad_labels_give_nan_rows_and_read_nothing_out_of_range(tuned, route, K):
+    """Under capture the host cannot raise: a bad label's row gets a NaN loss and a zero gradient, the
+    mean is NaN, and every other row is what it would be with the bad rows ignored."""
+    h, w, y = make(8, K, 32, torch.float32, seed=7)
+    bad = [2, 5]
+    y_bad = y.clone()
+    y_bad[bad] = torch.tensor([K + 3, -5])
+    y_ref = y.clone()
+    y_ref[bad] = -100
+    kw = route_kw(w, torch.float32, route)
+    rows, g_none = E.fused_loss(h, w, y_bad, reduction=0, tuned=tuned, capturing=True, **kw)
+    want_rows, want_g = reference(h, w, y_ref)
+    assert torch.isnan(rows[bad]).all()
+    keep = [i for i in range(8) if i not in bad]
+    assert_match(rows[keep], want_rows[keep], torch.float32, "loss")
+    assert torch.all(g_none[bad] == 0)
+    assert_match(g_none, want_g, torch.float32, "grad")
+    mean, g_mean = E.fused_loss(h, w, y_bad, reduction=1, tuned=tuned, capturing=True, **kw)
+    _, want_gm = reference(h, w, y_ref, reduction="mean")
+    assert torch.isnan(mean)
+    assert_match(g_mean, want_gm, torch.float32, "grad")  # 1 / (valid rows), the bad ones not counted
+
+
 @pytest.mark.parametrize("tuned", [False, True], ids=["default", "tuned"])
 def test_label_check_finds_the_first_bad_row(tuned):
     h, w, y = make(600, 5, 8, torch.float32, seed=3)  # three blocks of the label kernel
@@ -172,7 +213,7 @@ def test_emulator_reports_a_misaligned_vector_access():
     L.emu_row_epilogue_vec_f32(p(z), p(h), p(w), p(inv_wn), p(S),
                                ctypes.cast(y.data_ptr(), ctypes.POINTER(ctypes.c_int64)), ctypes.c_int64(2),
                                ctypes.c_int64(8), ctypes.c_int64(8), ctypes.c_double(0.4), ctypes.c_int64(-100),
-                               ctypes.c_int(1), ctypes.c_double(1.0), p(loss), p(inv_n), None, None)
+                               ctypes.c_int(1), ctypes.c_double(1.0), None, p(loss), p(inv_n), None, None)
     with pytest.raises(AssertionError, match="misaligned 16-byte access"):
         E._check()
 

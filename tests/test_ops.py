@@ -163,19 +163,59 @@ def test_cuda_tuned_path_misaligned_nan_and_no_grad(monkeypatch, route):
 
 @needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
-def test_cuda_graph_capture_is_refused_with_the_fix_named():
-    h, w, y = make(8, 16, 16, torch.float32, "cuda")
-    S = w @ w.T
-    ops.haframe_loss(h, w, y, similarity=S, backend="native")  # warm-up outside the capture
-    torch.cuda.synchronize()
+@pytest.mark.parametrize("tuned", ["0", "1"])
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_cuda_graph_capture_replays_loss_and_gradient(monkeypatch, tuned, route):
+    """A training step captured whole (forward + backward) and replayed on new data; a bad label inside a
+    replay cannot raise (the host never sees it): that replay's mean loss is NaN instead."""
+    monkeypatch.setenv("HAFRAME_CUDA_TUNED", tuned)
+    h, w, y = make(64, 96, 64, torch.float32, "cuda", seed=9)
+    kw = {"similarity": w @ w.T} if route == "gather" else {"gram": w.T @ w}
+    static_h, static_y = h.clone().requires_grad_(), y.clone()
+
+    def step():
+        loss = ops.haframe_loss(static_h, w, static_y, backend="native", **kw)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            static_h.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        with torch.cuda.graph(graph):
-            ops.haframe_loss(h, w, y, similarity=S, backend="native")
+    static_h.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed in (3, 4):
+        h2, _, y2 = make(64, 96, 64, torch.float32, "cuda", seed=seed)
+        with torch.no_grad():
+            static_h.copy_(h2)
+            static_y.copy_(y2)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_l, want_g = reference(h2, w, y2, reduction="mean")
+        assert_match(static_loss.detach(), want_l, torch.float32, "loss")
+        assert_match(static_h.grad, want_g, torch.float32, "grad")
+    with torch.no_grad():
+        static_y[5] = 96  # out of range: no error can reach the host during a replay
+    graph.replay()
     torch.cuda.synchronize()
-    # the op still works once the refused capture has ended
-    loss = ops.haframe_loss(h, w, y, similarity=S, backend="native")
-    assert torch.isfinite(loss)
+    assert torch.isnan(static_loss)
+    assert torch.isfinite(static_h.grad).all() and torch.all(static_h.grad[5] == 0)
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_graph_capture_of_a_first_call_names_the_warm_up():
+    h, w, y = make(8, 16, 16, torch.float32, "cuda")
+    w = w.clone()  # a weight the cache has not seen
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="make one call before capturing"):
+        with torch.cuda.graph(graph):
+            ops.haframe_loss(h, w, y, backend="native")
 
 
 def test_bf16_frame_counts_as_unit_and_takes_the_m_route():

@@ -71,20 +71,23 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), d = features.size(1), K = weight.size(0);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-              "haframe_ext fused_loss cannot be captured in a CUDA graph: it checks the labels on the host "
-              "(one device-to-host copy per call). Capture the model without the loss, or call "
-              "haframe_loss(..., backend='reference') inside the captured region");
   const at::Tensor y = target.to(at::kLong).contiguous();
 
-  // Label range on the host before any kernel indexes with it: one small kernel and one copy back.
+  // Labels: counted and range-checked by one small kernel. Normally the two counters are copied back
+  // and a bad label raises here, before any kernel indexes with it. Under CUDA-graph capture nothing may
+  // wait for the device: the counters stay there (the gradient scale and the mean read them on the
+  // device) and a bad label turns its row's loss into NaN inside the kernels instead.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
   const bool tuned = tuned_path_enabled();
   at::Tensor stats = at::empty({2}, y.options());
   unsigned long long host_stats[2] = {0, 0};
   auto* dev_stats = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
-  if (tuned) {
+  if (capturing) {
+    cuda::launch_label_check(y.data_ptr<int64_t>(), B, K, ignore_index, dev_stats, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (tuned) {
     C10_CUDA_CHECK(cuda::label_check_to_host(y.data_ptr<int64_t>(), B, K, ignore_index, dev_stats, host_stats, stream));
   } else {
     cuda::launch_label_check(y.data_ptr<int64_t>(), B, K, ignore_index, dev_stats, stream);
@@ -125,7 +128,15 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
       using acc_t = at::opmath_type<scalar_t>;
       using cuda_t = typename CudaType<scalar_t>::type;
       const acc_t a = static_cast<acc_t>(alpha);
-      const acc_t gscale = reduction == kMean ? (n_valid > 0 ? acc_t(1) / n_valid : acc_t(0)) : acc_t(1);
+      cuda::GradScale<acc_t> gscale{
+          reduction == kMean ? (n_valid > 0 ? acc_t(1) / n_valid : acc_t(0)) : acc_t(1), nullptr};
+      at::Tensor gscale_dev;
+      if (capturing) {  // 1/n_valid from the device counters
+        gscale_dev = at::empty({1}, acc_opts);
+        cuda::launch_grad_scale<acc_t>(dev_stats, reduction == kMean, gscale_dev.data_ptr<acc_t>(), stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gscale.device = gscale_dev.data_ptr<acc_t>();
+      }
       acc_t* iw = mroute ? nullptr : inv_wn.data_ptr<acc_t>();
       if (tuned && !mroute) {
         cuda::launch_row_inv_norm<cuda_t, acc_t>(cuda_ptr<scalar_t>(W), K, d, iw, stream);
@@ -175,7 +186,12 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   }
   if (reduction == kNone) return {rows, grad};
   at::Tensor total = rows.sum();
-  if (reduction == kMean) total.div_(static_cast<double>(n_valid));  // 0/0 = NaN when every row is ignored
+  if (reduction == kMean) {  // 0/0 = NaN when every row is ignored
+    if (capturing)
+      total.div_(stats.select(0, 0).to(total.scalar_type()));
+    else
+      total.div_(static_cast<double>(n_valid));
+  }
   return {total, grad};
 }
 

@@ -98,15 +98,16 @@ __global__ void __launch_bounds__(kBlock)
     row_epilogue_kernel(scalar_t* __restrict__ z, const scalar_t* __restrict__ h, const scalar_t* __restrict__ W,
                         const acc_t* __restrict__ inv_wn, const acc_t* __restrict__ S,
                         const int64_t* __restrict__ y, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
-                        bool need_grad, acc_t gscale, acc_t* __restrict__ loss, acc_t* __restrict__ coef,
-                        acc_t* __restrict__ inv_n_out, acc_t* __restrict__ u) {
+                        bool need_grad, GradScale<acc_t> scale, acc_t* __restrict__ loss,
+                        acc_t* __restrict__ coef, acc_t* __restrict__ inv_n_out, acc_t* __restrict__ u) {
   const int64_t row = blockIdx.x;
   scalar_t* zr = z + row * K;
   const scalar_t* hr = h + row * d;
   const int64_t label = y[row];
-  if (label == ignore_index) {
+  const bool bad = label != ignore_index && (label < 0 || label >= K);  // only under graph capture
+  if (label == ignore_index || bad) {
     if (threadIdx.x == 0) {
-      loss[row] = acc_t(0);
+      loss[row] = bad ? acc_t(NAN) : acc_t(0);
       coef[row] = acc_t(0);
       inv_n_out[row] = acc_t(0);
     }
@@ -122,6 +123,7 @@ __global__ void __launch_bounds__(kBlock)
     ss += x * x;
   }
   const acc_t in = inv_norm(block_sum(ss));
+  const acc_t gscale = scale.device ? *scale.device : scale.value;
 
   const acc_t* srow = S ? S + label * K : nullptr;  // S symmetric: row y is column y
   Lse<acc_t> l = lse_empty<acc_t>();
@@ -171,10 +173,11 @@ __global__ void __launch_bounds__(kBlock)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlock)
     mroute_finish_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ u, const acc_t* __restrict__ v,
-                         const acc_t* __restrict__ inv_n, int64_t d, acc_t alpha, acc_t gscale,
+                         const acc_t* __restrict__ inv_n, int64_t d, acc_t alpha, GradScale<acc_t> scale,
                          acc_t* __restrict__ loss,
                          scalar_t* __restrict__ corr) {
   const int64_t row = blockIdx.x;
+  const acc_t gscale = scale.device ? *scale.device : scale.value;
   const scalar_t* hr = h + row * d;
   const acc_t* ur = u + row * d;
   const acc_t* vr = v + row * d;
@@ -286,7 +289,7 @@ __global__ void __launch_bounds__(NT)
     row_epilogue_vec_kernel(scalar_t* __restrict__ z, const scalar_t* __restrict__ h,
                             const scalar_t* __restrict__ W, const acc_t* __restrict__ inv_wn,
                             const acc_t* __restrict__ S, const int64_t* __restrict__ y, int64_t K, int64_t d,
-                            acc_t alpha, int64_t ignore_index, bool need_grad, acc_t gscale,
+                            acc_t alpha, int64_t ignore_index, bool need_grad, GradScale<acc_t> scale,
                             acc_t* __restrict__ loss, acc_t* __restrict__ inv_n_out, acc_t* __restrict__ u,
                             scalar_t* __restrict__ corr) {
   const int64_t row = blockIdx.x;
@@ -294,10 +297,11 @@ __global__ void __launch_bounds__(NT)
   const scalar_t* hr = h + row * d;
   const int64_t label = y[row];
   const int64_t nk = K / V, nd = d / V;
-  if (label == ignore_index) {  // as the generic kernel: zero loss, G, u; corr = -0 h
+  const bool bad = label != ignore_index && (label < 0 || label >= K);  // only under graph capture
+  if (label == ignore_index || bad) {  // as the generic kernel: zero (NaN if bad) loss, zero G, u; corr = -0 h
     acc_t x[V];
     if (threadIdx.x == 0) {
-      loss[row] = acc_t(0);
+      loss[row] = bad ? acc_t(NAN) : acc_t(0);
       inv_n_out[row] = acc_t(0);
     }
 #pragma unroll
@@ -324,6 +328,7 @@ __global__ void __launch_bounds__(NT)
     for (int e = 0; e < V; ++e) ss += x[e] * x[e];
   }
   const acc_t in = inv_norm(block_sum<acc_t, NT>(ss));
+  const acc_t gscale = scale.device ? *scale.device : scale.value;
   const acc_t* srow = S ? S + label * K : nullptr;  // S symmetric: row y is column y
 
   Lse<acc_t> l = lse_empty<acc_t>();
@@ -425,6 +430,14 @@ __global__ void __launch_bounds__(kBlock) row_inv_norm_kernel(const scalar_t* __
   }
 }
 
+template <typename acc_t>
+__global__ void grad_scale_kernel(const unsigned long long* __restrict__ stats, bool mean, acc_t* __restrict__ out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    const unsigned long long n = stats[0];
+    *out = mean ? (n > 0 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(0)) : acc_t(1);
+  }
+}
+
 __global__ void label_check_kernel(const int64_t* __restrict__ y, int64_t B, int64_t K, int64_t ignore_index,
                                    unsigned long long* __restrict__ stats) {
   unsigned long long valid = 0;
@@ -452,7 +465,7 @@ void launch_label_check(const int64_t* y, int64_t B, int64_t K, int64_t ignore_i
 template <typename scalar_t, typename acc_t>
 void launch_row_epilogue(scalar_t* z, const scalar_t* h, const scalar_t* W, const acc_t* inv_wn, const acc_t* S,
                          const int64_t* y, int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
-                         bool need_grad, acc_t gscale, acc_t* loss, acc_t* coef, acc_t* inv_n, acc_t* u,
+                         bool need_grad, GradScale<acc_t> gscale, acc_t* loss, acc_t* coef, acc_t* inv_n, acc_t* u,
                          cudaStream_t stream) {
   if (R <= 0) return;
   row_epilogue_kernel<scalar_t, acc_t><<<static_cast<unsigned>(R), kBlock, 0, stream>>>(
@@ -461,7 +474,7 @@ void launch_row_epilogue(scalar_t* z, const scalar_t* h, const scalar_t* W, cons
 
 template <typename scalar_t, typename acc_t>
 void launch_mroute_finish(const scalar_t* h, const acc_t* u, const acc_t* v, const acc_t* inv_n, int64_t R, int64_t d,
-                          acc_t alpha, acc_t gscale, acc_t* loss, scalar_t* corr, cudaStream_t stream) {
+                          acc_t alpha, GradScale<acc_t> gscale, acc_t* loss, scalar_t* corr, cudaStream_t stream) {
   if (R <= 0) return;
   mroute_finish_kernel<scalar_t, acc_t><<<static_cast<unsigned>(R), kBlock, 0, stream>>>(h, u, v, inv_n, d, alpha,
                                                                                          gscale, loss, corr);
@@ -493,7 +506,8 @@ bool vec_epilogue_supported(int64_t K, int64_t d, int elem_size, const void* con
 template <typename scalar_t, typename acc_t>
 void launch_row_epilogue_vec(scalar_t* z, const scalar_t* h, const scalar_t* W, const acc_t* inv_wn, const acc_t* S,
                              const int64_t* y, int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index,
-                             bool need_grad, acc_t gscale, acc_t* loss, acc_t* inv_n, acc_t* u, scalar_t* corr,
+                             bool need_grad, GradScale<acc_t> gscale, acc_t* loss, acc_t* inv_n, acc_t* u,
+                             scalar_t* corr,
                              cudaStream_t stream) {
   if (R <= 0) return;
   constexpr int V = vec_width<scalar_t>();
@@ -514,6 +528,13 @@ void launch_row_inv_norm(const scalar_t* W, int64_t K, int64_t d, acc_t* out, cu
   row_inv_norm_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(W, K, d, out);
 }
 
+template <typename acc_t>
+void launch_grad_scale(const unsigned long long* stats, bool mean, acc_t* out, cudaStream_t stream) {
+  grad_scale_kernel<acc_t><<<1, 32, 0, stream>>>(stats, mean, out);
+}
+template void launch_grad_scale<float>(const unsigned long long*, bool, float*, cudaStream_t);
+template void launch_grad_scale<double>(const unsigned long long*, bool, double*, cudaStream_t);
+
 cudaError_t label_check_to_host(const int64_t* y, int64_t B, int64_t K, int64_t ignore_index,
                                 unsigned long long* stats, unsigned long long* host_stats, cudaStream_t stream) {
   launch_label_check(y, B, K, ignore_index, stats, stream);
@@ -527,16 +548,19 @@ cudaError_t label_check_to_host(const int64_t* y, int64_t B, int64_t K, int64_t 
 #define HAFRAME_INSTANTIATE(scalar_t, acc_t)                                                                      \
   template void launch_row_epilogue<scalar_t, acc_t>(scalar_t*, const scalar_t*, const scalar_t*, const acc_t*,  \
                                                      const acc_t*, const int64_t*, int64_t, int64_t, int64_t,      \
-                                                     acc_t, int64_t, bool, acc_t, acc_t*, acc_t*, acc_t*, acc_t*,  \
+                                                     acc_t, int64_t, bool, GradScale<acc_t>, acc_t*, acc_t*,       \
+                                                     acc_t*, acc_t*,                                               \
                                                      cudaStream_t);                                                \
   template void launch_mroute_finish<scalar_t, acc_t>(const scalar_t*, const acc_t*, const acc_t*, const acc_t*,  \
-                                                      int64_t, int64_t, acc_t, acc_t, acc_t*, scalar_t*,          \
+                                                      int64_t, int64_t, acc_t, GradScale<acc_t>, acc_t*,          \
+                                                      scalar_t*,                                                  \
                                                       cudaStream_t);                                              \
   template void launch_gather_correction<scalar_t, acc_t>(const scalar_t*, const acc_t*, int64_t, int64_t,        \
                                                           scalar_t*, cudaStream_t);                                \
   template void launch_row_epilogue_vec<scalar_t, acc_t>(scalar_t*, const scalar_t*, const scalar_t*,            \
                                                          const acc_t*, const acc_t*, const int64_t*, int64_t,       \
-                                                         int64_t, int64_t, acc_t, int64_t, bool, acc_t, acc_t*,     \
+                                                         int64_t, int64_t, acc_t, int64_t, bool, GradScale<acc_t>,  \
+                                                         acc_t*,                                                    \
                                                          acc_t*, acc_t*, scalar_t*, cudaStream_t);                  \
   template void launch_row_inv_norm<scalar_t, acc_t>(const scalar_t*, int64_t, int64_t, acc_t*, cudaStream_t);
 

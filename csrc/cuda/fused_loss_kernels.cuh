@@ -10,8 +10,18 @@
 namespace haframe {
 namespace cuda {
 
+// The gradient scale of the reduction (1/n_valid for mean, else 1): a host value, or, under CUDA-graph
+// capture where the count of valid rows stays on the device, a device scalar that takes its place.
+template <typename T>
+struct GradScale {
+  T value;
+  const T* device;  // nullptr: use value
+};
+
 // Per row: norm, logsumexp, CE and (gather route, S != nullptr) the cosine term; writes the logit-space
-// gradient G over the logits when need_grad; M route (u != nullptr): u = h inv_n - w_y.
+// gradient G over the logits when need_grad; M route (u != nullptr): u = h inv_n - w_y. A label outside
+// [0, K) that is not ignore_index (possible only under CUDA-graph capture, where the host does not see
+// the labels) makes that row's loss NaN and its gradient 0; nothing is read out of bounds.
 template <typename scalar_t, typename acc_t>
 void launch_row_epilogue(scalar_t* z,            // [R, K] logits in, G out
                          const scalar_t* h,      // [R, d]
@@ -20,7 +30,7 @@ void launch_row_epilogue(scalar_t* z,            // [R, K] logits in, G out
                          const acc_t* S,         // [K, K] symmetric, or nullptr (M route)
                          const int64_t* y,       // [R]
                          int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
-                         acc_t gscale,           // gradient scale (1/n_valid for mean)
+                         GradScale<acc_t> gscale,
                          acc_t* loss,            // [R]
                          acc_t* coef,            // [R] gather route: dh -= coef h
                          acc_t* inv_n,           // [R]
@@ -33,7 +43,7 @@ void launch_mroute_finish(const scalar_t* h,     // [R, d]
                           const acc_t* u,        // [R, d]
                           const acc_t* v,        // [R, d] = u M
                           const acc_t* inv_n,    // [R]
-                          int64_t R, int64_t d, acc_t alpha, acc_t gscale,
+                          int64_t R, int64_t d, acc_t alpha, GradScale<acc_t> gscale,
                           acc_t* loss,           // [R]
                           scalar_t* corr,        // [R, d] or nullptr
                           cudaStream_t stream);
@@ -58,7 +68,7 @@ void launch_row_epilogue_vec(scalar_t* z,          // [R, K] logits in, G out
                              const acc_t* S,       // [K, K] symmetric, or nullptr (M route)
                              const int64_t* y,     // [R]
                              int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
-                             acc_t gscale,
+                             GradScale<acc_t> gscale,
                              acc_t* loss,          // [R]
                              acc_t* inv_n,         // [R]
                              acc_t* u,             // [R, d] or nullptr
@@ -80,6 +90,13 @@ cudaError_t label_check_to_host(const int64_t* y, int64_t B, int64_t K, int64_t 
                                 unsigned long long* stats,       // [2] device
                                 unsigned long long* host_stats,  // [2] host
                                 cudaStream_t stream);
+
+// The device scalar of GradScale: 1 / stats[0] for mean (0 when no row counts), else 1.
+template <typename acc_t>
+void launch_grad_scale(const unsigned long long* stats,  // [2] from launch_label_check
+                       bool mean,
+                       acc_t* out,                      // [1]
+                       cudaStream_t stream);
 
 // Label range check: stats[0] = number of rows not equal to ignore_index, stats[1] = B - i for the
 // first row i whose label is outside [0, K) and not ignore_index (0 when there is none).

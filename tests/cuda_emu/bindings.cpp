@@ -5,6 +5,12 @@
 
 namespace hc = haframe::cuda;
 
+// GradScale from a host value and an optional device scalar (the capture path).
+template <typename acc_t>
+hc::GradScale<acc_t> scale_of(double value, const void* device) {
+  return hc::GradScale<acc_t>{static_cast<acc_t>(value), static_cast<const acc_t*>(device)};
+}
+
 extern "C" {
 
 // The first rule a kernel broke since the last call ("" when none); the caller copies it at once.
@@ -27,35 +33,43 @@ void emu_label_check(const int64_t* y, int64_t B, int64_t K, int64_t ignore_inde
   hc::launch_label_check(y, B, K, ignore_index, stats, nullptr);
 }
 
+void emu_grad_scale_f32(const unsigned long long* stats, int mean, float* out) {
+  hc::launch_grad_scale<float>(stats, mean != 0, out, nullptr);
+}
+
+void emu_grad_scale_f64(const unsigned long long* stats, int mean, double* out) {
+  hc::launch_grad_scale<double>(stats, mean != 0, out, nullptr);
+}
+
 }  // extern "C"
 
 #define EMU_WRAP(tag, scalar_t, acc_t)                                                                             \
   extern "C" void emu_row_epilogue_##tag(void* z, const void* h, const void* W, const void* inv_wn, const void* S, \
                                          const int64_t* y, int64_t R, int64_t K, int64_t d, double alpha,          \
-                                         int64_t ignore_index, int need_grad, double gscale, void* loss,           \
-                                         void* coef, void* inv_n, void* u) {                                       \
+                                         int64_t ignore_index, int need_grad, double gscale, const void* gdev,     \
+                                         void* loss, void* coef, void* inv_n, void* u) {                           \
     hc::launch_row_epilogue<scalar_t, acc_t>(                                                                     \
         static_cast<scalar_t*>(z), static_cast<const scalar_t*>(h), static_cast<const scalar_t*>(W),              \
         static_cast<const acc_t*>(inv_wn), static_cast<const acc_t*>(S), y, R, K, d, static_cast<acc_t>(alpha),   \
-        ignore_index, need_grad != 0, static_cast<acc_t>(gscale), static_cast<acc_t*>(loss),                      \
+        ignore_index, need_grad != 0, scale_of<acc_t>(gscale, gdev), static_cast<acc_t*>(loss),                   \
         static_cast<acc_t*>(coef), static_cast<acc_t*>(inv_n), static_cast<acc_t*>(u), nullptr);                  \
   }                                                                                                                \
   extern "C" void emu_row_epilogue_vec_##tag(void* z, const void* h, const void* W, const void* inv_wn,           \
                                              const void* S, const int64_t* y, int64_t R, int64_t K, int64_t d,     \
                                              double alpha, int64_t ignore_index, int need_grad, double gscale,     \
-                                             void* loss, void* inv_n, void* u, void* corr) {                       \
+                                             const void* gdev, void* loss, void* inv_n, void* u, void* corr) {     \
     hc::launch_row_epilogue_vec<scalar_t, acc_t>(                                                                 \
         static_cast<scalar_t*>(z), static_cast<const scalar_t*>(h), static_cast<const scalar_t*>(W),              \
         static_cast<const acc_t*>(inv_wn), static_cast<const acc_t*>(S), y, R, K, d, static_cast<acc_t>(alpha),   \
-        ignore_index, need_grad != 0, static_cast<acc_t>(gscale), static_cast<acc_t*>(loss),                      \
+        ignore_index, need_grad != 0, scale_of<acc_t>(gscale, gdev), static_cast<acc_t*>(loss),                   \
         static_cast<acc_t*>(inv_n), static_cast<acc_t*>(u), static_cast<scalar_t*>(corr), nullptr);               \
   }                                                                                                                \
   extern "C" void emu_mroute_finish_##tag(const void* h, const void* u, const void* v, const void* inv_n,         \
-                                          int64_t R, int64_t d, double alpha, double gscale, void* loss,           \
-                                          void* corr) {                                                            \
+                                          int64_t R, int64_t d, double alpha, double gscale, const void* gdev,     \
+                                          void* loss, void* corr) {                                                \
     hc::launch_mroute_finish<scalar_t, acc_t>(static_cast<const scalar_t*>(h), static_cast<const acc_t*>(u),      \
                                               static_cast<const acc_t*>(v), static_cast<const acc_t*>(inv_n), R,  \
-                                              d, static_cast<acc_t>(alpha), static_cast<acc_t>(gscale),           \
+                                              d, static_cast<acc_t>(alpha), scale_of<acc_t>(gscale, gdev),        \
                                               static_cast<acc_t*>(loss), static_cast<scalar_t*>(corr), nullptr);  \
   }                                                                                                                \
   extern "C" void emu_gather_correction_##tag(const void* h, const void* coef, int64_t R, int64_t d, void* corr) { \

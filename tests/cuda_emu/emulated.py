@@ -100,8 +100,9 @@ def _check():
 
 @torch.no_grad()
 def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, ignore_index=-100,
-               reduction=1, need_grad=True, tuned=False, chunk_bytes=CHUNK_BYTES):
-    """csrc/cuda/fused_loss.cpp's fused_loss_cuda on CPU tensors: (loss, grad); reduction 0 none, 1 mean, 2 sum."""
+               reduction=1, need_grad=True, tuned=False, chunk_bytes=CHUNK_BYTES, capturing=False):
+    """csrc/cuda/fused_loss.cpp's fused_loss_cuda on CPU tensors: (loss, grad); reduction 0 none, 1 mean, 2 sum.
+    ``capturing`` replays the CUDA-graph capture branch (counters and gradient scale kept on the device)."""
     L = lib()
     B, d = features.shape
     K = weight.shape[0]
@@ -113,7 +114,10 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
 
     stats = torch.empty(2, dtype=torch.int64)
     sp = ctypes.cast(stats.data_ptr(), ctypes.POINTER(ctypes.c_ulonglong))
-    if tuned:
+    if capturing:
+        L.emu_label_check(yp, _i(B), _i(K), _i(ignore_index), sp)
+        n_valid, first_bad = 0, 0  # not seen by the host
+    elif tuned:
         host = (ctypes.c_ulonglong * 2)()
         assert L.emu_label_check_to_host(yp, _i(B), _i(K), _i(ignore_index), sp, host) == 0
         n_valid, first_bad = int(host[0]), int(host[1])
@@ -146,6 +150,11 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
         ubuf = torch.full((R, d), nan, dtype=acc) if mroute else None
         vbuf = torch.full((R, d), nan, dtype=acc) if mroute else None
         gscale = (1.0 / n_valid if n_valid > 0 else 0.0) if reduction == 1 else 1.0
+        gdev = None
+        if capturing:
+            gdev = torch.full((1,), float("nan"), dtype=acc)
+            getattr(L, f"emu_grad_scale_{'f64' if acc == torch.float64 else 'f32'}")(sp, ctypes.c_int(reduction == 1),
+                                                                                   _p(gdev))
         if tuned and not mroute:
             getattr(L, f"emu_row_inv_norm_{tag}")(_p(W), _i(K), _i(d), _p(inv_wn))
             _check()
@@ -163,7 +172,7 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
             gb = grad[r0:r0 + nr] if need_grad else None
             yb = ctypes.cast(y.data_ptr() + 8 * r0, ctypes.POINTER(ctypes.c_int64))
             common = (_p(z), _p(hb), _p(W), _p(inv_wn), _p(S), yb, _i(nr), _i(K), _i(d), _f(alpha),
-                      _i(ignore_index), ctypes.c_int(int(need_grad)), _f(gscale), _p(lp))
+                      _i(ignore_index), ctypes.c_int(int(need_grad)), _f(gscale), _p(gdev), _p(lp))
             if vec:
                 getattr(L, f"emu_row_epilogue_vec_{tag}")(*common, _p(inv_n), _p(ubuf),
                                                           _p(gb) if need_grad and not mroute else None)
@@ -174,7 +183,7 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
                 v = vbuf[:nr]
                 torch.mm(ubuf[:nr], M, out=v)
                 getattr(L, f"emu_mroute_finish_{tag}")(_p(hb), _p(ubuf), _p(v), _p(inv_n), _i(nr), _i(d), _f(alpha),
-                                                       _f(gscale), _p(lp), _p(gb) if need_grad else None)
+                                                       _f(gscale), _p(gdev), _p(lp), _p(gb) if need_grad else None)
                 _check()
             elif need_grad and not vec:
                 getattr(L, f"emu_gather_correction_{tag}")(_p(hb), _p(coef), _i(nr), _i(d), _p(gb))
@@ -185,5 +194,8 @@ def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, 
         return rows, grad
     total = rows.sum()
     if reduction == 1:
-        total = total / n_valid if n_valid > 0 else total / 0.0
+        if capturing:
+            total = total / stats[0].to(total.dtype)
+        else:
+            total = total / n_valid if n_valid > 0 else total / 0.0
     return total, grad
