@@ -32,7 +32,30 @@ def main() -> None:
             with torch.no_grad():
                 hx.ops.haframe_loss(h, w.to(dtype), y, 0.4, reduction="none", backend="native", **kw)
     torch.cuda.synchronize()
+    capture_case()
     print("sanitize case ok")
+
+
+def capture_case() -> None:
+    """The CUDA-graph branch: a captured step replayed with an out-of-range label (must read nothing out of range)."""
+    for tuned in ("0", "1"):
+        os.environ["HAFRAME_CUDA_TUNED"] = tuned
+        h = torch.randn(9, 32, device="cuda").requires_grad_()
+        w = F.normalize(torch.randn(64, 32, device="cuda"), dim=1)
+        y = torch.randint(0, 64, (9,), device="cuda")
+        for kw in ({"similarity": w @ w.T}, {"gram": w.T @ w}):
+            hx.ops.haframe_loss(h, w, y, 0.4, backend="native", **kw).backward()  # warm-up
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            h.grad = None
+            with torch.cuda.graph(graph):
+                hx.ops.haframe_loss(h, w, y, 0.4, backend="native", **kw).backward()
+            y[3] = 1000
+            graph.replay()
+            y[3] = -7
+            graph.replay()
+            torch.cuda.synchronize()
+            y[3] = 0
 
 
 if __name__ == "__main__":
