@@ -36,7 +36,7 @@ ROUNDS = {
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
 CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "gemm2")
-GPU_PROVIDERS = ("fused", "fused_tuned", "eager", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
 
 
 def _params():
@@ -125,5 +125,5 @@ def test_providers_compute_the_same_gradient(shape, providers):
 def test_cuda_providers_compute_the_same_gradient():
     """On CUDA the default and the tuned fused paths agree with eager on h.grad."""
     case = P.make_case(P.GPU_SHAPES["inat"], "cuda")
-    errs = P.check_agreement(case, providers=("fused", "fused_tuned", "eager"))
+    errs = P.check_agreement(case, providers=("fused", "fused_tuned", "fused_graph", "eager"))
     assert max(errs.values()) < 1e-4, errs
