@@ -15,6 +15,8 @@ Providers (``PROVIDERS``):
 - ``fused_graph`` (CUDA only): the ``fused`` step (forward + backward) captured once in a CUDA graph and
   replayed per call (what ``torch.compile(mode="reduce-overhead")`` or a captured training step gives):
   the device's own time, without the per-call host work. The default CUDA path.
+- ``eager_graph`` (CUDA only): the eager loss's step captured and replayed the same way (the fair
+  comparison for ``fused_graph``).
 - ``fused``: ``haframe_ext.haframe_loss`` called as a user with a frozen weight calls it; for K <= S_MAX_K
   the op derives the frame's similarity ``S = W W^T`` (K x K) once per weight version and caches it (the
   warm-up fills the cache); for the large low-dimensional frames the d x d gram ``M = W^T W`` is
@@ -208,28 +210,23 @@ def build_fused_tuned(case: Case, alpha: float = ALPHA):
     return tuned
 
 
-def build_fused_graph(case: Case, alpha: float = ALPHA):
-    """The fused step (forward + backward) captured once in a CUDA graph and replayed: no host work per step."""
-    from haframe_ext.ops import haframe_loss
-
+def _graph_step(case: Case, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Forward + backward of ``loss_fn`` captured once in a CUDA graph (after a warm-up on a side stream);
+    the closure replays it: the device's own time, without per-step host work."""
     if case.device.type != "cuda":
         raise Skip("CUDA graphs are CUDA-only")
-    h, W, y = case.h, case.W, case.y
-    kw = {}
-    if case.S is None:
-        Wf = W.detach().float()
-        kw["gram"] = (Wf.T @ Wf).contiguous()
+    h = case.h
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             h.grad = None
-            haframe_loss(h, W, y, alpha, backend="native", **kw).backward()
+            loss_fn().backward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     h.grad = None
     with torch.cuda.graph(graph):
-        loss = haframe_loss(h, W, y, alpha, backend="native", **kw)
+        loss = loss_fn()
         loss.backward()
 
     def fn():
@@ -239,6 +236,24 @@ def build_fused_graph(case: Case, alpha: float = ALPHA):
 
     fn()
     return fn
+
+
+def build_fused_graph(case: Case, alpha: float = ALPHA):
+    from haframe_ext.ops import haframe_loss
+
+    h, W, y = case.h, case.W, case.y
+    kw = {}
+    if case.S is None:
+        Wf = W.detach().float()
+        kw["gram"] = (Wf.T @ Wf).contiguous()
+    return _graph_step(case, lambda: haframe_loss(h, W, y, alpha, backend="native", **kw))
+
+
+def build_eager_graph(case: Case, alpha: float = ALPHA):
+    h, W, y, S = case.h, case.W, case.y, case.S
+    if S is not None:
+        S = S.to(h.dtype)
+    return _graph_step(case, lambda: eager_loss(h, W, y, S, alpha))
 
 
 def build_eager(case: Case, alpha: float = ALPHA):
@@ -371,6 +386,7 @@ PROVIDERS: Dict[str, Callable] = {
     "fused": build_fused,
     "fused_tuned": build_fused_tuned,
     "fused_graph": build_fused_graph,
+    "eager_graph": build_eager_graph,
     "eager": build_eager,
     "compiled": build_compiled,
     "paper_loop": build_paper_loop,
@@ -380,7 +396,7 @@ PROVIDERS: Dict[str, Callable] = {
 }
 
 #: providers that compute the whole HAFrame loss (CE + cosine); the others cover less
-FULL_LOSS = ("fused", "fused_tuned", "fused_graph", "eager", "compiled", "paper_loop")
+FULL_LOSS = ("fused", "fused_tuned", "fused_graph", "eager_graph", "eager", "compiled", "paper_loop")
 CE_ONLY = ("sdpa", "liger")
 REFERENCE_ROWS = ("gemm2",)
 
@@ -388,7 +404,7 @@ REFERENCE_ROWS = ("gemm2",)
 def applicable(provider: str, shape: Shape, device) -> Optional[str]:
     """None if ``provider`` applies to ``shape`` on ``device``, else the reason it is skipped."""
     dev = torch.device(device)
-    if provider in ("sdpa", "liger", "fused_tuned", "fused_graph") and dev.type != "cuda":
+    if provider in ("sdpa", "liger", "fused_tuned", "fused_graph", "eager_graph") and dev.type != "cuda":
         return f"{provider} is CUDA-only"
     if provider == "paper_loop" and shape.K > PAPER_MAX_K:
         return f"paper loop only for K <= {PAPER_MAX_K}"
@@ -412,8 +428,8 @@ def provider_note(provider: str, shape: Shape) -> str:
         return "LigerFusedLinearCrossEntropyLoss, frozen weight, CE only"
     if provider == "gemm2":
         return "two torch.mm GEMMs alone (bound)"
-    if provider == "fused_graph":
-        return "CUDA graph replay of the fused step (its memory pool is taken at capture: peak extra ~0 per step)"
+    if provider in ("fused_graph", "eager_graph"):
+        return "CUDA graph replay of the whole step (its memory pool is taken at capture: peak extra ~0 per step)"
     if provider == "eager" and shape.K > S_MAX_K:
         return "S[y] computed per step as W[y] @ W.T"
     return ""

@@ -36,7 +36,7 @@ ROUNDS = {
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
 CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "gemm2")
-GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
 
 
 def _params():
