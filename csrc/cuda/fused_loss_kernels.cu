@@ -249,6 +249,21 @@ __device__ __forceinline__ void store_n(T* __restrict__ p, const acc_t (&in)[N])
   }
 }
 
+// Gather route, one vector of V logits from element k0: residuals r, cosines c, and rw = inv_wn r.
+template <int V, typename acc_t>
+__device__ __forceinline__ void vec_residuals(const acc_t (&zv)[V], const acc_t* __restrict__ srow,
+                                              const acc_t* __restrict__ inv_wn, int64_t k0, acc_t in,
+                                              acc_t (&r)[V], acc_t (&c)[V], acc_t (&rw)[V]) {
+  acc_t s[V], iw[V];
+  load_n<V>(srow + k0, s);
+  load_n<V>(inv_wn + k0, iw);
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    r[e] = cos_residual(zv[e], iw[e], in, s[e], &c[e]);
+    rw[e] = iw[e] * r[e];
+  }
+}
+
 // One row's pass-1 work on a vector of V logits starting at element k0 (residuals scaled by inv_wn kept in rw).
 template <int V, typename acc_t>
 __device__ __forceinline__ void vec_pass1(const acc_t (&zv)[V], const acc_t* __restrict__ srow,
@@ -257,16 +272,12 @@ __device__ __forceinline__ void vec_pass1(const acc_t (&zv)[V], const acc_t* __r
 #pragma unroll
   for (int e = 0; e < V; ++e) lse_push(l, zv[e]);
   if (srow) {
-    acc_t s[V], iw[V];
-    load_n<V>(srow + k0, s);
-    load_n<V>(inv_wn + k0, iw);
+    acc_t r[V], c[V];
+    vec_residuals<V>(zv, srow, inv_wn, k0, in, r, c, rw);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      acc_t c;
-      const acc_t r = cos_residual(zv[e], iw[e], in, s[e], &c);
-      lcos += r * r;
-      rc += r * c;
-      rw[e] = iw[e] * r;
+      lcos += r[e] * r[e];
+      rc += r[e] * c[e];
     }
   }
 }
@@ -369,14 +380,8 @@ __global__ void __launch_bounds__(NT)
       for (int64_t i = threadIdx.x; i < nk; i += NT) {
         load_n<V>(zr + i * V, zreg[0]);
         if (srow) {  // recompute the scaled residuals of this vector
-          acc_t s[V], iw[V];
-          load_n<V>(srow + i * V, s);
-          load_n<V>(inv_wn + i * V, iw);
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            acc_t c;
-            rwreg[0][e] = iw[e] * cos_residual(zreg[0][e], iw[e], in, s[e], &c);
-          }
+          acc_t r[V], c[V];
+          vec_residuals<V>(zreg[0], srow, inv_wn, i * V, in, r, c, rwreg[0]);
         }
         vec_grad<V>(zreg[0], rwreg[0], srow != nullptr, i * V, label, lse, in, alpha, gscale);
         store_n<V>(zr + i * V, zreg[0]);
