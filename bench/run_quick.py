@@ -385,23 +385,29 @@ def main(argv=None) -> int:
         ceilings = measure_ceilings(device)
         for c in ceilings:
             print(f"ceiling: {c['what']} TF32={c['tf32']}: {c['value']:.1f} {c['unit']} ({c['ms']:.3f} ms)")
-    results = run(shapes, device, providers, args.alpha, args.budget, args.min_rounds, args.max_rounds,
-                  with_memory=not args.no_memory)
-    env["load average (end)"] = environment(device).get("load average", "")
     command = "python -m bench.run_quick " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = to_markdown(results, env, ceilings, command)
-    print()
-    print(md)
-    if args.out:
+
+    def write(results) -> None:
+        if not args.out:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        if args.out.endswith(".csv"):
+        if not args.out.endswith(".csv"):
             with open(args.out, "w") as f:
-                f.write(to_csv(results))
-        else:
-            with open(args.out, "w") as f:
-                f.write(md)
-            with open(os.path.splitext(args.out)[0] + ".csv", "w") as f:
-                f.write(to_csv(results))
+                f.write(to_markdown(results, env, ceilings, command))
+        with open(args.out if args.out.endswith(".csv") else os.path.splitext(args.out)[0] + ".csv", "w") as f:
+            f.write(to_csv(results))
+
+    # the report is rewritten after every shape: a run cut short (a device time limit) keeps what it measured
+    results = []
+    for shape in shapes:
+        results += run([shape], device, providers, args.alpha, args.budget, args.min_rounds, args.max_rounds,
+                       with_memory=not args.no_memory)
+        write(results)
+    env["load average (end)"] = environment(device).get("load average", "")
+    write(results)
+    print()
+    print(to_markdown(results, env, ceilings, command))
+    if args.out:
         print(f"wrote {args.out}")
     return 0
 
