@@ -1,9 +1,21 @@
-"""Class hierarchies (trees whose leaves are the classes), their LCA-height distances, and distance-matrix input.
+"""Class hierarchies (trees whose leaves are the classes), their tree distances, and distance-matrix input.
 
-A hierarchy is a rooted tree.  The classes are its leaves, in label order.  The
-distance between classes i and j is the height of their lowest common ancestor
-(height of a node = the longest downward path from it to a leaf), so
-``d[i, i] == 0``.
+A hierarchy is a rooted tree.  The classes are its leaves, in label order.
+
+**Distance convention.**  By default (``convention="published"``) the distance between
+classes i != j is
+
+    d[i, j] = D - depth(LCA(i, j)),    D = the depth of the deepest class,
+
+and ``d[i, i] = 0``: the height of the LCA once every leaf is padded down to depth D.  This is
+the convention of the published distance matrices ("Making Better Mistakes", used as they are
+by the HAFrame, CRM and HAF code), so frames, s_min and metrics reproduce published numbers;
+the bundled tieredImageNet-H tree and the ImageNet-1k isa tree give their published matrices
+exactly.  ``convention="height"`` takes instead the longest downward path from the LCA to a
+leaf.  The two agree on balanced trees and differ on unbalanced ones::
+
+    root -> A -> a1, a2;  root -> B -> b1, B2 -> b2, b3     (D = 3)
+    published: d[a1, a2] = 3 - 1 = 2     height: d[a1, a2] = 1   (A's longest path down)
 
 Edge-list format (``from_edges`` / ``to_edges``): one ``parent child`` edge per line.
 A line containing a tab splits on tabs only (names may contain spaces, such as
@@ -25,14 +37,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "BUILTIN_NAMES"]
+__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "BUILTIN_NAMES", "CONVENTIONS"]
 
 BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
-
-# Builtins whose ``distances()`` is the published matrix rather than LCA heights on the bundled
-# tree: tieredImageNet-H's published distances were computed on the full WordNet graph, and LCA
-# heights on the pruned 608-leaf tree agree with them on only about 73% of the class pairs.
-_REFERENCE_DISTANCES = frozenset({"tiered_imagenet_h"})
+CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
 
 _MAX_LISTED = 8  # names listed in one error message before "..."
 
@@ -42,6 +50,14 @@ class HierarchyError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading input
+def _check_convention(convention) -> str:
+    """Return a valid distance-convention name, or raise naming the valid ones."""
+    if convention not in CONVENTIONS:
+        raise HierarchyError(f"unknown distance convention {convention!r}; valid: {', '.join(CONVENTIONS)} "
+                             "('published' reproduces the published distance matrices)")
+    return convention
+
+
 def _listed(names: Iterable) -> str:
     """Format names for an error message, at most _MAX_LISTED of them."""
     names = list(names)
@@ -240,14 +256,6 @@ class Hierarchy:
         classes.name = f"{name}_classes.txt"
         h = cls.from_edges(edges, classes)
         h._name = name
-        if name in _REFERENCE_DISTANCES:
-            ref = np.load(io.BytesIO(folder.joinpath(f"{name}_reference_distances.npy").read_bytes()),
-                          allow_pickle=False)
-            h._distances = as_distance_matrix(ref)
-            if h._distances.shape[0] != h.num_classes:
-                raise HierarchyError(
-                    f"bundled {name} reference matrix is {h._distances.shape} for {h.num_classes} "
-                    "classes; the package data is corrupt, reinstall haframe_ext")
         return h
 
     @classmethod
@@ -278,12 +286,12 @@ class Hierarchy:
         index = {n: i for i, n in enumerate(order)}
         parent_idx = np.array([index[parent_of[n]] if n in parent_of else -1 for n in order], dtype=np.int64)
         depth = np.zeros(len(order), dtype=np.int64)
-        for i in range(1, len(order)):
+        for i in range(1, len(order)):  # breadth-first: a parent's depth is set before its children's
             depth[i] = depth[parent_idx[i]] + 1
         height = np.zeros(len(order), dtype=np.int64)
-        for i in range(len(order) - 1, 0, -1):
-            p = parent_idx[i]
-            height[p] = max(height[p], height[i] + 1)
+        for lvl in range(int(depth.max()), 0, -1):  # deepest level first: children before parents
+            idx = np.flatnonzero(depth == lvl)
+            np.maximum.at(height, parent_idx[idx], height[idx] + 1)
 
         leaves = [n for n in order if not children[n]]
         if classes is None:
@@ -303,7 +311,9 @@ class Hierarchy:
         self._height = height
         self._classes = list(names)
         self._class_idx = np.array([index[c] for c in names], dtype=np.int64)
+        self._convention = CONVENTIONS[0]
         self._distances = None
+        self._tree = None
 
     @staticmethod
     def _check_acyclic(edges: _Edges) -> None:
@@ -400,6 +410,43 @@ class Hierarchy:
         """Length of the longest downward path from node to a leaf."""
         return int(self._height[self._idx(node)])
 
+    def lca_height(self, node: str) -> int:
+        """The distance this node gives as an LCA under the hierarchy's convention: d[i, j] = lca_height(LCA(i, j))."""
+        return int(self._levels(self._convention)[self._idx(node)])
+
+    @property
+    def max_depth(self) -> int:
+        """D, the depth of the deepest class (the published convention pads every leaf down to it)."""
+        return int(self._depth[self._class_idx].max())
+
+    @property
+    def is_balanced(self) -> bool:
+        """True when every class is at the same depth (then both conventions give the same distances)."""
+        leaf_depth = self._depth[self._class_idx]
+        return bool(leaf_depth.min() == leaf_depth.max())
+
+    @property
+    def convention(self) -> str:
+        """The distance convention of distances(), frames and metrics: 'published' (default) or 'height'."""
+        return self._convention
+
+    def with_convention(self, convention: str) -> "Hierarchy":
+        """The same tree with distances under another convention ('published' or 'height'; module docstring)."""
+        convention = _check_convention(convention)
+        if convention == self._convention:
+            return self
+        out = Hierarchy.__new__(Hierarchy)
+        out.__dict__.update(self.__dict__)
+        out._convention, out._distances, out._tree = convention, None, None
+        return out
+
+    def _levels(self, convention: str) -> np.ndarray:
+        """Per node, the distance it gives as an LCA, int64 [nodes]: 0 at leaves; D - depth or the height above."""
+        if convention == "height":
+            return self._height
+        D = self.max_depth
+        return np.where(self._height == 0, 0, D - self._depth)
+
     def is_leaf(self, node: str) -> bool:
         """True if node has no children."""
         return not self._children[self._order[self._idx(node)]]
@@ -424,13 +471,15 @@ class Hierarchy:
             i, j = self._parent_idx[i], self._parent_idx[j]
         return self._order[i]
 
-    def tree_distances(self) -> np.ndarray:
-        """LCA heights computed on the tree, int64 [K, K] (equals distances() except for reference-matrix builtins).
+    def tree_distances(self, convention=None) -> np.ndarray:
+        """The distance matrix computed on the tree, int64 [K, K], uncached (distances() caches it).
 
+        convention: 'published' or 'height' (module docstring), default the hierarchy's.
         O(K^2 + nodes) time, whatever the depth: with the classes in depth-first order every subtree
         is a contiguous block, and the pairs whose LCA is node v are the blocks between one child's
         leaves and the leaves of the children before it, each written with v's height.
         """
+        level = self._levels(_check_convention(convention or self._convention))
         K = self.num_classes
         n = len(self._order)
         index = self._index
@@ -449,7 +498,7 @@ class Hierarchy:
         for v in range(n):  # breadth-first: a node is written before its descendants
             if len(kids[v]) < 2:
                 continue
-            h, first, size = self._height[v], int(start[v]), int(count[v])
+            h, first, size = level[v], int(start[v]), int(count[v])
             inner = sum(int(count[c]) ** 2 for c in kids[v])  # pairs within one child (and the diagonal)
             if inner <= size * size - inner:
                 # Mostly cross pairs (wide or balanced nodes): one contiguous block write is cheaper, and
@@ -467,12 +516,14 @@ class Hierarchy:
             return lca_height
         return lca_height[np.ix_(pos, pos)]
 
-    def distances(self) -> np.ndarray:
-        """Class distance matrix, int64 [K, K]: d[i, j] = height of LCA(i, j) (cached; returns a copy).
+    def distances(self, convention=None) -> np.ndarray:
+        """Class distance matrix, int64 [K, K] (a copy): d[i, j] under convention, default the hierarchy's.
 
-        For the tiered_imagenet_h builtin this is the published reference matrix (computed on the
-        full WordNet graph, which the pruned tree reproduces on only about 73% of the pairs).
+        K x K memory: for large K use ``tree`` (pair distances, products with E and S) instead.
         """
+        convention = _check_convention(convention or self._convention)
+        if convention != self._convention:
+            return self.tree_distances(convention)
         if self._distances is None:
             self._distances = self.tree_distances()
         return self._distances.copy()
@@ -502,7 +553,7 @@ class Hierarchy:
     def __repr__(self) -> str:
         name = f"{self._name!r}, " if self._name else ""
         return (f"Hierarchy({name}num_classes={self.num_classes}, nodes={len(self._order)}, "
-                f"height={self.height}, root={self._root!r})")
+                f"height={self.height}, root={self._root!r}, convention={self._convention!r})")
 
 
 # ----------------------------------------------------------------------------- distance matrices

@@ -1,8 +1,9 @@
-"""Tests for haframe_ext.hierarchy: tree loading and validation, LCA-height distances, distance-matrix input."""
+"""Tests for haframe_ext.hierarchy: tree loading and validation, tree distances (both conventions), distance-matrix input."""
 
 import io
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +13,27 @@ from hypothesis import given, settings, strategies as st
 from haframe_ext.hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
 
 DATA = resources.files("haframe_ext").joinpath("_hierarchies")
+PUBLISHED = Path(__file__).parent / "data"  # the published distance matrices, test data only
 
 # root -> A -> {a1, a2};  root -> B -> {b1, B2 -> {b2, b3}}   (unbalanced: leaves at depth 2 and 3)
 TOY_EDGES = "root A\nroot B\nA a1\nA a2\nB b1\nB B2\nB2 b2\nB2 b3\n"
 TOY_CLASSES = ["a1", "a2", "b1", "b2", "b3"]
-TOY_D = np.array([
-    [0, 1, 3, 3, 3],
-    [1, 0, 3, 3, 3],
+TOY_D = np.array([  # published convention: D - depth(LCA), D = 3
+    [0, 2, 3, 3, 3],
+    [2, 0, 3, 3, 3],
     [3, 3, 0, 2, 2],
     [3, 3, 2, 0, 1],
     [3, 3, 2, 1, 0],
 ])
 
 
+TOY_D_HEIGHT = TOY_D.copy()  # height convention: A's longest downward path is 1
+TOY_D_HEIGHT[0, 1] = TOY_D_HEIGHT[1, 0] = 1
+
+
 def reference(name):
-    """The bundled published distance matrix of a builtin."""
-    return np.load(io.BytesIO(DATA.joinpath(f"{name}_reference_distances.npy").read_bytes()), allow_pickle=False)
+    """The published distance matrix of a builtin (test data)."""
+    return np.load(PUBLISHED / f"{name}_reference_distances.npy", allow_pickle=False)
 
 
 def toy():
@@ -36,18 +42,32 @@ def toy():
 
 
 # ----------------------------------------------------------------------------- builtins
-@pytest.mark.parametrize("name", ["cifar100", "fgvc_aircraft", "inat19"])
-def test_builtin_tree_distances_equal_reference(name):
-    d = Hierarchy.builtin(name).distances()
-    assert d.dtype == np.int64
-    np.testing.assert_array_equal(d, reference(name))
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_tree_distances_equal_published_matrix(name):
+    h = Hierarchy.builtin(name)
+    d = h.distances()
+    assert d.dtype == np.int64 and h.convention == "published"
+    np.testing.assert_array_equal(d, reference(name))  # every pair, tieredImageNet-H (unbalanced) included
 
 
-def test_tiered_uses_reference_matrix():
+def test_tiered_height_convention_differs_on_a_quarter_of_pairs():
     h = Hierarchy.builtin("tiered_imagenet_h")
-    np.testing.assert_array_equal(h.distances(), reference("tiered_imagenet_h"))
-    agree = (h.tree_distances() == reference("tiered_imagenet_h")).mean()
-    assert 0.70 < agree < 0.76  # the pruned tree reproduces only ~73% of the published pairs
+    assert not h.is_balanced and h.max_depth == 12
+    agree = (h.distances(convention="height") == reference("tiered_imagenet_h")).mean()
+    assert 0.70 < agree < 0.76
+    np.testing.assert_array_equal(h.with_convention("height").distances(), h.distances(convention="height"))
+
+
+def test_conventions_on_the_toy_tree():
+    h = toy()
+    np.testing.assert_array_equal(h.distances(), TOY_D)
+    np.testing.assert_array_equal(h.distances(convention="height"), TOY_D_HEIGHT)
+    hh = h.with_convention("height")
+    assert hh.convention == "height" and h.convention == "published"
+    np.testing.assert_array_equal(hh.distances(), TOY_D_HEIGHT)
+    assert h.lca_height("A") == 2 and hh.lca_height("A") == 1 and h.lca_height("a1") == 0
+    with pytest.raises(HierarchyError, match="unknown distance convention 'lca'.*published, height"):
+        h.distances(convention="lca")
 
 
 @pytest.mark.parametrize("name,K,height", [
@@ -79,7 +99,7 @@ def test_unknown_builtin_lists_valid_names():
 def test_distances_returns_a_copy():
     h = toy()
     h.distances()[0, 1] = 99
-    assert h.distances()[0, 1] == 1
+    assert h.distances()[0, 1] == 2
 
 
 # ----------------------------------------------------------------------------- tree queries
@@ -126,7 +146,7 @@ def test_paths_and_class_files(tmp_path):
     h = Hierarchy.from_edges(tmp_path / "t.txt", tmp_path / "c.txt")
     assert h.classes == ["b3", "b2", "b1", "a2", "a1"]
     np.testing.assert_array_equal(h.distances(), TOY_D[::-1, ::-1])
-    assert Hierarchy.from_edges(str(tmp_path / "t.txt"), ["a2", "a1", "b1", "b2", "b3"]).distances()[0, 1] == 1
+    assert Hierarchy.from_edges(str(tmp_path / "t.txt"), ["a2", "a1", "b1", "b2", "b3"]).distances()[0, 1] == 2
     np.testing.assert_array_equal(Hierarchy.from_nested(tmp_path / "t.json").distances(), TOY_D)
 
 
@@ -154,8 +174,11 @@ def random_parents(draw):
 def test_random_trees(parents):
     h = Hierarchy.from_parents(parents)
     d = h.distances()
-    expected = np.array([[h.node_height(h.lca(a, b)) for b in h.classes] for a in h.classes])
+    D = max(h.depth(c) for c in h.classes)  # published convention by brute force: D - depth(LCA)
+    expected = np.array([[0 if a == b else D - h.depth(h.lca(a, b)) for b in h.classes] for a in h.classes])
     np.testing.assert_array_equal(d, expected)
+    heights = np.array([[h.node_height(h.lca(a, b)) for b in h.classes] for a in h.classes])
+    np.testing.assert_array_equal(h.distances(convention="height"), heights)
     # LCA heights form an ultrametric: d[i, k] <= max(d[i, j], d[j, k])
     assert (d[:, None, :] <= np.maximum(d[:, :, None], d[None, :, :])).all()
     buf = io.StringIO()
@@ -244,7 +267,7 @@ def test_as_distance_matrix_inputs(tmp_path):
         assert d.dtype == np.int64
         np.testing.assert_array_equal(d, TOY_D)
     half = as_distance_matrix(TOY_D / 2)
-    assert half.dtype == np.float64 and half[0, 1] == 0.5
+    assert half.dtype == np.float64 and half[0, 1] == 1.0
 
 
 def _with(d, i, j, v):
