@@ -38,6 +38,12 @@ Providers (``PROVIDERS``):
   that ran is reported in ``provider_note``.
 - ``liger`` (CUDA only, needs ``liger_kernel``): Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``
   with the frozen weight, cross entropy only (no cosine term). Skipped when not importable.
+- ``torch_lce`` / ``torch_lce_chunked``: PyTorch's own ``F.linear_cross_entropy(h, W, y)`` (new in torch 2.13),
+  cross entropy only (no cosine term): what a user would pick instead of the fused loss. ``torch_lce`` is its
+  reference path (``options=None``: ``linear`` then ``cross_entropy``); ``torch_lce_chunked`` passes
+  ``options=LinearCrossEntropyOptions()`` (batch chunks, gradient computed in forward, no B x K logits at
+  once; the resolved chunk size and policy are in ``provider_note``). The builder checks the loss once
+  against ``F.cross_entropy(h @ W.T, y)``. Skipped on a torch without it.
 - ``gemm2`` (reference row, not a loss): the two unavoidable GEMMs alone, ``Z = h W^T`` and
   ``Z W``, with torch.mm and no autograd: the lower bound the fused op is compared with.
 """
@@ -367,6 +373,84 @@ def build_liger(case: Case, alpha: float = ALPHA):
     return _step(case, lambda: loss_fn(W, h, y))
 
 
+# -- torch_lce: PyTorch's F.linear_cross_entropy (torch >= 2.13), CE only
+_LCE_NOTES: Dict[Tuple, str] = {}
+LCE_CHECK_ROWS = 1024  # rows of the one-off loss check against F.cross_entropy(h @ W.T, y)
+
+
+def lce_available() -> Optional[str]:
+    """None if this torch has F.linear_cross_entropy and LinearCrossEntropyOptions, else why not."""
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (new in 2.13)"
+    try:
+        from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions  # noqa: F401
+    except Exception as exc:
+        return f"torch {torch.__version__} lacks LinearCrossEntropyOptions ({type(exc).__name__})"
+    return None
+
+
+def lce_options(chunked: bool):
+    """``LinearCrossEntropyOptions()`` (all defaults: auto chunk size and policy) or None (reference path)."""
+    if not chunked:
+        return None
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    return LinearCrossEntropyOptions()
+
+
+def lce_check(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, options) -> Tuple[float, float]:
+    """(F.linear_cross_entropy, F.cross_entropy(h @ W.T, y)) in float64 on the first LCE_CHECK_ROWS rows."""
+    n = min(h.shape[0], LCE_CHECK_ROWS)
+    hs, ys = h.detach()[:n].contiguous(), y[:n]
+    with torch.no_grad():  # the chunked path computes its gradient in forward only when grad is on
+        got = F.linear_cross_entropy(hs, W, ys, options=options).double().item()
+        want = F.cross_entropy((hs @ W.T).double(), ys).item()  # plain-PyTorch reference
+    return got, want
+
+
+def _build_lce(case: Case, chunked: bool):
+    why = lce_available()
+    if why:
+        raise Skip(why)
+    import warnings
+
+    h, W, y = case.h, case.W, case.y
+    assert not W.requires_grad  # gradient w.r.t. the features only, as for every provider
+    options = lce_options(chunked)
+    got, want = lce_check(h, W, y, options)
+    tol = 1e-4 if h.dtype in (torch.float32, torch.float64) else 2e-2
+    if not abs(got - want) <= tol * max(1.0, abs(want)):
+        raise RuntimeError(f"F.linear_cross_entropy {got:.6f} != F.cross_entropy(h @ W.T, y) {want:.6f}")
+    with warnings.catch_warnings(record=True) as caught:  # a fallback to the reference path warns
+        warnings.simplefilter("always")
+        fn = _step(case, lambda: F.linear_cross_entropy(h, W, y, options=options))
+    note = f"F.linear_cross_entropy, CE only, checked == F.cross_entropy(h @ W.T, y) (diff {abs(got - want):.1e})"
+    if chunked:
+        note += "; options=LinearCrossEntropyOptions()"
+        try:  # the chunk size and policy "auto" resolves to here (a private helper of the options class)
+            r = options._adjust(h.shape[0], h.shape[1], W.shape[0], h.dtype, h.device)
+            note += f": batch_chunk_size={r.batch_chunk_size} ({r.chunking_method}), acc_policy={r.acc_policy}"
+        except Exception:
+            pass
+    else:
+        note += "; options=None (reference path)"
+    msgs = sorted({str(w.message)[:100] for w in caught})  # e.g. a fallback from the chunked path
+    if msgs:
+        note += "; warned: " + " | ".join(msgs[:2])
+    _LCE_NOTES[(case.shape, chunked)] = note
+    return fn
+
+
+def build_torch_lce(case: Case, alpha: float = ALPHA):
+    """``F.linear_cross_entropy(h, W, y)`` on its reference path (options=None); CE only."""
+    return _build_lce(case, chunked=False)
+
+
+def build_torch_lce_chunked(case: Case, alpha: float = ALPHA):
+    """``F.linear_cross_entropy(h, W, y, options=LinearCrossEntropyOptions())``; CE only."""
+    return _build_lce(case, chunked=True)
+
+
 def build_gemm2(case: Case, alpha: float = ALPHA):
     """The two B x d x K GEMMs alone (logits, then logits-shaped G times W), no autograd."""
     h, W = case.h.detach(), case.W
@@ -392,12 +476,14 @@ PROVIDERS: Dict[str, Callable] = {
     "paper_loop": build_paper_loop,
     "sdpa": build_sdpa,
     "liger": build_liger,
+    "torch_lce": build_torch_lce,
+    "torch_lce_chunked": build_torch_lce_chunked,
     "gemm2": build_gemm2,
 }
 
 #: providers that compute the whole HAFrame loss (CE + cosine); the others cover less
 FULL_LOSS = ("fused", "fused_tuned", "fused_graph", "eager_graph", "eager", "compiled", "paper_loop")
-CE_ONLY = ("sdpa", "liger")
+CE_ONLY = ("sdpa", "liger", "torch_lce", "torch_lce_chunked")
 REFERENCE_ROWS = ("gemm2",)
 
 
@@ -408,6 +494,10 @@ def applicable(provider: str, shape: Shape, device) -> Optional[str]:
         return f"{provider} is CUDA-only"
     if provider == "paper_loop" and shape.K > PAPER_MAX_K:
         return f"paper loop only for K <= {PAPER_MAX_K}"
+    if provider in ("torch_lce", "torch_lce_chunked"):
+        why = lce_available()
+        if why:
+            return why
     if dev.type == "cuda" and not torch.cuda.is_available():
         return "CUDA not available"
     return None
@@ -426,6 +516,8 @@ def provider_note(provider: str, shape: Shape) -> str:
         return _SDPA_NOTES.get((shape.name,), "CE only")
     if provider == "liger":
         return "LigerFusedLinearCrossEntropyLoss, frozen weight, CE only"
+    if provider in ("torch_lce", "torch_lce_chunked"):
+        return _LCE_NOTES.get((shape, provider == "torch_lce_chunked"), "F.linear_cross_entropy, CE only")
     if provider == "gemm2":
         return "two torch.mm GEMMs alone (bound)"
     if provider in ("fused_graph", "eager_graph"):
@@ -454,5 +546,5 @@ def check_agreement(case: Case, alpha: float = ALPHA, providers=("fused", "eager
 
 __all__ = ["Shape", "Case", "Skip", "CPU_SHAPES", "GPU_SHAPES", "PROVIDERS", "FULL_LOSS", "CE_ONLY",
            "make_case", "shapes_for", "build", "applicable", "provider_note", "eager_loss", "gemm2_flops",
-           "check_agreement", "liger_loss_class"]
+           "check_agreement", "liger_loss_class", "lce_available", "lce_options", "lce_check"]
 

@@ -37,7 +37,8 @@ import torch
 from . import memory as MEM
 from . import providers as P
 
-DEFAULT_PROVIDERS = "fused,fused_tuned,fused_graph,eager,eager_graph,compiled,paper_loop,sdpa,liger,gemm2"
+DEFAULT_PROVIDERS = ("fused,fused_tuned,fused_graph,eager,eager_graph,compiled,paper_loop,sdpa,liger,torch_lce,"
+                     "torch_lce_chunked,gemm2")
 
 
 # ----------------------------------------------------------------------------- TF32 state

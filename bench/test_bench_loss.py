@@ -35,15 +35,18 @@ ROUNDS = {
 # the paper loop takes seconds per step at K=1010 on CPU (1010 autograd subgraphs)
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
-CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "gemm2")
-GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa", "liger", "gemm2")
+CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "torch_lce", "torch_lce_chunked", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa", "liger",
+                 "torch_lce", "torch_lce_chunked", "gemm2")
+# providers kept as parameters on a torch that lacks them, so they show up as skipped with the reason
+SKIP_VISIBLY = ("torch_lce", "torch_lce_chunked")
 
 
 def _params():
     out = []
     for shape in P.CPU_SHAPES.values():
         for prov in CPU_PROVIDERS:
-            if P.applicable(prov, shape, "cpu") is None:
+            if P.applicable(prov, shape, "cpu") is None or prov in SKIP_VISIBLY:
                 out.append(pytest.param("cpu", shape, prov, id=f"cpu-{shape.name}-{prov}"))
     for shape in P.GPU_SHAPES.values():
         for prov in GPU_PROVIDERS:
@@ -127,3 +130,36 @@ def test_cuda_providers_compute_the_same_gradient():
     case = P.make_case(P.GPU_SHAPES["inat"], "cuda")
     errs = P.check_agreement(case, providers=("fused", "fused_tuned", "fused_graph", "eager"))
     assert max(errs.values()) < 1e-4, errs
+
+
+LCE = ("torch_lce", "torch_lce_chunked")
+
+
+@pytest.mark.parametrize("shape", list(P.CPU_SHAPES))
+@pytest.mark.parametrize("provider", LCE)
+def test_torch_lce_equals_reference_ce(shape, provider):
+    """F.linear_cross_entropy (reference and chunked) gives the CE of h W^T and its h.grad, as haframe_loss at alpha=0."""
+    why = P.lce_available()
+    if why:
+        pytest.skip(why)
+    import torch.nn.functional as F
+
+    from haframe_ext.ops import haframe_loss
+
+    case = P.make_case(P.CPU_SHAPES[shape], "cpu")
+    h, W, y = case.h, case.W, case.y
+    opts = P.lce_options(provider == "torch_lce_chunked")
+    h.grad = None
+    loss = F.linear_cross_entropy(h, W, y, options=opts)
+    loss.backward()
+    got, grad = loss.item(), h.grad.clone()
+    h.grad = None
+    ref = F.cross_entropy(h @ W.T, y)  # plain-PyTorch reference
+    ref.backward()
+    ref_grad = h.grad.clone()
+    h.grad = None
+    ce0 = haframe_loss(h.detach(), W, y, 0.0).item()  # the fused op's CE part alone
+    assert abs(got - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())), (got, ref.item())
+    assert abs(got - ce0) <= 1e-5 * max(1.0, abs(ce0)), (got, ce0)
+    assert ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item() < 1e-4
+    assert W.grad is None
