@@ -440,6 +440,14 @@ class Hierarchy:
         out._convention, out._distances, out._tree = convention, None, None
         return out
 
+    @property
+    def tree(self):
+        """The TreeOperator of this hierarchy under its convention: E, S, d products and pair distances, no K x K."""
+        if self._tree is None:
+            from .tree import TreeOperator
+            self._tree = TreeOperator(self._parent_idx, self._depth, self._levels(self._convention), self._class_idx)
+        return self._tree
+
     def _levels(self, convention: str) -> np.ndarray:
         """Per node, the distance it gives as an LCA, int64 [nodes]: 0 at leaves; D - depth or the height above."""
         if convention == "height":
