@@ -6,6 +6,10 @@ Checkpoint files live in :mod:`haframe_ext.checkpoint`, process groups and shard
 names (:func:`load_checkpoint`, :class:`CheckpointError`, :func:`atomic_save`,
 :class:`DistributedError`, :class:`GlobalBatchSampler`, :func:`demo`, ...) are importable from here too.
 
+Each epoch appends one record to ``metrics.jsonl``: ``train_loss``, ``train_top1`` (percent, as the
+validation ``top1``; null for the fixed-frame methods trained with the fused loss, whose training step
+forms no logits outside the fused op), ``lr``, ``alpha``, the validation metrics and ``best_epoch``.
+
 Reliability contract of :func:`train`:
 
 - A checkpoint after every epoch, written atomically (temp file in the same folder, fsync,
@@ -47,6 +51,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -140,8 +145,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         d = dict(d)
-        if "eval_ks" in d and d["eval_ks"] is not None:
-            d["eval_ks"] = tuple(int(k) for k in d["eval_ks"])
+        if isinstance(d.get("eval_ks"), list):  # JSON has no tuples; the element types are checked by validate()
+            d["eval_ks"] = tuple(d["eval_ks"])
         return cls(**d)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -150,24 +155,104 @@ class TrainConfig:
         return d
 
     def validate(self) -> None:
+        """Check every field's type and range (a ValueError naming the field and its flag); ints given for
+        float fields become floats."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_field(f.name, str(f.type), getattr(self, f.name)))
         check_method(self.method)
         if self.backbone is not None and self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        bad_ks = [k for k in self.eval_ks if int(k) < 1]
-        if bad_ks:
-            raise ValueError(f"eval_ks must be >= 1 (the k of top-k and HierDist@k), got {bad_ks[0]}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (batch norm), got {self.batch_size}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.lr <= 0 or self.backbone_lr_scale < 0:
-            raise ValueError(f"lr must be > 0 and backbone_lr_scale >= 0, got {self.lr}, {self.backbone_lr_scale}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.device != "auto" and not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r} (--device)")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}) (--min-lr, --lr)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# the range of each numeric TrainConfig field: (test, how the message states it); types come from the annotations
+_RANGES = {
+    "hidden": (lambda v: v >= 1, ">= 1"), "depth": (lambda v: v >= 1, ">= 1"),
+    "widen_factor": (lambda v: v >= 1, ">= 1"), "feature_dim": (lambda v: v >= 1, ">= 1"),
+    "num_blocks": (lambda v: v >= 0, ">= 0"), "gamma": (lambda v: v > 0, "> 0"),
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), "alpha_period": (lambda v: v > 0, "> 0 (epochs)"),
+    "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 2, ">= 2 (batch norm)"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"), "lr": (lambda v: v > 0, "> 0"),
+    "backbone_lr_scale": (lambda v: v >= 0, ">= 0"), "min_lr": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"), "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "num_workers": (lambda v: v >= 0, ">= 0"),
+    "n_per_class": (lambda v: v >= 1, ">= 1"),
+    "eval_per_class": (lambda v: v >= 1, ">= 1 (omit it for the default, n_per_class)"),
+    "input_dim": (lambda v: v >= 1, ">= 1"), "difficulty": (lambda v: v >= 0, ">= 0"),
+    "image_size": (lambda v: v >= 1, ">= 1"), "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
+    "stop_after_epochs": (lambda v: v >= 1, ">= 1"),
+    "eval_ks": (lambda v: v >= 1, ">= 1 (the k of top-k and HierDist@k)"),
+}
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _shown(v: Any) -> str:
+    """A config value as the message quotes it (cut at 60 characters), with the JSON kind of a string or null."""
+    text = "null" if v is None else repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+    return f"{text} (a string)" if isinstance(v, str) else text
+
+
+def _check_field(name: str, annotation: str, v: Any) -> Any:
+    """``v`` checked against the field's type and range; raises a ValueError naming the field and its flag."""
+    tp = annotation.replace("typing.", "")
+    optional = tp.startswith("Optional[")
+    if optional:
+        if v is None:
+            return None
+        tp = tp[len("Optional["):-1]
+
+    def bad(what: str) -> ValueError:
+        none = " or null (omitted)" if optional else ""
+        return ValueError(f"{name} must be {what}{none}, got {_shown(v)} ({_flag(name)})")
+
+    def number(x, integer: bool):
+        allowed = int if integer else (int, float)
+        if isinstance(x, bool) or not isinstance(x, allowed):
+            if integer and isinstance(x, float) and x.is_integer():
+                raise bad("an integer (written without a decimal point)")
+            raise bad("an integer" if integer else "a number")
+        if not integer and not math.isfinite(x):
+            raise bad("a finite number")
+        return x if integer else float(x)
+
+    rng = _RANGES.get(name)
+    if tp == "bool":
+        if not isinstance(v, bool):
+            raise bad("true or false" + (" (a JSON boolean, without quotes)" if isinstance(v, str) else ""))
+        return v
+    if tp == "str":
+        if not isinstance(v, str) or not v:
+            raise bad("a non-empty string")
+        return v
+    if tp == "Union[str, float]":  # s_min
+        if v in ("exact", "grid"):
+            return v
+        if isinstance(v, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad("'exact', 'grid' or a finite number")
+        return float(v)
+    if tp.startswith("Tuple[int"):
+        if not isinstance(v, (list, tuple)) or not v or any(isinstance(k, bool) or not isinstance(k, int) for k in v):
+            raise bad("a non-empty list of integers")
+        ks = tuple(v)
+        bad_k = next((k for k in ks if not rng[0](k)), None)
+        if bad_k is not None:
+            raise ValueError(f"{name} must be {rng[1]}, got {bad_k} ({_flag(name)})")
+        return ks
+    if tp in ("int", "float"):
+        x = number(v, tp == "int")
+        if rng is not None and not rng[0](x):
+            raise ValueError(f"{name} must be {rng[1]}, got {x!r} ({_flag(name)})")
+        return x
+    raise AssertionError(f"TrainConfig field {name}: no check for type {annotation}")
 
 
 # fields that must agree between a checkpoint and the run resuming from it
@@ -285,6 +370,25 @@ def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
     criterion = build_loss(config.method, model, alpha=config.alpha, schedule=config.alpha_schedule,
                            period=config.alpha_period, total_epochs=config.epochs)
     return dict(hierarchy=h, distances=d, datasets=datasets, model=model, criterion=criterion, frame=frame)
+
+
+class _Features(nn.Module):
+    """The features ``h`` of a :class:`HAFrameModel` (backbone, then transform), without the classifier's logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.transform(self.model.backbone(x))
+
+
+def _epoch_line(config: TrainConfig, epoch: int, train_loss: float, train_top1: Optional[float],
+                val: Dict[str, Any]) -> str:
+    """One line per epoch: top-1 in percent for train and val alike (train only where the step forms logits)."""
+    train = f" train top1 {train_top1:.2f}%" if train_top1 is not None else ""
+    return (f"[{config.method}] epoch {epoch}/{config.epochs} loss {train_loss:.4f}{train} | val top1 "
+            f"{val.get('top1', float('nan')):.2f}% hierdist@1 {val.get('hierdist@1', float('nan')):.3f}")
 
 
 def _compute_loss(criterion, features, logits, target):
@@ -634,11 +738,14 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 _set_rng_state(rng)
             resumed_from = str(path)
             good = (Path(path), start_epoch)
-    model_ddp = model
+    # a frozen frame with the fused loss: the step forms only the features, and the loss op forms the B x K
+    # logits once, inside (so there is no training accuracy for these methods: it would need them again)
+    features_only = bool(getattr(model, "fixed_frame", False)) and isinstance(criterion, HAFrameLoss)
+    model_ddp = _Features(model) if features_only else model
     if dctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model_ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model_ddp = DDP(model_ddp, device_ids=[device.index] if device.type == "cuda" else None)
 
     logger = _Logger(out, dctx.main, config.tensorboard)
     if dctx.main:
@@ -675,7 +782,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 y = y.to(device, non_blocking=True)
                 lr_now = _set_lr(optimizer, config, step, total_steps, warmup_steps)
                 with (autocast() if autocast is not None else contextlib.nullcontext()):
-                    feats, logits = model_ddp(x)
+                    feats, logits = (model_ddp(x), None) if features_only else model_ddp(x)
                 loss = _compute_loss(criterion, feats.float(), logits, y)
                 # One flag pair per step, all-reduced (max) so that every rank stops at the same step:
                 # [loss non-finite, gradient norm non-finite].  Both are checked before optimizer.step(),
@@ -729,16 +836,21 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 with torch.no_grad():
                     n = y.shape[0]
                     loss_sum += loss.detach().double() * n
-                    correct += (logits.argmax(1) == y).sum().double()
+                    if logits is not None:
+                        correct += (logits.argmax(1) == y).sum().double()
                     seen += n
                 if show and (i % 10 == 0 or i == len(loader) - 1):
-                    bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.3f}")
+                    shown = {"loss": f"{(loss_sum / seen).item():.4f}"}
+                    if not features_only:
+                        shown["top1"] = f"{100.0 * (correct / seen).item():.2f}%"
+                    bar.set_postfix(**shown)
                 bar.update(1)
             bar.close()
             stats = torch.stack([loss_sum, correct, seen])
             dctx.all_reduce(stats)
             train_loss = (stats[0] / stats[2].clamp_min(1)).item()
-            train_acc = (stats[1] / stats[2].clamp_min(1)).item()
+            # percent, as val top1; None where the step forms no logits (fixed frame + fused loss)
+            train_top1 = None if features_only else 100.0 * (stats[1] / stats[2].clamp_min(1)).item()
             val = _evaluate(model, val_loader, distances, ks, device, dctx, autocast=autocast)
             sel = val.get(config.select_metric)
             if sel is None:
@@ -747,7 +859,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
             improved = _is_better(config.select_metric, float(sel), best["value"])
             if improved:
                 best = {"metric": config.select_metric, "value": float(sel), "epoch": epoch + 1}
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "lr": lr_now,
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_top1": train_top1, "lr": lr_now,
                       "alpha": criterion.alpha if isinstance(criterion, HAFrameLoss) else 0.0,
                       "val": val, "seconds": time.perf_counter() - t0, "best_epoch": best["epoch"]}
             history.append(_clean({k: v for k, v in record.items() if k != "val"} | {"val": val}))
@@ -780,9 +892,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 _rotate_save(_seal(ck), out)
                 logger.log(record)
                 if show:
-                    tqdm.write(f"[{config.method}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
-                               f"acc {train_acc:.3f} | val top1 {val.get('top1', float('nan')):.4f} "
-                               f"hierdist@1 {val.get('hierdist@1', float('nan')):.3f}")
+                    tqdm.write(_epoch_line(config, epoch + 1, train_loss, train_top1, val))
             good = (out / "last.pt", epoch + 1)
             dctx.barrier()
             epochs_run += 1
