@@ -19,9 +19,13 @@ leaf.  The two agree on balanced trees and differ on unbalanced ones::
 
 Edge-list format (``from_edges`` / ``to_edges``): one ``parent child`` edge per line.
 A line containing a tab splits on tabs only (names may contain spaces, such as
-``v-Boeing 717``); a line without a tab splits on whitespace.  Blank lines and lines
-starting with ``#`` are skipped, and the whitespace around each name is stripped
-(so names never begin or end with whitespace).  A class file holds one class per line
+``v-Boeing 717``); a line without a tab splits on whitespace.  Blank lines and comment
+lines are skipped: a comment line's first non-blank character is ``#``, followed by a space,
+by nothing, or with no tab anywhere on the line.  So ``#tag<TAB>child`` is an edge from the node
+``#tag``, and ``to_edges`` (which always writes tabs) reads back whole: a name may begin with
+``#`` but not with ``# `` (every constructor refuses that).  The whitespace around each name is
+stripped (so names never begin or end with whitespace).  Error messages quote at most about
+80 characters of any input, then name its full length.  A class file holds one class per line
 (the whole stripped line is the name; blank lines skipped), line i being label i.  A line repeating an edge already
 given is tolerated and skipped, because merged or concatenated edge lists commonly
 repeat the shared upper levels; a node given two *different* parents is an error.
@@ -32,6 +36,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import reprlib
+import sys
 from importlib import resources
 from typing import Iterable, Mapping
 
@@ -43,6 +49,24 @@ BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
 CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
 
 _MAX_LISTED = 8  # names listed in one error message before "..."
+_MAX_QUOTED = 80  # characters of one quoted input kept in an error message
+
+
+def _quote(value, limit: int = _MAX_QUOTED) -> str:
+    """repr(value) for an error message, cut to about limit characters with the full length named.
+
+    Only a prefix of a long string is repr'd, and containers go through reprlib (bounded depth),
+    so a 50 MB line or a 5,000-deep list costs neither memory nor a RecursionError here.
+    """
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+        if len(value) <= limit and len(text) <= limit + 3:
+            return text
+        return f"{text[:limit]}... ({len(value)} characters)"
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 class HierarchyError(ValueError):
@@ -53,7 +77,7 @@ class HierarchyError(ValueError):
 def _check_convention(convention) -> str:
     """Return a valid distance-convention name, or raise naming the valid ones."""
     if convention not in CONVENTIONS:
-        raise HierarchyError(f"unknown distance convention {convention!r}; valid: {', '.join(CONVENTIONS)} "
+        raise HierarchyError(f"unknown distance convention {_quote(convention)}; valid: {', '.join(CONVENTIONS)} "
                              "('published' reproduces the published distance matrices)")
     return convention
 
@@ -61,7 +85,7 @@ def _check_convention(convention) -> str:
 def _listed(names: Iterable) -> str:
     """Format names for an error message, at most _MAX_LISTED of them."""
     names = list(names)
-    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    shown = ", ".join(_quote(n) for n in names[:_MAX_LISTED])
     return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
 
 
@@ -84,11 +108,11 @@ def _decode(data, label: str) -> str:
 def _read_text(source, what: str) -> tuple[str, str]:
     """Read a path or an open (text or binary) file; return (text, label for error messages)."""
     if isinstance(source, (str, os.PathLike)):
-        label = f"{what} file {os.fspath(source)!r}"
+        label = f"{what} file {_quote(os.fspath(source))}"
         with open(source, "rb") as fh:
             return _decode(fh.read(), label), label
     if hasattr(source, "read"):
-        label = f"{what} file {getattr(source, 'name', '<stream>')!r}"
+        label = f"{what} file {_quote(getattr(source, 'name', '<stream>'))}"
         try:
             data = source.read()
         except UnicodeDecodeError as exc:
@@ -108,11 +132,15 @@ def _lines(text: str):
 def _check_name(name, where: str) -> str:
     """Return name if it is usable as a node name, else raise naming the place it came from."""
     if not isinstance(name, str):
-        raise HierarchyError(f"{where}: node names must be strings, got {type(name).__name__} {name!r}")
+        raise HierarchyError(f"{where}: node names must be strings, got {type(name).__name__} {_quote(name)}")
     if not name or name != name.strip() or any(c in name for c in "\t\r\n"):
         raise HierarchyError(
-            f"{where}: invalid node name {name!r}; names must be non-empty, contain no tab or "
+            f"{where}: invalid node name {_quote(name)}; names must be non-empty, contain no tab or "
             "newline, and not begin or end with whitespace")
+    if name.startswith("# "):
+        raise HierarchyError(
+            f"{where}: invalid node name {_quote(name)}; a name may not begin with '# ' (in an edge list "
+            "that starts a comment line); drop the space or the '#'")
     return name
 
 
@@ -129,25 +157,31 @@ class _Edges:
         _check_name(parent, where)
         _check_name(child, where)
         if parent == child:
-            raise HierarchyError(f"{where}: self-loop, node {child!r} is its own parent")
+            raise HierarchyError(f"{where}: self-loop, node {_quote(child)} is its own parent")
         old = self.parent_of.get(child)
         if old is not None:
             if old == parent:
                 return  # duplicate edge: tolerated (see module docstring)
             raise HierarchyError(
-                f"{where}: node {child!r} has two parents, {old!r} ({self.where[child]}) and "
-                f"{parent!r}; a tree gives each node exactly one parent")
+                f"{where}: node {_quote(child)} has two parents, {_quote(old)} ({self.where[child]}) and "
+                f"{_quote(parent)}; a tree gives each node exactly one parent")
         self.parent_of[child] = parent
         self.where[child] = where
         self.nodes.setdefault(parent)
         self.nodes.setdefault(child)
 
 
+def _is_comment(line: str) -> bool:
+    """True for an edge-list comment line (module docstring): '#' first, then a space, nothing, or no tab."""
+    rest = line.lstrip()
+    return rest.startswith("#") and (rest[1:2] in ("", " ") or "\t" not in rest)
+
+
 def _parse_edges(text: str, label: str) -> _Edges:
     """Parse an edge list (see the module docstring for the format)."""
     edges = _Edges()
     for lineno, line in _lines(text):
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or _is_comment(line):
             continue
         fields = [f.strip() for f in line.split("\t")] if "\t" in line else line.split()
         where = f"{label}, line {lineno}"
@@ -155,8 +189,8 @@ def _parse_edges(text: str, label: str) -> _Edges:
             hint = "" if "\t" in line else "; names containing spaces need a tab between parent and child"
             raise HierarchyError(
                 f"{where}: malformed line, expected 2 fields 'parent child' but got {len(fields)}: "
-                f"{line!r}{hint}")
-        edges.add(fields[0], fields[1], f"{where} {line!r}")
+                f"{_quote(line)}{hint}")
+        edges.add(fields[0], fields[1], f"{where} {_quote(line)}")
     return edges
 
 
@@ -186,7 +220,7 @@ class Hierarchy:
         """Build from a child -> parent mapping; same as ``Hierarchy.from_parents``."""
         edges = _Edges()
         for child, parent in parent_of.items():
-            edges.add(parent, child, f"entry {child!r}: {parent!r}")
+            edges.add(parent, child, f"entry {_quote(child)}: {_quote(parent)}")
         self._build(edges, classes, label="parent mapping")
 
     # ------------------------------------------------------------------ constructors
@@ -215,6 +249,11 @@ class Hierarchy:
             except json.JSONDecodeError as exc:
                 raise HierarchyError(
                     f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            except RecursionError:  # json.loads recurses once per nesting level
+                raise HierarchyError(
+                    f"{label}: the JSON is nested too deeply for Python's JSON parser (about "
+                    f"{sys.getrecursionlimit()} levels); write a deep tree as an edge list "
+                    "('parent<TAB>child' lines, Hierarchy.from_edges)") from None
         if not isinstance(obj, Mapping):
             raise HierarchyError(
                 f"{label}: the top level must be a dict {{root: {{child: ...}}}}, got {type(obj).__name__}")
@@ -222,12 +261,12 @@ class Hierarchy:
         stack = [(None, name, sub) for name, sub in reversed(list(obj.items()))]
         while stack:
             parent, name, sub = stack.pop()
-            where = f"{label}, node {name!r}"
+            where = f"{label}, node {_quote(name)}"
             _check_name(name, where)
             if parent is None:
                 edges.nodes.setdefault(name)
             else:
-                edges.add(parent, name, f"{label}, under {parent!r}")
+                edges.add(parent, name, f"{label}, under {_quote(parent)}")
             if sub is None:
                 continue
             if isinstance(sub, Mapping):
@@ -245,10 +284,17 @@ class Hierarchy:
         return cls._new(edges, classes, label)
 
     @classmethod
+    def from_wordnet(cls, wnids, wordnet=None, *, collapse: bool = True) -> "Hierarchy":
+        """Build the tree of WordNet noun ids ``n########`` from WordNet's data.noun (rule: haframe_ext.wordnet)."""
+        from .wordnet import from_wordnet  # imported here: wordnet.py imports this module
+
+        return from_wordnet(wnids, wordnet, collapse=collapse)
+
+    @classmethod
     def builtin(cls, name: str) -> "Hierarchy":
         """Load a bundled benchmark hierarchy: 'cifar100', 'fgvc_aircraft', 'inat19' or 'tiered_imagenet_h'."""
         if name not in BUILTIN_NAMES:
-            raise HierarchyError(f"unknown builtin hierarchy {name!r}; valid names: {', '.join(BUILTIN_NAMES)}")
+            raise HierarchyError(f"unknown builtin hierarchy {_quote(name)}; valid names: {', '.join(BUILTIN_NAMES)}")
         folder = resources.files(__package__).joinpath("_hierarchies")
         edges = io.BytesIO(folder.joinpath(f"{name}.tsv").read_bytes())
         edges.name = f"{name}.tsv"
@@ -343,16 +389,16 @@ class Hierarchy:
         seen: dict[str, str] = {}
         for name, where in zip(names, wheres):
             if not isinstance(name, str):
-                raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {name!r}")
+                raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {_quote(name)}")
             if name in seen:
-                raise HierarchyError(f"{where}: duplicate class {name!r} (first at {seen[name]}); list each class once")
+                raise HierarchyError(f"{where}: duplicate class {_quote(name)} (first at {seen[name]}); list each class once")
             seen[name] = where
             if name not in children:
                 raise HierarchyError(
-                    f"{where}: unknown class {name!r}, not a node of the hierarchy; check the spelling")
+                    f"{where}: unknown class {_quote(name)}, not a node of the hierarchy; check the spelling")
             if children[name]:
                 raise HierarchyError(
-                    f"{where}: class {name!r} is not a leaf (it has children {_listed(children[name])}); "
+                    f"{where}: class {_quote(name)} is not a leaf (it has children {_listed(children[name])}); "
                     "classes must be the leaves of the tree")
         missing = [leaf for leaf in leaves if leaf not in seen]
         if missing:
@@ -366,7 +412,7 @@ class Hierarchy:
         try:
             return self._index[node]
         except (KeyError, TypeError):
-            raise HierarchyError(f"unknown node {node!r}; not in this hierarchy") from None
+            raise HierarchyError(f"unknown node {_quote(node)}; not in this hierarchy") from None
 
     @property
     def classes(self) -> list[str]:
@@ -579,7 +625,7 @@ def _read_csv(path) -> np.ndarray:
             if first:
                 first = False
                 continue  # the first non-blank line may be a header
-            raise HierarchyError(f"{label}, line {lineno}: non-numeric value in {line!r}") from None
+            raise HierarchyError(f"{label}, line {lineno}: non-numeric value in {_quote(line)}") from None
         first = False
         if len(rows[-1]) != len(rows[0]):
             raise HierarchyError(
@@ -636,13 +682,13 @@ def as_distance_matrix(x) -> np.ndarray:
                 raise  # the path itself is wrong, as for a .csv file: the OS error says so
             except (ValueError, EOFError, OSError) as exc:  # empty, truncated, pickled or not .npy at all
                 raise HierarchyError(
-                    f"distance file {path!r}: not a readable .npy array; cannot load without pickle "
+                    f"distance file {_quote(path)}: not a readable .npy array; cannot load without pickle "
                     f"({type(exc).__name__}: {str(exc) or 'no data'}); write the [K, K] matrix with "
                     "numpy.save(path, d)") from None
         elif ext == ".csv":
             arr = _read_csv(path)
         else:
-            raise HierarchyError(f"distance file {path!r}: unknown extension {ext!r}; use a .npy or .csv file")
+            raise HierarchyError(f"distance file {_quote(path)}: unknown extension {_quote(ext)}; use a .npy or .csv file")
     elif type(x).__module__.startswith("torch"):
         t = x.detach().cpu()
         arr = (t.double() if t.is_floating_point() else t).numpy()
