@@ -342,6 +342,23 @@ def _bench_in_process(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- hierarchy
+def cmd_hierarchy(args) -> int:
+    from .report import format_summary, hierarchy_summary, load_for_report
+
+    h, label = load_for_report(args.hierarchy, args.classes, args.wordnet_ids, args.wordnet)
+    if args.distance_convention:
+        h = h.with_convention(args.distance_convention)
+    print("\n".join(format_summary(hierarchy_summary(h, args.gamma), label)))
+    if args.out:
+        out = Path(args.out)
+        if out.parent and not out.parent.is_dir():
+            raise UserError(f"output folder does not exist: {out.parent}")
+        h.to_edges(out)
+        print(f"wrote {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Hierarchy-aware classification with fixed HAFrame classifiers "
@@ -419,6 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the repository's full provider benchmark (python -m bench.run_quick ARGS) instead; "
                         "needs the source tree (run from the repository root)")
     b.set_defaults(func=cmd_bench)
+
+    hy = sub.add_parser("hierarchy", help="describe a hierarchy (size, depths, convention, s_min); build one "
+                                          "from WordNet ids",
+                        description="Print K, the number of nodes, the leaf depths, whether the tree is balanced, "
+                                    "the distance convention and how many class pairs the other one would change, "
+                                    "d_max and (with --gamma) the exact s_min; --out writes the edges.")
+    hy.add_argument("hierarchy", nargs="?", metavar="FILE|NAME",
+                    help=f"builtin name ({', '.join(('cifar100', 'fgvc_aircraft', 'inat19', 'tiered_imagenet_h'))}) "
+                         "or an edge-list file")
+    hy.add_argument("--classes", help="class-order file for an edge-list hierarchy")
+    hy.add_argument("--wordnet-ids", dest="wordnet_ids", metavar="F",
+                    help="build the tree of these WordNet noun ids (n########, one per line) from WordNet")
+    hy.add_argument("--wordnet", metavar="DIR", help="folder holding WordNet's data.noun (default: searched)")
+    hy.add_argument("--out", metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
+    hy.add_argument("--gamma", type=float, default=None, help="also print the exact s_min at this gamma")
+    hy.add_argument("--distance-convention", dest="distance_convention", choices=("published", "height"),
+                    default=None, help="distance convention (default: the hierarchy's, 'published')")
+    hy.set_defaults(func=cmd_hierarchy)
     return p
 
 

@@ -1,0 +1,115 @@
+"""The summary ``haframe hierarchy`` prints: size, depths, balance, the distance convention and s_min.
+
+Everything is O(nodes) with numpy (no K x K matrix), so it runs on hierarchies of 10^6 leaves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, HierarchyError, _quote
+
+__all__ = ["load_for_report", "hierarchy_summary", "format_summary", "convention_changes"]
+
+
+def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None) -> tuple[Hierarchy, str]:
+    """(hierarchy, label) from a builtin name or edge-list file, or from WordNet ids (a file)."""
+    if wordnet_ids is not None:
+        if spec is not None or classes is not None:
+            raise HierarchyError("--wordnet-ids builds the tree and its class order from WordNet; "
+                                 "give it without a hierarchy FILE|NAME and without --classes")
+        if not os.path.isfile(wordnet_ids):
+            raise HierarchyError(f"WordNet id file not found: {_quote(wordnet_ids)}")
+        return Hierarchy.from_wordnet(wordnet_ids, wordnet), f"WordNet ids {os.path.basename(wordnet_ids)}"
+    if spec is None:
+        raise HierarchyError("give a hierarchy (a builtin name or an edge-list file) or --wordnet-ids F")
+    if classes is not None and not os.path.isfile(classes):
+        raise HierarchyError(f"classes file not found: {_quote(classes)}")
+    if spec in BUILTIN_NAMES:
+        if classes is not None:
+            raise HierarchyError(f"--classes applies to an edge-list file; the builtin {spec!r} has its own order")
+        return Hierarchy.builtin(spec), spec
+    if spec.lower().endswith((".npy", ".csv")):
+        raise HierarchyError(f"{_quote(spec)} is a distance matrix, which has no tree to describe; "
+                             "give an edge-list file, or use 'haframe frame --distances' for a matrix")
+    if not os.path.isfile(spec):
+        raise HierarchyError(f"unknown hierarchy {_quote(spec)}: not a builtin name "
+                             f"({', '.join(BUILTIN_NAMES)}) nor an existing edge-list file")
+    return Hierarchy.from_edges(spec, classes), os.path.basename(spec)
+
+
+def _node_arrays(h: Hierarchy):
+    """(parent index, leaves under each node, class pairs whose LCA is each node), int64 [nodes], breadth-first."""
+    parent = np.asarray(h._parent_idx, dtype=np.int64)  # breadth-first order: parents before children
+    n = len(parent)
+    child_count = np.bincount(parent[1:], minlength=n)
+    leaves = (child_count == 0).astype(np.int64)
+    depth = np.asarray(h._depth, dtype=np.int64)
+    # breadth-first order keeps each depth contiguous; add each level into its parents, deepest first
+    bounds = np.flatnonzero(np.diff(depth)) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [n]))
+    for s, e in zip(starts[::-1], ends[::-1]):
+        if s == 0:
+            break
+        np.add.at(leaves, parent[s:e], leaves[s:e])
+    sq_children = np.zeros(n, dtype=np.int64)
+    np.add.at(sq_children, parent[1:], leaves[1:] ** 2)
+    pairs = np.where(child_count > 0, (leaves ** 2 - sq_children) // 2, 0)  # leaves: only the diagonal
+    return parent, leaves, pairs
+
+
+def convention_changes(h: Hierarchy) -> int:
+    """How many class pairs i < j have a different distance under the two conventions (no K x K matrix)."""
+    _, _, pairs = _node_arrays(h)
+    a, b = (np.asarray(h._levels(c)) for c in CONVENTIONS)
+    return int(pairs[a != b].sum())
+
+
+def hierarchy_summary(h: Hierarchy, gamma=None) -> dict:
+    """The figures ``haframe hierarchy`` prints, as a dict."""
+    from .frame import exact_s_min
+
+    _, _, pairs = _node_arrays(h)
+    levels = {c: np.asarray(h._levels(c)) for c in CONVENTIONS}
+    leaf_depth = np.asarray(h._depth)[np.asarray(h._class_idx)]
+    K = h.num_classes
+    other = next(c for c in CONVENTIONS if c != h.convention)
+    out = {
+        "classes": K,
+        "nodes": len(h.nodes),
+        "leaf_depth_min": int(leaf_depth.min()),
+        "leaf_depth_max": int(leaf_depth.max()),
+        "balanced": h.is_balanced,
+        "convention": h.convention,
+        "D": h.max_depth,
+        "other_convention": other,
+        "pairs": K * (K - 1) // 2,
+        "pairs_changed": int(pairs[levels[CONVENTIONS[0]] != levels[CONVENTIONS[1]]].sum()),
+        "d_max": int(levels[h.convention][pairs > 0].max()),
+    }
+    if gamma is not None:
+        out["gamma"] = float(gamma)
+        out["s_min"] = float(exact_s_min(h, gamma))
+    return out
+
+
+def format_summary(s: dict, label: str) -> list[str]:
+    """The lines ``haframe hierarchy`` prints for a summary."""
+    formula = (f"D - depth(LCA), D = {s['D']}, the deepest class's depth" if s["convention"] == "published"
+               else "the longest path from the LCA down to a leaf")
+    share = 100.0 * s["pairs_changed"] / s["pairs"] if s["pairs"] else 0.0
+    rows = [
+        ("classes K", s["classes"]),
+        ("nodes", s["nodes"]),
+        ("leaf depths", f"{s['leaf_depth_min']} to {s['leaf_depth_max']}"),
+        ("balanced", "yes" if s["balanced"] else "no"),
+        ("convention", f"{s['convention']} (d = {formula})"),
+        (f"pairs '{s['other_convention']}' changes", f"{s['pairs_changed']} of {s['pairs']} ({share:.2f}%)"),
+        ("d_max", s["d_max"]),
+    ]
+    if "s_min" in s:
+        rows.append((f"s_min (gamma {s['gamma']:g})", f"{s['s_min']:.6f} (exact)"))
+    return [f"hierarchy: {label}"] + [f"  {k:26s} {v}" for k, v in rows]
