@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, rotation, stale temp cleanup, the content seal, RNG state and :func:`load_checkpoint`."""
+"""The files of a run folder: its claim (a lock file), atomic writes, rotation, stale temp cleanup, the content seal,
+RNG state and :func:`load_checkpoint`."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ import hashlib
 import os
 import random
 import re
+import socket
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the claim falls back to O_EXCL and a process-id check
+    fcntl = None
 
 import numpy as np
 import torch
 
 from .data import describe_torch_load_error
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "atomic_save", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "FolderInUseError", "atomic_save",
+           "claim_folder", "load_checkpoint", "release_folder"]
 
 CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -23,6 +32,79 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or does not belong to this run."""
+
+
+class FolderInUseError(ValueError):
+    """Another live process holds the run folder's lock file (two runs must never write one folder)."""
+
+
+# ----------------------------------------------------------------------------- claiming a run folder
+LOCK_NAME = ".haframe.lock"
+
+
+def _holder(path: Path) -> str:
+    """Who holds a lock file, from what it says ("process 123 on host, since ...")."""
+    try:
+        pid, host, since = path.read_text().split("\t", 2)
+        return f"process {int(pid)} on {host}, since {since.strip()}"
+    except (OSError, ValueError):
+        return "a process that has not written its name yet"
+
+
+def claim_folder(out: Path) -> Tuple[int, Path]:
+    """Create ``out`` and hold its lock file ``.haframe.lock`` for this process; raise :class:`FolderInUseError`
+    when another live process holds it.
+
+    POSIX: an exclusive ``flock`` on the file, which the kernel drops when its process dies, so a killed run
+    leaves no stale claim (the file it leaves is simply locked again).  Elsewhere: ``O_EXCL`` creation, and a
+    file whose process id no longer runs is stale and taken over.  Pass the result to :func:`release_folder`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    for _ in range(100):
+        if fcntl is not None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: EWOULDBLOCK
+                os.close(fd)
+                break
+            try:  # the holder may have released (unlinked) the file between our open and flock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+        else:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text().split("\t", 1)[0])
+                except (OSError, ValueError):
+                    break  # being written by its new holder
+                if _pid_alive(pid):
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale: its process no longer runs
+                continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\t{socket.gethostname()}\t{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        return fd, path
+    raise FolderInUseError(f"output folder {out} is in use by another training run ({_holder(path)}): wait for it "
+                           f"to finish or choose another --out (its lock file is {path})")
+
+
+def release_folder(claim: Optional[Tuple[int, Path]]) -> None:
+    """Give up a claim of :func:`claim_folder` (the lock file goes; a no-op for None)."""
+    if claim is None:
+        return
+    fd, path = claim
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # while still locked, so a process waiting on this file sees it replaced and retries
+    os.close(fd)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -63,8 +64,9 @@ import torch
 import torch.nn as nn
 
 from . import metrics as _metrics
-from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, _atomic_write_text, _rotate_save,
-                         _seal, _set_rng_state, atomic_save, load_checkpoint)
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, FolderInUseError, _atomic_write_text,
+                         _rotate_save, _seal, _set_rng_state, atomic_save, claim_folder, load_checkpoint,
+                         release_folder)
 from .data import DataError, make_datasets
 from .distributed import (DistributedError, GlobalBatchSampler, _derive_seed, _Dist, _gather_rng, _gather_rows,
                           _is_comm_error)
@@ -215,14 +217,14 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
         return ValueError(f"{name} must be {what}{none}, got {_shown(v)} ({_flag(name)})")
 
     def number(x, integer: bool):
-        allowed = int if integer else (int, float)
+        allowed = numbers.Integral if integer else numbers.Real  # numpy scalars too
         if isinstance(x, bool) or not isinstance(x, allowed):
-            if integer and isinstance(x, float) and x.is_integer():
+            if integer and isinstance(x, numbers.Real) and float(x).is_integer():
                 raise bad("an integer (written without a decimal point)")
             raise bad("an integer" if integer else "a number")
         if not integer and not math.isfinite(x):
             raise bad("a finite number")
-        return x if integer else float(x)
+        return int(x) if integer else float(x)
 
     rng = _RANGES.get(name)
     if tp == "bool":
@@ -240,9 +242,11 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
             raise bad("'exact', 'grid' or a finite number")
         return float(v)
     if tp.startswith("Tuple[int"):
-        if not isinstance(v, (list, tuple)) or not v or any(isinstance(k, bool) or not isinstance(k, int) for k in v):
+        integers = isinstance(v, (list, tuple)) and all(isinstance(k, numbers.Integral) and not isinstance(k, bool)
+                                                          for k in v)
+        if not integers or not v:
             raise bad("a non-empty list of integers")
-        ks = tuple(v)
+        ks = tuple(int(k) for k in v)
         bad_k = next((k for k in ks if not rng[0](k)), None)
         if bad_k is not None:
             raise ValueError(f"{name} must be {rng[1]}, got {bad_k} ({_flag(name)})")
@@ -256,10 +260,14 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
 
 
 # fields that must agree between a checkpoint and the run resuming from it
-_RESUME_KEYS = ("method", "dataset", "hierarchy", "distances", "backbone", "hidden", "depth", "widen_factor",
+# (the hierarchy, classes and distances files are compared by content, see _inputs_digest, not by path)
+_RESUME_KEYS = ("method", "dataset", "backbone", "hidden", "depth", "widen_factor",
                 "feature_dim", "num_blocks", "gamma", "s_min", "alpha", "alpha_schedule", "alpha_period",
                 "batch_size", "lr", "backbone_lr_scale", "min_lr", "warmup_epochs", "momentum", "weight_decay",
-                "nesterov", "seed", "n_per_class", "input_dim", "difficulty")
+                "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "input_dim", "difficulty",
+                "image_size", "augment", "select_metric")
+# compared by path only for a checkpoint written before the content digests
+_RESUME_PATH_KEYS = ("hierarchy", "distances")
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -483,6 +491,61 @@ def _neural_collapse(model, feats, labels):
 
 
 # ----------------------------------------------------------------------------- resuming and divergence checks
+def _inputs_digest(hierarchy, distances) -> Dict[str, Any]:
+    """What the labels mean, by content: the class count, digests of the class names in label order and as a
+    set, and of the distance matrix (so a moved copy of a file resumes, and an edited or reordered one does not)."""
+    import hashlib
+
+    def digest(*parts: bytes) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            h.update(part)
+        return h.hexdigest()
+
+    names = [str(c) for c in hierarchy.classes]
+    out = {"num_classes": len(names), "classes": digest("\n".join(names).encode()),
+           "class_set": digest("\n".join(sorted(names)).encode()), "distances": None}
+    if isinstance(distances, np.ndarray):
+        d = np.ascontiguousarray(distances, dtype=np.float64)
+        out["distances"] = digest(str(d.shape).encode(), d.tobytes())
+    return out
+
+
+def _check_resume_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], ck_cfg: Dict[str, Any],
+                         config: TrainConfig, path: Path) -> None:
+    """Refuse a resume whose class list or distances differ in content from the checkpoint's."""
+    fix = "use a new --out folder, or the hierarchy, classes and distances files the run started with"
+    if not isinstance(then, dict):  # a checkpoint from before the digests: compare the paths
+        cur = config.to_dict()
+        diff = [k for k in _RESUME_PATH_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {ck_cfg[k]!r} vs now {cur.get(k)!r}" for k in diff)
+            raise CheckpointError(f"cannot resume from {path}: it was written with a different configuration "
+                                  f"({details}); {fix}")
+        return
+    if then.get("num_classes") != now["num_classes"]:
+        raise CheckpointError(f"cannot resume from {path}: it was trained on {then.get('num_classes')} classes and "
+                              f"this run's hierarchy ({config.hierarchy}) has {now['num_classes']}; {fix}")
+    if then.get("classes") != now["classes"]:
+        how = ("the same class names in another label order" if then.get("class_set") == now["class_set"]
+               else "other class names")
+        raise CheckpointError(f"cannot resume from {path}: this run's class list ({config.classes or config.hierarchy}) "
+                              f"has {how} than the checkpoint's, so its labels would change meaning; {fix}")
+    if now["distances"] is not None and then.get("distances") not in (None, now["distances"]):
+        raise CheckpointError(f"cannot resume from {path}: this run's class distances (from "
+                              f"{config.distances or config.hierarchy}) differ from the checkpoint's; {fix}")
+
+
+def _state_mismatch(model: nn.Module, state: Dict[str, Any], exc: BaseException) -> str:
+    """Why a state dict does not load: the first tensor whose shape differs (sizes named), else the error's line."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape):
+            return (f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in this model: a different "
+                    "number of classes, feature dimension or layer size")
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path) -> None:
     cur = config.to_dict()
     diff = [k for k in _RESUME_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
@@ -625,10 +688,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     config.validate()
     dctx = _Dist(config)
     failed = False
+    claim = None
     try:
         with _determinism(config, dctx.device):
+            claim = _claim_out(config, Path(config.out), dctx)
             return _train(config, dctx)
-    except (KeyboardInterrupt, TrainingDivergedError, CheckpointError, DataError):
+    except (KeyboardInterrupt, TrainingDivergedError, CheckpointError, DataError, FolderInUseError):
         raise
     except Exception as exc:
         if dctx.enabled and _is_comm_error(exc):
@@ -640,40 +705,66 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 "check its log") from exc
         raise
     finally:
+        release_folder(claim)
         dctx.close(failed)
 
 
 RUN_FILES = ("last.pt", "prev.pt", "best.pt", "metrics.jsonl", "results.json", "config.json")
 
 
-def _claim_out(config: TrainConfig, out: Path, dctx: _Dist) -> None:
-    """Refuse to start a new run over an earlier run's files (its checkpoints would be replaced and the two
-    logs mixed) unless ``overwrite``, which deletes them first; ``resume`` keeps them. Rank 0 decides."""
-    if config.resume or config.resume_from:
-        return
-    found = [n for n in RUN_FILES if (out / n).exists()] if dctx.main and out.is_dir() else []
-    refuse = bool(found) and not config.overwrite
-    if dctx.enabled:
-        refuse = bool(dctx.all_reduce(torch.tensor([float(refuse)], device=dctx.device), "max").item())
-    if refuse:
-        what = ", ".join(found) if found else "files of an earlier run (rank 0 found them)"
-        raise ValueError(f"output folder {out} already holds a run ({what}): pass --resume to continue it, "
-                         "--overwrite to delete those files and start over, or choose another --out")
-    if dctx.main and found:
-        for name in found:
-            (out / name).unlink()
-        for event_file in (out / "tb").glob("events.out.tfevents.*"):
-            event_file.unlink()
+def _earlier_run(out: Path) -> List[str]:
+    """The files of an earlier run in ``out`` (none when it is not a folder)."""
+    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+
+
+def _refuse_earlier_run(out: Path, found: Sequence[str]) -> None:
+    what = ", ".join(found) if found else "files of an earlier run (rank 0 found them)"
+    raise ValueError(f"output folder {out} already holds a run ({what}): pass --resume to continue it, "
+                     "--overwrite to delete those files and start over, or choose another --out")
+
+
+def _claim_out(config: TrainConfig, out: Path, dctx: _Dist):
+    """Claim ``out`` for this run (rank 0 creates it and holds its lock file, so a second trainer is refused), then
+    refuse to start a new run over an earlier run's files (its checkpoints would be replaced and the two logs
+    mixed) unless ``overwrite``, which deletes them first; ``resume`` keeps them. Rank 0 decides; returns the
+    claim for :func:`release_folder`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is an existing file, not a folder (choose another --out / out)")
+    claim, busy = None, None
+    if dctx.main:
+        try:
+            claim = claim_folder(out)
+        except FolderInUseError as exc:
+            busy = exc
+    if dctx.enabled and bool(dctx.all_reduce(torch.tensor([float(busy is not None)], device=dctx.device),
+                                             "max").item()) and busy is None:
+        busy = FolderInUseError(f"output folder {out} is in use by another training run (rank 0 found its lock)")
+    if busy is not None:
+        release_folder(claim)
+        raise busy
+    try:
+        if config.resume or config.resume_from:
+            return claim
+        found = _earlier_run(out) if dctx.main else []
+        refuse = bool(found) and not config.overwrite
+        if dctx.enabled:
+            refuse = bool(dctx.all_reduce(torch.tensor([float(refuse)], device=dctx.device), "max").item())
+        if refuse:
+            _refuse_earlier_run(out, found)
+        if dctx.main and found:
+            for name in found:
+                (out / name).unlink()
+            for event_file in (out / "tb").glob("events.out.tfevents.*"):
+                event_file.unlink()
+    except BaseException:
+        release_folder(claim)
+        raise
+    return claim
 
 
 def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {out} is an existing file, not a folder (choose another --out / out)")
-    _claim_out(config, out, dctx)
-    if dctx.main:
-        out.mkdir(parents=True, exist_ok=True)
     dctx.barrier()
     device = dctx.device
     _seed_everything(_derive_seed(config.seed, 0, dctx.rank))
@@ -683,6 +774,11 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     sets = built["datasets"]
     K = built["hierarchy"].num_classes
     ks = _valid_ks(config.eval_ks, K)
+    inputs = _inputs_digest(built["hierarchy"], distances)
+    metrics = ["top1", "mistake_severity"] + [f"hierdist@{k}" for k in ks]
+    if config.select_metric not in metrics:  # refused now, not after the first epoch has trained
+        raise ValueError(f"select_metric {config.select_metric!r} is not a validation metric of this run "
+                         f"(K={K}, eval_ks {list(config.eval_ks)}); choose one of {', '.join(metrics)} (--select-metric)")
     model.to(device)
     criterion.to(device)
     optimizer = torch.optim.SGD(_param_groups(model, config), lr=config.lr, momentum=config.momentum,
@@ -712,6 +808,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
         if path is not None:
             ck = load_checkpoint(path, map_location="cpu")
             _check_resume_config(ck["config"], config, path)
+            _check_resume_inputs(ck.get("inputs"), inputs, ck["config"], config, path)
             bad = next((k for k, v in ck["model"].items()
                         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())),
                        None)
@@ -724,7 +821,8 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                 optimizer.load_state_dict(ck["optimizer"])
                 criterion.load_state_dict(ck["loss"])
             except (RuntimeError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"checkpoint {path} does not match this model ({str(exc).splitlines()[0]})") from None
+                raise CheckpointError(f"checkpoint {path} does not match this model "
+                                      f"({_state_mismatch(model, ck['model'], exc)})") from None
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             start_epoch = int(ck["epoch"])
@@ -888,7 +986,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                       "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "total": total_steps},
                       "scaler": scaler.state_dict() if scaler is not None else None,
                       "loss": criterion.state_dict(), "rng": rng, "best": best, "history": history,
-                      "threads": torch.get_num_threads()}
+                      "threads": torch.get_num_threads(), "inputs": inputs}
                 _rotate_save(_seal(ck), out)
                 logger.log(record)
                 if show:
@@ -969,7 +1067,7 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not match the model its config describes "
-                              f"({str(exc).splitlines()[0]})") from None
+                              f"({_state_mismatch(model, ck['model'], exc)})") from None
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(dev)
     ds = built["datasets"][split]
@@ -994,31 +1092,44 @@ def run_seeds(config: TrainConfig, seeds: Sequence[int], *, verbose: bool = True
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    seeds = [int(s) for s in seeds]
+    seeds = [int(s) if isinstance(s, numbers.Integral) and not isinstance(s, bool) else s for s in seeds]
     if not seeds:
         raise ValueError("run_seeds needs at least one seed")
-    runs = []
-    for s in seeds:
-        cfg = dataclasses.replace(config, seed=s, out=str(Path(config.out) / f"seed{s}"))
-        runs.append(train(cfg))
-    tests = [r["test"] for r in runs if "test" in r]
-    summary = _metrics.summarize_seeds(tests)
-    crm = [r["test_crm"] for r in runs if r.get("test_crm")]
-    summary_crm = _metrics.summarize_seeds(crm) if len(crm) == len(tests) and crm else None
-    rows = {config.method: summary}
-    if summary_crm is not None:
-        rows[f"{config.method} + CRM"] = summary_crm
-    table = _format_table(rows)
-    result = {"seeds": seeds, "runs": runs, "summary": _clean(summary), "summary_crm": _clean(summary_crm),
-              "table": table}
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2,
-                                      default=_json_default) + "\n", out / "summary.json")
-        _atomic_write_text(table + "\n", out / "summary.txt")
-        if verbose:
-            print(table)
+    twice = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    if twice:
+        raise ValueError(f"seed(s) {', '.join(map(str, twice))} listed more than once (--seeds): each seed is one run "
+                         "(in <out>/seed<S>), and a repeated one would count that run twice")
+    # every seed's config and folder is checked before the first one trains, so no run is lost to a later refusal
+    configs = [dataclasses.replace(config, seed=s, out=str(Path(config.out) / f"seed{s}")) for s in seeds]
+    for cfg in configs:
+        cfg.validate()
+        found = _earlier_run(Path(cfg.out))
+        if found and not (cfg.resume or cfg.resume_from or cfg.overwrite):
+            _refuse_earlier_run(Path(cfg.out), found)
+    single = int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
+    claim = claim_folder(Path(config.out)) if single else None  # the summary's folder (each seed claims its own)
+    try:
+        runs = [train(cfg) for cfg in configs]
+        tests = [r["test"] for r in runs if "test" in r]
+        summary = _metrics.summarize_seeds(tests)
+        crm = [r["test_crm"] for r in runs if r.get("test_crm")]
+        summary_crm = _metrics.summarize_seeds(crm) if len(crm) == len(tests) and crm else None
+        rows = {config.method: summary}
+        if summary_crm is not None:
+            rows[f"{config.method} + CRM"] = summary_crm
+        table = _format_table(rows)
+        result = {"seeds": seeds, "runs": runs, "summary": _clean(summary), "summary_crm": _clean(summary_crm),
+                  "table": table}
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            out = Path(config.out)
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2,
+                                          default=_json_default) + "\n", out / "summary.json")
+            _atomic_write_text(table + "\n", out / "summary.txt")
+            if verbose:
+                print(table)
+    finally:
+        release_folder(claim)
     return result
 
 
