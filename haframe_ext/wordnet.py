@@ -207,11 +207,12 @@ def from_wordnet(wnids, wordnet=None, *, collapse: bool = True) -> Hierarchy:
                     f"{where}: n{node:08d}{hint} is not a noun synset of {synsets.label}; check the id "
                     "(ImageNet ids are WordNet 3.0 noun offsets)")
             path.append(node)
-            if len(path) > len(synsets.lines):
-                raise HierarchyError(f"{synsets.label}: the hypernyms of n{off:08d} form a cycle; "
-                                     "the database is damaged, reinstall WordNet")
             parent[node] = got[1]
             node = got[1]
+        if node is not None and node in path:  # earlier walks all end at a top, so a cycle shows here
+            raise HierarchyError(
+                f"{synsets.label}: the hypernyms above {_name(synsets, off)} form a cycle through "
+                f"{_name(synsets, node)}; the database is damaged, reinstall WordNet")
 
     is_class = set(offsets)
     n_children: dict[int, int] = {}
