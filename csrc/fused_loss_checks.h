@@ -51,6 +51,20 @@ inline void check_fused_loss_inputs(const at::Tensor& features,                 
                     features.device());
 }
 
+// | ||w_k|| - 1 | allowed with gram (ops.UNIT_ROW_TOL): bf16 rounding of a frame stays far below it.
+constexpr double kUnitRowTol = 1e-2;
+
+// gram stands for weight^T weight of unit rows (the M route takes w_k . h / ||h|| as the cosine): refuses
+// other rows. Reads the weight back to the host, so a CUDA caller skips it under graph capture.
+inline void check_unit_rows_for_gram(const at::Tensor& weight) {  // [K, d]
+  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const double worst =
+      (at::linalg_vector_norm(weight, 2, at::IntArrayRef{1}, false, acc) - 1).abs().max().item<double>();
+  TORCH_CHECK_VALUE(!(worst > kUnitRowTol), "gram= needs unit rows of weight (| ||w_k|| - 1 | <= ", kUnitRowTol,
+                    "), but a row norm is off by ", worst,
+                    ": pass similarity= (any rows) instead, or normalise the rows");
+}
+
 // The message for a label outside [0, K) that is not ignore_index (i: its row).
 inline std::string bad_label_message(int64_t i, int64_t value, int64_t K, int64_t ignore_index) {
   return c10::str("target[", i, "] = ", value, " is not a class index: labels must be in [0, ", K,

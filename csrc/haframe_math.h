@@ -2,7 +2,7 @@
 //
 // Row b: h (d), y (label), z = W h (K logits), n = ||h||, inv_n = 1/n (0 for a zero row),
 // inv_wn[k] = 1/||w_k||, cos_k = z_k inv_wn[k] inv_n.
-//   loss  = (1 - a) (lse(z) - z_y) + a sum_k r_k^2,           r_k = cos_k - S[k, y]
+//   loss  = (1 - a) (lse(z) - z_y) + a sum_k r_k^2,           r_k = cos_k - S[y, k]
 //   dh    = W^T G - c h                                         (the "gather" route)
 //           G_k = (1 - a)(p_k - [k == y]) + 2 a inv_n inv_wn[k] r_k,  c = 2 a inv_n^2 sum_k r_k cos_k
 // With unit rows and S = W W^T the cosine term is u^T M u, u = h inv_n - w_y, M = W^T W (the "M"
@@ -74,7 +74,7 @@ HF_HD T lse_value(Lse<T> a) {
   return a.m + hf_log(a.s);
 }
 
-// Cosine residual r_k = cos(w_k, h) - S[k, y]; also returns cos_k.
+// Cosine residual r_k = cos(w_k, h) - S[y, k]; also returns cos_k.
 template <typename T>
 HF_HD T cos_residual(T z, T inv_wn, T inv_n, T s_ky, T* cos_out) {
   T c = z * inv_wn * inv_n;

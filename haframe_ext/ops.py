@@ -2,38 +2,79 @@
 
 Definition (per row b, with h = features[b], y = target[b], z = weight @ h):
 
-    loss_b = (1 - alpha) * (logsumexp(z) - z[y]) + alpha * sum_k (cos(w_k, h) - S[k, y]) ** 2
+    loss_b = (1 - alpha) * (logsumexp(z) - z[y]) + alpha * sum_k (cos(w_k, h) - S[y, k]) ** 2
 
 with ``S = similarity`` when given, else ``weight @ weight.T`` (the two agree for a frame,
-whose rows are unit vectors).  Rows whose target equals ``ignore_index`` contribute 0 and
-are not counted by ``reduction="mean"``.
+whose rows are unit vectors).  Row y of ``similarity`` is the target of label y, so a non-symmetric
+``similarity`` has a defined meaning.  With ``gram`` = G (d x d) instead, the rows of weight must be
+unit (within ``UNIT_ROW_TOL``) and the cosine term is ``u^T G u`` with ``u = h / ||h|| - w_y``, which
+equals the sum above for ``G = weight.T @ weight``.  Rows whose target equals ``ignore_index``
+contribute 0 and are not counted by ``reduction="mean"``.
 
 Zero-norm rows: when ``||h|| <= EPS`` every cosine is taken as 0, so the cosine term is
-``sum_k S[k, y] ** 2`` and it contributes no gradient (the cross entropy still does).
+``sum_k S[y, k] ** 2`` and it contributes no gradient (the cross entropy still does).
 NaN or Inf in a row gives a NaN loss for that row (and for the reduced loss), never an error.
 """
 
 from __future__ import annotations
 
+import numbers
 import operator
-import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._native import native_available
 
-__all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "EPS"]
+__all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "EPS",
+           "UNIT_ROW_TOL"]
 
 EPS = 1e-8  # norm below which a feature row counts as zero (see module docstring)
+UNIT_ROW_TOL = 1e-2  # | ||w_k|| - 1 | allowed with gram= (bf16 rounding of a frame stays far below it)
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, check_labels=True,
-                gram=None) -> None:
-    """Raise a clear error for bad shapes, dtypes, devices, labels or alpha (before any kernel)."""
+def _real_scalar(value) -> float:
+    """alpha as a Python float: an int, float, numpy or one-element torch number; never a str, bool or complex."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not ok:
+        raise TypeError(f"alpha must be a real number in [0, 1] (int, float, numpy or 0-dim tensor), got {value!r}")
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _int_scalar(value) -> int:
+    """ignore_index as a Python int: an int, numpy or one-element integer tensor; never a float, str or bool."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"ignore_index must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {value!r}") from None
+
+
+def _scalar_args(alpha, ignore_index, reduction):
+    """(alpha, ignore_index) as the Python numbers both backends use, and reduction checked: one conversion
+    for both backends, so that they accept the same inputs (ranges: the op checks alpha's, see _check_args)."""
+    alpha, ignore_index = _real_scalar(alpha), _int_scalar(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return alpha, ignore_index
+
+
+def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram=None, *,
+                native=False, tracing=False):
+    """Raise a clear error for bad shapes, dtypes or devices; return (alpha, ignore_index) as Python numbers.
+
+    The native op checks alpha's range and the labels itself (csrc/fused_loss_checks.h); here they are
+    checked for the reference path only, and labels not while tracing (that would read the data)."""
     if not isinstance(features, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("features and weight must be torch.Tensor")
     if not isinstance(target, torch.Tensor):
@@ -68,31 +109,34 @@ def _check_args(features, weight, target, alpha, reduction, ignore_index, simila
         if not isinstance(extra, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor ({n}, {n}), got {type(extra).__module__}."
                             f"{type(extra).__name__}")
+        if extra.is_complex() or extra.dtype == torch.bool:
+            raise TypeError(f"{name} must be real (floating point or integer), got {extra.dtype}")
         if tuple(extra.shape) != (n, n):
             raise ValueError(f"{name} must be ({sym}, {sym}) = ({n}, {n}), got {tuple(extra.shape)}")
         if extra.device != features.device:
             raise ValueError(f"{name} is on {extra.device}, features on {features.device}")
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
+    alpha, ignore_index = _scalar_args(alpha, ignore_index, reduction)
+    if native:
+        return alpha, ignore_index
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if check_labels and B > 0:
+    if B > 0 and not tracing:
         bad = ((target < 0) | (target >= K)) & (target != ignore_index)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"target[{i}] = {int(target[i])} is not a class index: labels must be in [0, {K}) "
                 f"or equal ignore_index={ignore_index}")
+    return alpha, ignore_index
+
+
+def _check_unit_rows(weight: torch.Tensor) -> None:  # weight: [K, d]
+    """The reference's copy of the op's gram= rule (csrc/fused_loss_checks.h): rows unit within UNIT_ROW_TOL."""
+    worst = float((torch.linalg.vector_norm(weight.detach().to(_acc_dtype(weight.dtype)), dim=1) - 1).abs().max())
+    if worst > UNIT_ROW_TOL:
+        raise ValueError(
+            f"gram= needs unit rows of weight (| ||w_k|| - 1 | <= {UNIT_ROW_TOL}), but a row norm is off by "
+            f"{worst:.3g}: pass similarity= (any rows) instead, or normalise the rows")
 
 
 def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -109,37 +153,56 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- reference
+def _usable_in_autograd(t):
+    """t, cloned when it is an inference tensor that autograd would have to save (features needing a gradient)."""
+    if t is not None and t.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
 def reference_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *,
-                   similarity=None):
+                   similarity=None, gram=None):
     """Plain-PyTorch HAFrame loss (autograd for features and weight); the ground truth for every kernel."""
-    _check_args(features, weight, target, alpha, reduction, ignore_index, similarity)
+    alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram)
+    if similarity is not None and gram is not None:
+        raise ValueError("pass at most one of similarity ([K, K]) and gram ([d, d])")
+    if gram is not None:
+        _check_unit_rows(weight)
+    weight, similarity, gram = (_usable_in_autograd(t) for t in (weight, similarity, gram))
     acc = _acc_dtype(features.dtype)
     h = features.to(acc)  # [B, d]
     w = weight.to(acc)  # [K, d]
-    S = w @ w.T if similarity is None else similarity.to(acc)  # [K, K]
     valid = target != ignore_index  # [B]
     y = torch.where(valid, target, 0).long()  # [B]
     logits = h @ w.T  # [B, K]
     ce = torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None]).squeeze(1)
     n = torch.linalg.vector_norm(h, dim=1)  # [B]
-    wn = torch.linalg.vector_norm(w, dim=1).clamp_min(EPS)  # [K]
     nonzero = n > EPS
-    cos = logits / (torch.where(nonzero, n, 1.0)[:, None] * wn[None, :])
-    cos = torch.where(nonzero[:, None], cos, 0.0)
-    target_sim = S.index_select(1, y).T  # [B, K]: row b is S[:, y_b]
-    lcos = ((cos - target_sim) ** 2).sum(dim=1)
+    if gram is not None:  # u^T G u with u = h / ||h|| - w_y (a zero row: h / ||h|| = 0)
+        hh = torch.where(nonzero[:, None], h / torch.where(nonzero, n, 1.0)[:, None], 0.0)
+        u = hh - w.index_select(0, y)  # [B, d]
+        lcos = ((u @ gram.to(acc)) * u).sum(dim=1)
+    else:
+        S = w @ w.T if similarity is None else similarity.to(acc)  # [K, K]
+        wn = torch.linalg.vector_norm(w, dim=1).clamp_min(EPS)  # [K]
+        cos = logits / (torch.where(nonzero, n, 1.0)[:, None] * wn[None, :])
+        cos = torch.where(nonzero[:, None], cos, 0.0)
+        target_sim = S.index_select(0, y)  # [B, K]: row b is S[y_b, :], the target row of label y_b
+        lcos = ((cos - target_sim) ** 2).sum(dim=1)
     rows = torch.where(valid, (1.0 - alpha) * ce + alpha * lcos, 0.0)
     return _reduce(rows, valid, reduction)
 
 
 def paper_loss(features, weight, target, alpha=0.4, *, similarity=None):
-    """The paper code's formulation: CE plus a per-class loop of cosine_similarity, summed, / batch size."""
+    """The paper code's formulation: CE plus a per-class loop of cosine_similarity, summed, / batch size.
+
+    The paper's S is symmetric; ``S[target, k]`` is the row convention of :func:`reference_loss`."""
     S = weight @ weight.T if similarity is None else similarity
     ce = F.cross_entropy(features @ weight.T, target)
     lcos = features.new_zeros(())
     for k in range(weight.shape[0]):
         cos_k = F.cosine_similarity(features, weight[k][None, :], dim=1)
-        lcos = lcos + ((cos_k - S[k, target]) ** 2).sum()
+        lcos = lcos + ((cos_k - S[target, k]) ** 2).sum()
     return (1.0 - alpha) * ce + alpha * lcos / features.shape[0]
 
 
@@ -170,59 +233,45 @@ def fused_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_ind
     """The native op with autograd: exactly one of similarity [K, K] / gram [d, d], dtypes as the op wants."""
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and features.requires_grad
-    loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram, float(alpha),
-                                               int(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
+    loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram, _real_scalar(alpha),
+                                               _int_scalar(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
     return loss
 
 
-# ----------------------------------------------------------------------------- derived-matrix cache
-_CACHE: dict = {}
-
-
+# ----------------------------------------------------------------------------- S or M from the weight
 _MAX_SIMILARITY_BYTES = 2 << 30  # refuse to build a K x K similarity larger than this
 
 
-def _cache_key(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
-    return (id(weight), weight._version, dtype, acc, weight.device, tuple(weight.shape))
+def _unit_rows(w: torch.Tensor, dtype: torch.dtype) -> bool:  # w: [K, d] in the accumulation dtype
+    """True when every row is a unit vector up to the rounding of dtype (bf16 rows are 1 +- ~2e-4)."""
+    tol = max(1e-4, 2 * torch.finfo(dtype).eps)
+    return bool((torch.linalg.vector_norm(w, dim=1) - 1).abs().max() < tol)
 
 
-def _cached(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
-    """The cached (weight in dtype, similarity, gram) of this weight version, or None."""
-    hit = _CACHE.get(_cache_key(weight, dtype, acc))
-    return hit[1] if hit is not None and hit[0]() is weight else None
+def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """``(similarity [K, K], None)`` or ``(None, gram [d, d])`` for a frozen weight [K, d], in dtype's accumulation dtype.
 
-
-def _derived(weight: torch.Tensor, dtype: torch.dtype, acc: torch.dtype):
-    """(weight in dtype, similarity, gram) for a frozen weight, once per weight version (one of the two is None)."""
-    key = _cache_key(weight, dtype, acc)
-    hit = _cached(weight, dtype, acc)
-    if hit is not None:
-        return hit
+    The d x d gram ``weight.T @ weight`` when the rows are unit (to dtype's rounding) and K > max(d, 4096);
+    else ``weight @ weight.T``. Computed on every call, never cached: a module that calls the loss
+    repeatedly holds the result (:class:`haframe_ext.nn.FixedFrameClassifier`).
+    """
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "haframe_loss derives S (or M) for a new weight on its first call, which needs the device and cannot "
-            "run inside CUDA-graph capture: make one call before capturing (a warm-up step), or pass "
-            "similarity= / gram=")
-    w_cast = weight.detach().to(dtype)
-    w = w_cast.to(acc)
+            "haframe_loss without similarity= or gram= derives S (or M) from the weight, which reads it on the "
+            "host and cannot run inside CUDA-graph capture: compute it once before capturing "
+            "(haframe_ext.ops.derive_similarity_or_gram) and pass it as similarity= / gram=")
+    acc = _acc_dtype(dtype)
+    w = weight.detach().to(dtype).to(acc)  # [K, d], rounded as the op will see it
     K, d = w.shape
-    # unit rows, up to the rounding of the weight's dtype (bf16 rows are 1 +- ~2e-4)
-    tol = max(1e-4, 2 * torch.finfo(dtype).eps)
-    unit = bool((torch.linalg.vector_norm(w, dim=1) - 1).abs().max() < tol)
-    if unit and K > d and K > _MROUTE_MIN_K:
-        value = (w_cast, None, w.T @ w)  # [d, d] M route
-    else:
-        nbytes = K * K * w.element_size()
-        if nbytes > _MAX_SIMILARITY_BYTES:
-            raise ValueError(
-                f"the fused loss needs S = weight @ weight.T ({K} x {K}, {nbytes / 2**30:.1f} GiB) because the "
-                "rows of weight are not unit vectors; normalise the rows (a frame's are) so that the d x d route "
-                "applies, or pass similarity= / gram= explicitly")
-        value = (w_cast, w @ w.T, None)  # [K, K] gather route (S = W W^T by definition)
-    for k in [k for k, v in _CACHE.items() if v[0]() is None]:
-        del _CACHE[k]
-    _CACHE[key] = (weakref.ref(weight), value)
-    return value
+    if K > d and K > _MROUTE_MIN_K and _unit_rows(w, dtype):
+        return None, w.T @ w  # [d, d] M route
+    nbytes = K * K * w.element_size()
+    if nbytes > _MAX_SIMILARITY_BYTES:
+        raise ValueError(
+            f"the fused loss needs S = weight @ weight.T ({K} x {K}, {nbytes / 2**30:.1f} GiB) because the "
+            "rows of weight are not unit vectors; normalise the rows (a frame's are) so that the d x d route "
+            "applies, or pass similarity= / gram= explicitly")
+    return w @ w.T, None  # [K, K] gather route (S = W W^T by definition)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -231,9 +280,11 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     """HAFrame loss (module docstring); the fused native op on CPU/CUDA, the reference otherwise.
 
     features [B, d] (float16/bfloat16/float32/float64; weight is cast to their dtype), weight [K, d]
-    (frozen: the fused op computes no weight gradient), target [B] int. ``similarity`` [K, K] (the
-    frame's target cosines, symmetric) or ``gram`` [d, d] (weight.T @ weight, unit rows) may be passed
-    to skip computing them; otherwise they are derived once per weight version and cached.
+    (frozen: the fused op computes no weight gradient), target [B] int. ``similarity`` [K, K] (row y: the
+    target cosines of label y) or ``gram`` [d, d] (weight.T @ weight, unit rows) should be passed when
+    the loss is called repeatedly (see :func:`derive_similarity_or_gram`); without them one is derived
+    from the weight's current values on every call, which costs a K x d x K (or d x K x d) product.
+    alpha: a real number in [0, 1] (numpy and 0-dim tensors included); ignore_index: an int.
     backend: "auto" (native when available), "native" (error if unavailable) or "reference".
     The loss is float32 (float64 for float64 features); the gradient is computed in the forward pass,
     so backward only scales it (retain_graph works; double backward raises).
@@ -244,26 +295,25 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
         from ._native import native_error
         raise RuntimeError(f"backend='native' but the compiled extension is unavailable: {native_error()}")
     use_native = backend != "reference" and _NATIVE
-    if use_native and weight.requires_grad and torch.is_grad_enabled():
+    compiling = torch.compiler.is_compiling()
+    alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram,
+                                      native=use_native, tracing=compiling)
+    if not use_native:
+        return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity,
+                              gram=gram)
+    if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "the fused HAFrame loss is for fixed frames and computes no gradient for `weight`, but "
             "weight.requires_grad is True: freeze it (weight.requires_grad_(False), or register it as a "
             "buffer), or pass backend='reference' to train the classifier with the plain-PyTorch loss")
-    compiling = torch.compiler.is_compiling()
-    _check_args(features, weight, target, alpha, reduction, ignore_index, similarity,
-                check_labels=not use_native and not compiling, gram=gram)
-    if not use_native:
-        return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity)
     acc = _acc_dtype(features.dtype)
-    if similarity is None and gram is None and not compiling:
-        weight, similarity, gram = _derived(weight, features.dtype, acc)
-    else:
-        weight = weight.to(features.dtype)
-        if similarity is not None:
-            similarity, gram = similarity.to(acc).contiguous(), None
-        elif gram is not None:
-            gram = gram.to(acc).contiguous()
-        else:  # traced by torch.compile: no Python-side cache
+    if similarity is None and gram is None:
+        if compiling:  # traced by torch.compile: no data-dependent route choice
             w = weight.detach().to(acc)
             similarity = w @ w.T
+        else:
+            similarity, gram = derive_similarity_or_gram(weight, features.dtype)
+    similarity = None if similarity is None else similarity.to(acc).contiguous()
+    gram = None if gram is None else gram.to(acc).contiguous()
+    weight = weight.to(features.dtype)
     return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)

@@ -105,7 +105,7 @@ def test_reductions_ignore_index_and_grad_output(device, reduction, alpha):
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_route_large_k_uses_m_route_and_matches(device):
     h, w, y = make(33, 5000, 64, torch.float32, device, seed=2)
-    assert ops._derived(w, torch.float32, torch.float32)[2] is not None  # K > 4096 > d, unit rows: M route
+    assert ops.derive_similarity_or_gram(w, torch.float32)[1] is not None  # K > 4096 > d, unit rows: M route
     want_l, want_g = reference(h, w, y, reduction="mean")
     got_l, got_g = fused(h, w, y, reduction="mean")
     assert_match(got_l, want_l, torch.float32, "loss")
@@ -209,20 +209,18 @@ def test_cuda_graph_capture_replays_loss_and_gradient(monkeypatch, tuned, route)
 
 @needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
-def test_cuda_graph_capture_of_a_first_call_names_the_warm_up():
+def test_cuda_graph_capture_without_similarity_or_gram_names_the_fix():
     h, w, y = make(8, 16, 16, torch.float32, "cuda")
-    w = w.clone()  # a weight the cache has not seen
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="make one call before capturing"):
+    with pytest.raises(RuntimeError, match="compute it once before capturing"):
         with torch.cuda.graph(graph):
             ops.haframe_loss(h, w, y, backend="native")
 
 
 def test_bf16_frame_counts_as_unit_and_takes_the_m_route():
     _, w, _ = make(2, 5000, 64, torch.float32, "cpu", seed=2)
-    w_cast, S, M = ops._derived(w, torch.bfloat16, torch.float32)
-    assert S is None and M.shape == (64, 64) and w_cast.dtype == torch.bfloat16
-    assert ops._derived(w, torch.bfloat16, torch.float32)[0] is w_cast  # cached per weight version
+    S, M = ops.derive_similarity_or_gram(w, torch.bfloat16)
+    assert S is None and M.shape == (64, 64) and M.dtype == torch.float32
 
 
 @needs_native

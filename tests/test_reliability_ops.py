@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -672,3 +673,178 @@ def test_randomised_hostile_raw_op_calls_never_crash_the_process():
     r = subprocess.run([sys.executable, "-c", FUZZ], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stderr[-2000:]}"
     assert "calls 400" in r.stdout
+
+
+# ----------------------------------------------------------------------------- round 2: stale derived matrices
+def _write(kind, w, new):
+    """Overwrite the weight w with new by one of the ways that do not bump w._version."""
+    if kind == "data_copy":
+        w.data.copy_(new)
+    elif kind == "data_assign":
+        w.data = new.clone()
+    elif kind == "numpy_view":
+        w.numpy()[...] = new.numpy()
+    else:  # an ordinary in-place write, which bumps the version
+        with torch.no_grad():
+            w.copy_(new)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("K,d", [(5, 6), (1, 3), (4200, 16)], ids=["K5-d6", "K1-d3", "K4200-d16-mroute"])
+@pytest.mark.parametrize("kind", ["data_copy", "data_assign", "numpy_view", "inplace"])
+def test_default_call_follows_every_write_to_the_weight(dtype, K, d, kind):
+    """haframe_loss(h, W, y) derives S (or M) from W's current values: `.data` writes and numpy views
+    included (the op used to serve a cached S keyed on id and _version: 2.3868 against 2.2613)."""
+    h, w, y = make(B=7, K=K, d=d, dtype=dtype, seed=1)
+    _, w2, _ = make(B=7, K=K, d=d, dtype=dtype, seed=2)
+    first = ops.haframe_loss(h, w, y, backend="native")
+    _write(kind, w, w2)
+    got = ops.haframe_loss(h, w, y, backend="native")
+    want = ops.haframe_loss(h, w2, y, backend="reference")
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    close(got, want, tol, tol)
+    assert not torch.equal(first, got)
+
+
+@pytest.mark.parametrize("K,d", [(777, 8), (4321, 12)], ids=["gather", "mroute"])
+def test_default_call_keeps_nothing_alive_after_the_weight_dies(K, d):
+    """No derived S [K, K] or M [d, d] (nor the weight itself) outlives the call (the cache kept an
+    858 MB S after `del W`)."""
+    import gc
+    h, w, y = make(B=3, K=K, d=d, dtype=torch.float32, seed=3)
+    ops.haframe_loss(h, w, y, backend="native")
+    del w
+    gc.collect()
+    live = [tuple(t.shape) for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)]
+    assert (K, K) not in live and (d, d) not in live and (K, d) not in live
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+@pytest.mark.parametrize("route", ["auto", "similarity", "gram"])
+def test_weight_made_under_inference_mode(backend, route):
+    """A frame built under torch.inference_mode() trains features like any other weight (the default
+    backend raised 'Inference tensors do not track version counter')."""
+    h, w64, y = make(B=6, K=5, d=7, dtype=torch.float64, seed=4)
+    with torch.inference_mode():
+        w = w64.clone()
+        kw = {"auto": {}, "similarity": {"similarity": w @ w.T}, "gram": {"gram": w.T @ w}}[route]
+    assert w.is_inference()
+    got_l, got_g = loss_and_grad(h, w, y, backend if backend != "auto" else "native", **kw)
+    want_l, want_g = loss_and_grad(h, w64, y, "reference")
+    close(got_l, want_l)
+    close(got_g, want_g)
+
+
+# ----------------------------------------------------------------------------- round 2: what similarity and gram mean
+def _rowwise_target_loss(h, w, y, S, alpha=0.4):
+    """Per-row loss by hand: (1 - a) CE + a sum_k (cos(w_k, h) - S[y, k])^2 (row y of S is label y's target)."""
+    out = []
+    for b in range(h.shape[0]):
+        z = w @ h[b]
+        ce = torch.logsumexp(z, 0) - z[y[b]]
+        cos = z / (w.norm(dim=1) * h[b].norm())
+        out.append((1 - alpha) * ce + alpha * ((cos - S[y[b]]) ** 2).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,K,d", [(1, 2, 2), (7, 5, 6), (33, 40, 9)])
+def test_asymmetric_similarity_means_row_y_on_both_backends(backend, dtype, B, K, d):
+    """similarity[y] is the target row of label y: an asymmetric S gives the same loss on both backends
+    (2.73 against 1.11 before), and swapping S[:, y] for S[y, :] in either one fails here."""
+    h, w, y = make(B=B, K=K, d=d, dtype=dtype, seed=5)
+    S = torch.triu(torch.rand(K, K, generator=torch.Generator().manual_seed(6), dtype=torch.float64)) * 2 - 0.5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got, _ = loss_and_grad(h, w, y, backend, similarity=S.to(acc))
+    want = _rowwise_target_loss(h.double(), w.double(), y, S.to(acc).double())
+    tol = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    close(got, want, tol, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [2.0, 0.5, 1.02])
+def test_gram_for_rows_that_are_not_unit_is_refused_on_both_backends(backend, scale):
+    """gram= stands for weight^T weight of unit rows; other rows are refused with the fix named (they gave
+    9.593 against 8.654)."""
+    h, w, y = make(B=4, K=5, d=6, dtype=torch.float64, seed=7)
+    w = w * scale
+    with pytest.raises(ValueError, match="gram= needs unit rows.*pass similarity="):
+        ops.haframe_loss(h, w, y, gram=w.T @ w, backend=backend)
+
+
+def test_raw_op_refuses_gram_with_rows_that_are_not_unit():
+    h, w, y = make(B=4, K=5, d=6)
+    with pytest.raises(ValueError, match="gram= needs unit rows"):
+        OP(h, 3 * w, y, None, 9 * w.T @ w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gram_accepts_rows_unit_up_to_rounding_and_both_backends_agree(backend, dtype):
+    """Rows normalised in float64 and rounded to the features' dtype pass; any gram (not only W^T W) means
+    the cosine term u^T G u, u = h / ||h|| - w_y, on both backends."""
+    h, w, y = make(B=9, K=30, d=8, dtype=dtype, seed=8)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    G = torch.eye(8, dtype=acc) * 0.7
+    got, _ = loss_and_grad(h, w, y, backend, gram=G)
+    want, _ = loss_and_grad(h, w, y, "native" if backend == "reference" else "reference", gram=G)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(dtype, 2e-2)
+    close(got, want, tol, tol)
+
+
+# ----------------------------------------------------------------------------- round 2: scalar arguments
+NOT_NUMBERS = ["0.3", b"0.3", True, False, 0.3 + 0j, None, [0.3]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", NOT_NUMBERS, ids=repr)
+def test_alpha_that_is_not_a_real_number_is_refused_on_both_backends(backend, bad):
+    """alpha="0.3" ran on the native backend and failed inside the reference; both now refuse it."""
+    h, w, y = make()
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        ops.haframe_loss(h, w, y, alpha=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [np.float32(0.3), np.float64(0.3), np.int64(1), torch.tensor(0.3),
+                                   torch.tensor(0.3, dtype=torch.float64, requires_grad=True), torch.tensor(1),
+                                   __import__("fractions").Fraction(3, 10), 0, 1],
+                         ids=lambda a: f"{type(a).__name__}({a!r})")
+def test_alpha_as_any_real_scalar_gives_the_float_result(backend, alpha):
+    h, w, y = make(dtype=torch.float64)
+    got = ops.haframe_loss(h, w, y, alpha=alpha, reduction="none", backend=backend)
+    plain = alpha.item() if isinstance(alpha, torch.Tensor) else float(alpha)
+    want = ops.haframe_loss(h, w, y, alpha=plain, reduction="none", backend="reference")
+    assert not got.requires_grad and got.dtype == torch.float64
+    close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [True, "1", 1.0, torch.tensor(1.0), np.float64(1.0)], ids=repr)
+def test_ignore_index_that_is_not_an_integer_is_refused_on_both_backends(backend, bad):
+    h, w, y = make()
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ops.haframe_loss(h, w, y, ignore_index=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ii", [np.int64(1), np.int8(1), torch.tensor(1), torch.tensor(1, dtype=torch.uint8)],
+                         ids=repr)
+def test_ignore_index_as_an_integer_scalar_agrees(backend, ii):
+    h, w, _ = make(dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 3])
+    got = ops.haframe_loss(h, w, y, ignore_index=ii, reduction="none", backend=backend)
+    want = ops.haframe_loss(h, w, y, ignore_index=1, reduction="none", backend="reference")
+    close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which,dtype", [("similarity", torch.complex64), ("gram", torch.complex128),
+                                         ("similarity", torch.bool)], ids=str)
+def test_complex_or_bool_similarity_and_gram_are_refused_on_both_backends(backend, which, dtype):
+    """They were cast silently (complex dropping its imaginary part with a warning)."""
+    h, w, y = make()
+    n = 5 if which == "similarity" else 6
+    with pytest.raises(TypeError, match=f"{which} must be real .floating point"):
+        ops.haframe_loss(h, w, y, backend=backend, **{which: torch.eye(n).to(dtype)})

@@ -126,7 +126,7 @@ void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
     const acc_t inv_s = acc_t(1) / s;
     acc_t lcos = 0;
     if (S) {
-      const acc_t* srow = S + label * K;  // S symmetric: row y is column y
+      const acc_t* srow = S + label * K;  // row y of S: the target of label y
       acc_t pl[kLanes] = {}, pr[kLanes] = {};
       // one class: accumulate r^2 and r cos into lane j, write G over the logit
       auto step = [&](int64_t k, int j) {
@@ -237,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,   
                                                   double alpha, int64_t ignore_index, int64_t reduction,
                                                   bool need_grad) {
   check_fused_loss_inputs(features, weight, target, similarity, gram, alpha, reduction);
+  if (gram.has_value()) check_unit_rows_for_gram(weight);
   const int64_t B = features.size(0), d = features.size(1), K = weight.size(0);
   const at::Tensor y = target.to(at::kLong).contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();

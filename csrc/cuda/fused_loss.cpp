@@ -81,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& features,  
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;
   const bool tuned = tuned_path_enabled();
+  if (gram.has_value() && !capturing) check_unit_rows_for_gram(weight);  // needs a read-back: not under capture
   at::Tensor stats = at::empty({2}, y.options());
   unsigned long long host_stats[2] = {0, 0};
   auto* dev_stats = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kBlock)
   const acc_t in = inv_norm(block_sum(ss));
   const acc_t gscale = scale.device ? *scale.device : scale.value;
 
-  const acc_t* srow = S ? S + label * K : nullptr;  // S symmetric: row y is column y
+  const acc_t* srow = S ? S + label * K : nullptr;  // row y of S: the target of label y
   Lse<acc_t> l = lse_empty<acc_t>();
   acc_t lcos = 0, rc = 0;
   for (int64_t k = threadIdx.x; k < K; k += kBlock) {
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(NT)
   }
   const acc_t in = inv_norm(block_sum<acc_t, NT>(ss));
   const acc_t gscale = scale.device ? *scale.device : scale.value;
-  const acc_t* srow = S ? S + label * K : nullptr;  // S symmetric: row y is column y
+  const acc_t* srow = S ? S + label * K : nullptr;  // row y of S: the target of label y
 
   Lse<acc_t> l = lse_empty<acc_t>();
   acc_t lcos = 0, rc = 0;

@@ -27,7 +27,7 @@ void launch_row_epilogue(scalar_t* z,            // [R, K] logits in, G out
                          const scalar_t* h,      // [R, d]
                          const scalar_t* W,      // [K, d]
                          const acc_t* inv_wn,    // [K]
-                         const acc_t* S,         // [K, K] symmetric, or nullptr (M route)
+                         const acc_t* S,         // [K, K] (row y: label y's target), or nullptr (M route)
                          const int64_t* y,       // [R]
                          int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
                          GradScale<acc_t> gscale,
@@ -65,7 +65,7 @@ void launch_row_epilogue_vec(scalar_t* z,          // [R, K] logits in, G out
                              const scalar_t* h,    // [R, d]
                              const scalar_t* W,    // [K, d]
                              const acc_t* inv_wn,  // [K] (gather route)
-                             const acc_t* S,       // [K, K] symmetric, or nullptr (M route)
+                             const acc_t* S,       // [K, K] (row y: label y's target), or nullptr (M route)
                              const int64_t* y,     // [R]
                              int64_t R, int64_t K, int64_t d, acc_t alpha, int64_t ignore_index, bool need_grad,
                              GradScale<acc_t> gscale,
