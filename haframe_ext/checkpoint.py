@@ -102,7 +102,7 @@ def release_folder(claim: Optional[Tuple[int, Path]]) -> None:
     if claim is None:
         return
     fd, path = claim
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # gone already, or the folder became read-only: the kernel lock still ends
         os.unlink(path)  # while still locked, so a process waiting on this file sees it replaced and retries
     os.close(fd)
 
@@ -123,10 +123,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_tmp(obj, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, an interrupt: no partial temp file is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
 
 
@@ -140,10 +145,15 @@ def atomic_save(obj, path) -> None:
 
 def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, an interrupt: no partial temp file is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -262,31 +272,42 @@ def load_checkpoint(path, map_location="cpu", *, kind: str = "training") -> Dict
     it is missing, truncated, corrupted or not a haframe_ext checkpoint.
     """
     path = Path(path)
-    prev = path.with_name("prev.pt") if path.name == "last.pt" else None
-    hint = (f"; the previous checkpoint {prev} looks intact: resume from it with resume_from="
-            f"'{prev}' (CLI: --resume-from {prev})" if prev is not None and prev.exists() else "")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+
+    def hint() -> str:
+        """What to fall back to when ``last.pt`` is bad: ``prev.pt`` only once it has been loaded and checked."""
+        prev = path.with_name("prev.pt")
+        if path.name != "last.pt" or not prev.exists():
+            return ""
+        try:
+            load_checkpoint(prev, map_location="cpu", kind=kind)
+        except CheckpointError as exc:
+            return (f"; the previous checkpoint {prev} is damaged too ({exc}), so no checkpoint of this run can be "
+                    "resumed: start over with --overwrite or choose another --out")
+        return f"; the previous checkpoint {prev} is intact: resume from it with resume_from='{prev}' " \
+               f"(CLI: --resume-from {prev})"
+
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, CRC mismatch, unpickling error, a refused global, ...
         reason, unsafe = describe_torch_load_error(exc)  # never repeats torch's "weights_only=False" advice
         if unsafe:
             raise CheckpointError(f"checkpoint {path} is not a safe checkpoint (refused by weights_only loading: "
-                                  f"{reason}; nothing in it was run){hint}") from None
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}){hint}") from None
+                                  f"{reason}; nothing in it was run){hint()}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason}){hint()}") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a haframe_ext checkpoint (no format={CHECKPOINT_FORMAT!r}){hint}")
+        raise CheckpointError(f"{path} is not a haframe_ext checkpoint (no format={CHECKPOINT_FORMAT!r}){hint()}")
     if "digest" not in ck or _digest({k: v for k, v in ck.items() if k != "digest"}) != ck["digest"]:
         raise CheckpointError(f"checkpoint {path} is corrupted (its content does not match the digest "
-                              f"written with it){hint}")
+                              f"written with it){hint()}")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint version {ck.get('version')!r}")
     need = _CKPT_KEYS if kind == "training" else ("format", "version", "config", "model")
     missing = [k for k in need if k not in ck]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}){hint}")
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}){hint()}")
     if not isinstance(ck["model"], dict) or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
                                                     for k, v in ck["model"].items()):
-        raise CheckpointError(f"checkpoint {path} has a malformed model state{hint}")
+        raise CheckpointError(f"checkpoint {path} has a malformed model state{hint()}")
     return ck

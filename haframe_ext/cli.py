@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,6 +31,107 @@ class _Parser(argparse.ArgumentParser):
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         hint = f" (see '{PROG} {sub} --help')" if sub else f" (see '{PROG} --help')"
         raise UserError(f"{message}{hint}")
+
+
+# ----------------------------------------------------------------------------- argument types
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the flag in its error)."""
+
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {v!r}") from None
+        if x < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {x}")
+        return x
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(v: str) -> float:
+    """An argparse type: a finite number > 0 (NaN and inf are refused, not left to hang or overflow later)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v!r}")
+    return x
+
+
+def _path(v: str) -> str:
+    """An argparse type: a non-empty path (an empty one would silently mean the current folder, or nothing)."""
+    if not v.strip():
+        raise argparse.ArgumentTypeError("must be a non-empty path, got ''")
+    return v
+
+
+def _check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where it is available."""
+    import re
+
+    import torch
+
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {_quote(device)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available: use --device cpu or auto")
+
+
+def _quote(v, limit: int = 100) -> str:
+    """``repr`` of user input, cut to ``limit`` characters (a huge input is never echoed whole)."""
+    r = repr(str(v))
+    return r if len(r) <= limit else f"{r[:limit - 4]}...' ({len(str(v))} characters)"
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+# a dense frame peaks at about 4 float64 copies of its K x K and K x dim matrices (measured: 3.6)
+_DENSE_FRAME_COPIES = 4
+
+
+def _check_frame_fits(K: int, dim: Optional[int], flag: str) -> None:
+    """Refuse a dense frame that cannot fit in memory, saying what was asked and what fits."""
+    avail = _available_memory()
+    d = K if dim is None else dim
+    need = _DENSE_FRAME_COPIES * 8 * (K * K + K * d)
+    if avail is None or need <= avail:
+        return
+    budget = avail / (_DENSE_FRAME_COPIES * 8)
+    if flag == "--dim":
+        fits = f"--dim up to about {max(0, int(budget / K - K)):,} fits for K={K:,}"
+    else:
+        fits = f"K up to about {int(math.sqrt(budget / 2)):,} fits (with --dim K)"
+    raise UserError(f"{flag} asks for a K={K:,} x dim={d:,} frame, which needs about {_gib(need)} of memory (float64 "
+                    f"matrices of K x K and K x dim), but {_gib(avail)} is available: {fits}")
+
+
+def _memory_message(exc: BaseException) -> str:
+    """One line for an allocation that failed: the size asked for (numpy and torch say it) and what is available."""
+    avail = _available_memory()
+    asked = " ".join(str(exc).split())[:300] or "an allocation failed"
+    have = f"; {_gib(avail)} of memory is available" if avail is not None else ""
+    return (f"out of memory: {asked}{have}. Use a smaller hierarchy or --dim / --feature-dim, or a machine with more "
+            "memory")
 
 
 # ----------------------------------------------------------------------------- frame
@@ -64,13 +167,19 @@ def _parse_s_min(v: str):
 def cmd_frame(args) -> int:
     from .frame import HAFrame
 
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {_quote(args.out)} is a folder: name the file to write, e.g. "
+                        f"{_quote(os.path.join(args.out, 'frame.pt'))}")
     if args.etf is not None:
         if args.etf < 2:
             raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
+        _check_frame_fits(args.etf, args.dim, "--dim" if args.dim is not None and args.dim > args.etf else "--etf")
         frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed)
         label = f"simplex ETF, K={args.etf}"
     else:
         d, label = _load_frame_inputs(args)
+        if args.dim is not None:
+            _check_frame_fits(len(d), args.dim, "--dim")
         frame = HAFrame.from_distances(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed)
     diag = frame.diagnostics()
     print(f"frame: {label}")
@@ -80,12 +189,27 @@ def cmd_frame(args) -> int:
         out = Path(args.out)
         if out.parent and not out.parent.exists():
             raise UserError(f"output folder does not exist: {out.parent}")
-        frame.save(out)
+        _save_frame(frame, out)
         print(f"wrote {out}")
     if args.plot:
         _plot_frame(frame, Path(args.plot), label)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _save_frame(frame, out: Path) -> None:
+    """``frame.save`` atomically (a temp file beside ``out``, renamed); an unwritable path is a UserError."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: an OS error stays an OSError, not torch's RuntimeError
+            frame.save(f)
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write --out {_quote(out)}: {exc.strerror or exc}") from None
 
 
 def _plot_frame(frame, path: Path, label: str) -> None:
@@ -100,6 +224,8 @@ def _plot_frame(frame, path: Path, label: str) -> None:
 
     if path.parent and not path.parent.exists():
         raise UserError(f"output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise UserError(f"--plot {_quote(path)} is a folder: name the PNG file to write")
     from .demo import tree_order
 
     S = frame.similarity.double().cpu().numpy()
@@ -251,6 +377,9 @@ def cmd_eval(args) -> int:
 
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint not found: {args.checkpoint}")
+    _check_device(args.device)
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {_quote(args.json)} is a folder: name the file to write")
     res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
                               batch_size=args.batch_size, device=args.device, crm=not args.no_crm)
     _print_metrics(res["method"], res["metrics"], res.get("crm"))
@@ -294,8 +423,7 @@ def _bench_in_process(args) -> int:
     from ._native import native_available, native_error
     from .frame import HAFrame
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available")
+    _check_device(args.device)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
@@ -378,18 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
     f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
-    f.add_argument("--dim", type=int, default=None, help="frame dimension (default: K)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the random rotation (default: 0)")
+    f.add_argument("--dim", type=_int_at_least(1), default=None, help="frame dimension (default: K)")
+    f.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random rotation (default: 0)")
     f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
-    f.add_argument("--out", help="save the frame here (.pt, loadable with HAFrame.load)")
-    f.add_argument("--plot", help="write a PNG of target vs realised similarity heatmaps")
+    f.add_argument("--out", type=_path, help="save the frame here (.pt, loadable with HAFrame.load)")
+    f.add_argument("--plot", type=_path, help="write a PNG of target vs realised similarity heatmaps")
     f.set_defaults(func=cmd_frame)
 
     t = sub.add_parser("train", help="train and evaluate a model",
                        description="Train a model (single process, or several under torchrun), select the best "
                                    "epoch on validation, evaluate on test and write results.json.")
     t.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    t.add_argument("--seeds", type=int, nargs="+", help="train once per seed and report mean and 95%% CI")
+    t.add_argument("--seeds", type=_int_at_least(0), nargs="+",
+                   help="train once per seed (each seed once) and report mean and 95%% CI")
     _add_config_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -399,18 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="override the dataset of the checkpoint's config")
     e.add_argument("--data-root", dest="data_root", help="override the data root")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
-    e.add_argument("--batch-size", dest="batch_size", type=int, default=512, help="batch size (default: 512)")
+    e.add_argument("--batch-size", dest="batch_size", type=_int_at_least(1), default=512,
+                   help="batch size (default: 512)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     e.add_argument("--no-crm", dest="no_crm", action="store_true", help="skip the CRM re-ranked metrics")
-    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--json", type=_path, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="train cross-entropy, haframe and etf on synthetic data (no download)",
                        description="Synthetic hierarchical data on the CIFAR-100 hierarchy, MLP backbone: trains "
                                    "each method, prints a table, writes results.json and demo.png.")
-    d.add_argument("--out", default="haframe-demo", help="output folder (default: ./haframe-demo)")
-    d.add_argument("--epochs", type=int, default=30, help="epochs per method (default: 30)")
-    d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--out", type=_path, default="haframe-demo", help="output folder (default: ./haframe-demo)")
+    d.add_argument("--epochs", type=_int_at_least(1), default=30, help="epochs per method (default: 30)")
+    d.add_argument("--seed", type=_int_at_least(0), default=0, help="seed (default: 0)")
     d.add_argument("--methods", nargs="+", default=["cross-entropy", "haframe", "etf"],
                    help="methods to train (default: cross-entropy haframe etf)")
     d.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not write demo.png")
@@ -421,17 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time forward+backward of ops.haframe_loss against ops.reference_loss "
                                    "(torch.utils.benchmark) at the CIFAR-100 shape (B=64, K=d=100); "
                                    "--full runs the repository's provider benchmark instead.")
-    b.add_argument("--batch", type=int, default=64, help="batch size B (default: 64)")
-    b.add_argument("--classes", type=int, default=100, help="classes K (default: 100, the CIFAR-100 HAFrame)")
-    b.add_argument("--dim", type=int, default=None, help="feature dimension d (default: K)")
+    b.add_argument("--batch", type=_int_at_least(1), default=64, help="batch size B (default: 64)")
+    b.add_argument("--classes", type=_int_at_least(2), default=100,
+                   help="classes K (default: 100, the CIFAR-100 HAFrame)")
+    b.add_argument("--dim", type=_int_at_least(1), default=None, help="feature dimension d (default: K)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     b.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     b.add_argument("--etf", action="store_true", help="use a simplex ETF instead of the CIFAR-100 HAFrame")
-    b.add_argument("--min-run-time", dest="min_run_time", type=float, default=0.6,
+    b.add_argument("--min-run-time", dest="min_run_time", type=_positive_float, default=0.6,
                    help="seconds of timing per provider, over all blocks (default: 0.6)")
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch threads for the timing (default: 1 on CPU, robust on a shared machine)")
-    b.add_argument("--repeats", type=int, default=3, help="alternating timing blocks per provider (default: 3)")
+    b.add_argument("--repeats", type=_int_at_least(1), default=3,
+                   help="alternating timing blocks per provider (default: 3)")
     b.add_argument("--full", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                    help="run the repository's full provider benchmark (python -m bench.run_quick ARGS) instead; "
                         "needs the source tree (run from the repository root)")
@@ -457,12 +589,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MAX_MESSAGE = 2000  # characters of one error line (a message quoting huge input is cut)
+
+
 def _one_line(exc: BaseException) -> str:
     msg = str(exc).strip()
     if isinstance(exc, KeyError) and exc.args:
         msg = str(exc.args[0])
     msg = " ".join(msg.split()) if msg else type(exc).__name__
+    if len(msg) > _MAX_MESSAGE:
+        msg = f"{msg[:_MAX_MESSAGE]}... (cut: the message has {len(msg):,} characters)"
     return msg
+
+
+# what to do about an OS error, by errno
+_OS_FIX = {errno.ENOSPC: "free some space or choose another --out",
+           errno.EDQUOT: "free some space or choose another --out",
+           errno.EROFS: "choose a writable folder",
+           errno.ENAMETOOLONG: "choose a shorter path",
+           errno.EACCES: "check its permissions or choose another path"}
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error: what failed, on which path (cut if long), and the fix."""
+    what = exc.strerror or _one_line(exc)
+    where = f" ({_quote(exc.filename)})" if exc.filename is not None and _quote(exc.filename) not in what else ""
+    fix = _OS_FIX.get(exc.errno)
+    return _one_line(type(exc)(f"{what}{where}" + (f": {fix}" if fix else "")))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch's failed allocations are RuntimeErrors (CPU) or OutOfMemoryError (CUDA); numpy's are MemoryErrors."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -499,12 +659,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `haframe ... | head`: stop quietly
+    except BrokenPipeError:  # e.g. `haframe ... | head`: stop quietly (before OSError, its base class)
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         return 0
+    except OSError as exc:  # a read-only or full disk, a path too long, /proc, ...
+        print(f"{PROG}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"{PROG}: error: {_one_line(RuntimeError(_memory_message(exc)))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -529,7 +529,8 @@ def _check_resume_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], ck
     if then.get("classes") != now["classes"]:
         how = ("the same class names in another label order" if then.get("class_set") == now["class_set"]
                else "other class names")
-        raise CheckpointError(f"cannot resume from {path}: this run's class list ({config.classes or config.hierarchy}) "
+        source = config.classes or config.hierarchy
+        raise CheckpointError(f"cannot resume from {path}: this run's class list ({source}) "
                               f"has {how} than the checkpoint's, so its labels would change meaning; {fix}")
     if now["distances"] is not None and then.get("distances") not in (None, now["distances"]):
         raise CheckpointError(f"cannot resume from {path}: this run's class distances (from "
@@ -778,7 +779,8 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     metrics = ["top1", "mistake_severity"] + [f"hierdist@{k}" for k in ks]
     if config.select_metric not in metrics:  # refused now, not after the first epoch has trained
         raise ValueError(f"select_metric {config.select_metric!r} is not a validation metric of this run "
-                         f"(K={K}, eval_ks {list(config.eval_ks)}); choose one of {', '.join(metrics)} (--select-metric)")
+                         f"(K={K}, eval_ks {list(config.eval_ks)}); choose one of {', '.join(metrics)} "
+                         "(--select-metric)")
     model.to(device)
     criterion.to(device)
     optimizer = torch.optim.SGD(_param_groups(model, config), lr=config.lr, momentum=config.momentum,
@@ -977,18 +979,22 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
             # checkpoint: rank 0 writes; every rank's RNG state is gathered so a resume is exact per rank
             rng = _gather_rng(dctx)
             if dctx.main:
-                if improved:
-                    atomic_save(_seal({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "best",
-                                       "config": config.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
-                                       "val": val}), out / "best.pt")
-                ck = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "training",
-                      "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "total": total_steps},
-                      "scaler": scaler.state_dict() if scaler is not None else None,
-                      "loss": criterion.state_dict(), "rng": rng, "best": best, "history": history,
-                      "threads": torch.get_num_threads(), "inputs": inputs}
-                _rotate_save(_seal(ck), out)
-                logger.log(record)
+                try:
+                    if improved:
+                        atomic_save(_seal({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "best",
+                                           "config": config.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
+                                           "val": val}), out / "best.pt")
+                    ck = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "training",
+                          "epoch": epoch + 1, "config": config.to_dict(), "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "total": total_steps},
+                          "scaler": scaler.state_dict() if scaler is not None else None,
+                          "loss": criterion.state_dict(), "rng": rng, "best": best, "history": history,
+                          "threads": torch.get_num_threads(), "inputs": inputs}
+                    _rotate_save(_seal(ck), out)
+                    logger.log(record)
+                except OSError as exc:  # a full disk, a folder gone read-only: the earlier files are untouched
+                    raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing the checkpoint of epoch "
+                                    f"{epoch + 1}: training stopped; {_kept_message(good)}", exc.filename) from None
                 if show:
                     tqdm.write(_epoch_line(config, epoch + 1, train_loss, train_top1, val))
             good = (out / "last.pt", epoch + 1)
