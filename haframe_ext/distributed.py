@@ -76,6 +76,9 @@ class _Dist:
             want = "cuda" if torch.cuda.is_available() else "cpu"
         if want.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
+        if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {want!r} requested but there are {torch.cuda.device_count()} CUDA device(s) "
+                             "(--device cuda:N counts from 0)")
         if self.enabled:
             import torch.distributed as dist
 
