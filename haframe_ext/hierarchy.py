@@ -23,7 +23,8 @@ A line containing a tab splits on tabs only (names may contain spaces, such as
 lines are skipped: a comment line's first non-blank character is ``#``, followed by a space,
 by nothing, or with no tab anywhere on the line.  So ``#tag<TAB>child`` is an edge from the node
 ``#tag``, and ``to_edges`` (which always writes tabs) reads back whole: a name may begin with
-``#`` but not with ``# `` (every constructor refuses that).  The whitespace around each name is
+``#`` but not with ``# `` (every constructor refuses that, and names beginning with a
+byte-order mark or containing NUL, which a file cannot carry back either).  The whitespace around each name is
 stripped (so names never begin or end with whitespace).  Error messages quote at most about
 80 characters of any input, then name its full length.  A class file holds one class per line
 (the whole stripped line is the name; blank lines skipped), line i being label i.  A line repeating an edge already
@@ -137,10 +138,12 @@ def _check_name(name, where: str) -> str:
         raise HierarchyError(
             f"{where}: invalid node name {_quote(name)}; names must be non-empty, contain no tab or "
             "newline, and not begin or end with whitespace")
-    if name.startswith("# "):
+    if name.startswith(("# ", "\ufeff")) or "\x00" in name:
+        # each would not survive to_edges then from_edges: a comment line, a byte-order mark the
+        # reader drops, a NUL that makes the file binary
         raise HierarchyError(
             f"{where}: invalid node name {_quote(name)}; a name may not begin with '# ' (in an edge list "
-            "that starts a comment line); drop the space or the '#'")
+            "that starts a comment line) or U+FEFF (a byte-order mark), nor contain NUL; rename the node")
     return name
 
 
@@ -302,6 +305,36 @@ class Hierarchy:
         classes.name = f"{name}_classes.txt"
         h = cls.from_edges(edges, classes)
         h._name = name
+        return h
+
+    @classmethod
+    def random(cls, num_classes: int, seed: int = 0, max_children: int = 8) -> "Hierarchy":
+        """A seeded random unbalanced tree with exactly num_classes leaves ('c0', 'c1', ... in label order).
+
+        Each inner node splits its leaves among 2..max_children children by a uniform Dirichlet
+        draw, so subtree sizes, and with them the leaf depths, vary; for tests and benchmarks at any K.
+        """
+        K = int(num_classes)
+        if K < 2 or max_children < 2:
+            raise ValueError(f"a random hierarchy needs num_classes >= 2 and max_children >= 2, got {K}, {max_children}")
+        rng = np.random.default_rng(seed)
+        edges = _Edges()
+        parent_of, nodes = edges.parent_of, edges.nodes
+        queue, leaf, inner = [("n0", K)], 0, 1
+        nodes["n0"] = None
+        for name, n in queue:  # breadth-first; the queue grows while it is walked
+            c = int(rng.integers(2, min(n, max_children) + 1))
+            sizes = rng.multinomial(n - c, rng.dirichlet(np.ones(c))) + 1
+            for size in sizes.tolist():
+                if size == 1:
+                    child, leaf = f"c{leaf}", leaf + 1
+                else:
+                    child, inner = f"n{inner}", inner + 1
+                    queue.append((child, size))
+                parent_of[child] = name
+                nodes[child] = None
+        h = cls._new(edges, [f"c{i}" for i in range(K)], f"random hierarchy (K={K}, seed={seed})")
+        h._name = f"random:{K}"
         return h
 
     @classmethod

@@ -9,7 +9,11 @@ Definitions (d the class distance matrix, y the label, pred the arg-max class):
   classes c (reported only for k <= K).
 - ``crm_*``: the same after conditional risk minimisation re-ranking (``crm``).
 
-Every distances argument accepts whatever ``hierarchy.as_distance_matrix`` does.
+Every distances argument accepts whatever ``hierarchy.as_distance_matrix`` does, and a
+:class:`~haframe_ext.hierarchy.Hierarchy` is used through its tree (``Hierarchy.tree``: LCA
+queries for the pairs a metric needs, tree sums for CRM), so no K x K matrix is formed at any K;
+the distances follow the hierarchy's convention.  Sums are kept in units of d_max, so distances
+up to the float64 maximum neither overflow nor lose the answer.
 """
 
 from __future__ import annotations
@@ -21,14 +25,49 @@ import numpy as np
 import scipy.stats
 import torch
 
-from .hierarchy import as_distance_matrix
+from .hierarchy import Hierarchy, as_distance_matrix
 
 __all__ = ["evaluate", "StreamingEvaluator", "crm", "neural_collapse", "summarize_seeds", "format_table"]
 
+_NC_MAX_CLASSES = 4096  # neural_collapse compares the class means of at most this many (sampled) classes
 
-def _distance_tensor(distances, device, dtype=torch.float64) -> torch.Tensor:
-    """Validated distances as a [K, K] tensor on device."""
-    return torch.as_tensor(as_distance_matrix(distances), dtype=dtype, device=device)
+
+class _Distances:
+    """Class distances divided by d_max, from a dense matrix or a tree: pair lookups and CRM expected costs."""
+
+    def __init__(self, distances) -> None:
+        if isinstance(distances, Hierarchy):
+            self.tree, self.dense = distances.tree, None
+            self.num_classes, self.scale = distances.num_classes, distances.tree.d_max
+            self.key = ("tree", id(distances.tree))
+        else:
+            d = as_distance_matrix(distances).astype(np.float64)  # [K, K]
+            self.tree, self.num_classes = None, d.shape[0]
+            self.scale = float(d.max()) or 1.0
+            self.dense = d / self.scale
+            self.key = ("dense", self.dense.tobytes())
+        self._on: dict = {}  # device -> [K, K] float64 tensor
+
+    def _dense_on(self, device) -> torch.Tensor:
+        """The scaled dense matrix on device (cached)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = torch.as_tensor(self.dense, device=device)
+        return self._on[key]
+
+    def pairs(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """d[i, j] / d_max for label tensors of one shape, float64 on their device."""
+        if self.tree is None:
+            return self._dense_on(i.device)[i, j]
+        d = self.tree.pair_distances(i.cpu().numpy(), j.cpu().numpy()) / self.scale
+        return torch.from_numpy(d).to(i.device)
+
+    def expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """sum_j d[k, j] p_j / d_max for probs [N, K], float64 [N, K] on probs' device."""
+        p = probs.detach().to(torch.float64)
+        if self.tree is None:
+            return p @ self._dense_on(p.device).T
+        return torch.from_numpy(self.tree.expected_distances(p.cpu().numpy()) / self.scale).to(p.device)
 
 
 def _check_labels(target, n: int, K: int, device, what: str = "target") -> torch.Tensor:
@@ -46,41 +85,38 @@ def _check_labels(target, n: int, K: int, device, what: str = "target") -> torch
     return target.to(device=device, dtype=torch.long)
 
 
-def _risk_scores(probs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:  # probs: [N, K], d: [K, K]
-    """Minus the conditional risk, -sum_j d[k, j] p_j, as [N, K] scores (no validation)."""
-    return -(probs.to(d.dtype) @ d.T)
-
-
 def crm(probs: torch.Tensor, distances) -> torch.Tensor:
-    """Conditional-risk-minimisation scores [N, K]: -sum_j d[k, j] p_j (Karthik et al., ICLR 2021); argmax = least risk.
+    """Conditional-risk-minimisation scores, float64 [N, K]: -sum_j d[k, j] p_j (Karthik et al., ICLR 2021).
 
-    Ties (e.g. equally risky classes) are broken as torch.topk/argmax break them.
+    argmax = least risk; ties (e.g. equally risky classes) are broken as torch.topk/argmax break
+    them.  Computed in float64 in units of d_max and scaled back, so huge distances do not overflow;
+    a Hierarchy is used through tree sums, O(N nodes) with no K x K matrix.
     """
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError("probs must be a 2-D tensor [N, K] of class probabilities")
-    d = _distance_tensor(distances, probs.device, probs.dtype if probs.is_floating_point() else torch.float64)
-    if d.shape[0] != probs.shape[1]:
-        raise ValueError(f"probs have K={probs.shape[1]} classes but distances are {tuple(d.shape)}")
-    return _risk_scores(probs, d)
+    d = _Distances(distances)
+    if d.num_classes != probs.shape[1]:
+        raise ValueError(f"probs have K={probs.shape[1]} classes but the distances are for K={d.num_classes}")
+    return d.expected(probs) * -d.scale
 
 
 class StreamingEvaluator:
     """Accumulates the sums behind ``evaluate`` batch by batch (no logits kept) in one all-reducible tensor."""
 
     def __init__(self, distances, ks: Iterable[int] = (1, 5, 20), crm: bool = False) -> None:
-        """distances: as for as_distance_matrix; ks: the k of hierdist@k (k > K skipped); crm: add CRM metrics."""
-        self._d = as_distance_matrix(distances)  # [K, K]
-        self.num_classes = self._d.shape[0]
+        """distances: a Hierarchy (tree queries) or as for as_distance_matrix; ks: the k of hierdist@k (k > K skipped); crm: add CRM metrics."""
+        self._d = _Distances(distances)
+        self.num_classes = self._d.num_classes
         ks = tuple(ks)
         for k in ks:
             if isinstance(k, bool) or int(k) != k or k < 1:
                 raise ValueError(f"ks must be positive integers, got {ks!r}")
         self.ks = tuple(sorted({int(k) for k in ks if k <= self.num_classes}))
         self.crm = bool(crm)
-        self._d_on: dict = {}  # device -> [K, K] float64 tensor
         self._state = None  # [state_size] float64 sums, on the device of the first batch
 
-    # layout of one block: [num samples, num correct, sum of d[y, pred], sum of hierdist@k for each k]
+    # layout of one block: [num samples, num correct, sum of d[y, pred], sum of hierdist@k for each k],
+    # the distance sums in units of d_max
     @property
     def _block(self) -> int:
         return 3 + len(self.ks)
@@ -94,20 +130,13 @@ class StreamingEvaluator:
         """Forget all accumulated batches."""
         self._state = None
 
-    def _distances_on(self, device) -> torch.Tensor:
-        """The distance matrix as float64 on device (cached)."""
-        key = str(device)
-        if key not in self._d_on:
-            self._d_on[key] = torch.as_tensor(self._d, dtype=torch.float64, device=device)
-        return self._d_on[key]
-
-    def _sums(self, scores: torch.Tensor, target: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def _sums(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One block of sums for a batch ranked by scores [N, K] with labels target [N]."""
         kmax = max(self.ks, default=1)
         top = scores.topk(kmax, dim=1).indices  # [N, kmax]
-        dk = d[target[:, None], top]  # [N, kmax] d[y, c] for the best classes c
+        dk = self._d.pairs(target[:, None].expand_as(top), top)  # [N, kmax] d[y, c] / d_max for the best classes c
         parts = [
-            torch.tensor(float(target.shape[0]), dtype=torch.float64, device=d.device),
+            torch.tensor(float(target.shape[0]), dtype=torch.float64, device=dk.device),
             (top[:, 0] == target).sum().to(torch.float64),
             dk[:, 0].sum(),  # d[y, y] = 0, so this sums over the mistakes only
         ]
@@ -126,11 +155,10 @@ class StreamingEvaluator:
         if logits.shape[0] == 0:
             return
         logits = logits.detach()
-        d = self._distances_on(logits.device)
-        sums = [self._sums(logits, target, d)]
+        sums = [self._sums(logits, target)]
         if self.crm:
             probs = torch.softmax(logits.to(torch.float64), dim=1)
-            sums.append(self._sums(_risk_scores(probs, d), target, d))
+            sums.append(self._sums(-self._d.expected(probs), target))
         batch = torch.cat(sums)
         self._state = batch if self._state is None else self._state + batch.to(self._state.device)
 
@@ -150,7 +178,7 @@ class StreamingEvaluator:
 
     def merge(self, other: "StreamingEvaluator") -> None:
         """Add the sums of another evaluator with the same distances, ks and crm flag."""
-        if other.state_size != self.state_size or other.ks != self.ks or not np.array_equal(other._d, self._d):
+        if other.state_size != self.state_size or other.ks != self.ks or other._d.key != self._d.key:
             raise ValueError("can only merge evaluators built with the same distances, ks and crm flag")
         if other._state is not None:
             self.load_state_tensor(self.state_tensor().to(other._state.device) + other._state)
@@ -160,14 +188,15 @@ class StreamingEvaluator:
         if self._state is None or float(self._state[0]) == 0:
             raise ValueError("no samples to evaluate: call update(logits, target) first")
         values = self._state.cpu().tolist()
+        scale = self._d.scale
         out = {}
         for prefix, start in [("", 0)] + ([("crm_", self._block)] if self.crm else []):
             n, correct, severity = values[start:start + 3]
             mistakes = n - correct
             out[f"{prefix}top1"] = 100.0 * correct / n
-            out[f"{prefix}mistake_severity"] = severity / mistakes if mistakes > 0 else 0.0
+            out[f"{prefix}mistake_severity"] = severity / mistakes * scale if mistakes > 0 else 0.0
             for i, k in enumerate(self.ks):
-                out[f"{prefix}hierdist@{k}"] = values[start + 3 + i] / n
+                out[f"{prefix}hierdist@{k}"] = values[start + 3 + i] / n * scale
         out["num_samples"] = int(round(values[0]))
         return out
 
@@ -199,12 +228,16 @@ def _pair_gap_stats(unit: torch.Tensor, S: torch.Tensor, max_block: int = 1 << 2
     return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
 
 
-def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity) -> dict:
-    """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d], similarity [K, K].
+def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity,
+                    max_classes: int = _NC_MAX_CLASSES, seed: int = 0) -> dict:
+    """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d] and its similarity.
 
-    Over the classes present in labels, with class means mu_c and global feature mean mu_G:
-    ``angular_collapse_avg`` / ``_std``: mean and population std over pairs i < j of
-    |cos(mu_i, mu_j) - S_ij|; ``self_duality``: ||W/||W||_F - M/||M||_F||_F with M the rows
+    similarity: S [K, K] (tensor or array), or a frame with ``similarity_block(rows, cols)`` (an
+    HAFrame, whose large-K rows come from its tree).  Over the classes present in labels, with
+    class means mu_c and global feature mean mu_G: ``angular_collapse_avg`` / ``_std``: mean and
+    population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, over every pair of present classes
+    when there are at most ``max_classes`` of them, else over the pairs of a seeded sample of
+    ``max_classes`` classes (then ``angular_collapse_classes`` says how many); ``self_duality``: ||W/||W||_F - M/||M||_F||_F with M the rows
     mu_c - mu_G and W the frame rows of the same classes; ``nc1``: tr(Sigma_W) / tr(Sigma_B),
     the within-class scatter (mean over samples of ||h - mu_y||^2) over the between-class
     scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
@@ -218,9 +251,15 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     K = weight.shape[0]
     h = features.detach().to(torch.float64)
     labels = _check_labels(labels, h.shape[0], K, h.device, "labels")
-    S = torch.as_tensor(similarity, dtype=torch.float64).to(h.device)
-    if S.shape != (K, K):
-        raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
+    if hasattr(similarity, "similarity_block"):
+        if similarity.num_classes != K:
+            raise ValueError(f"the frame has {similarity.num_classes} classes but weight has K={K}")
+        block = similarity.similarity_block
+    else:
+        S = torch.as_tensor(similarity, dtype=torch.float64).to(h.device)
+        if S.shape != (K, K):
+            raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
+        block = None
     present = torch.unique(labels)  # sorted class ids
     if present.numel() < 2:
         raise ValueError("neural_collapse needs samples of at least 2 classes")
@@ -230,7 +269,16 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     global_mean = h.mean(dim=0)  # [d]
 
     unit = means / means.norm(dim=1, keepdim=True)
-    gap_mean, gap_std = _pair_gap_stats(unit, S[present][:, present])
+    pick = torch.arange(len(present), device=h.device)
+    if len(present) > max_classes:  # a seeded sample of classes: C^2 pairs would be too many
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(present), generator=g)[:max_classes].sort().values.to(h.device)
+    chosen = present[pick]
+    if block is not None:
+        S_pick = block(chosen.cpu().numpy(), chosen.cpu().numpy()).to(h.device)
+    else:
+        S_pick = S[chosen][:, chosen]
+    gap_mean, gap_std = _pair_gap_stats(unit[pick], S_pick)
 
     M = means - global_mean
     W = weight.detach().to(device=h.device, dtype=torch.float64)[present]
@@ -238,7 +286,9 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
 
     within = (h - means[torch.searchsorted(present, labels)]).pow(2).sum() / h.shape[0]
     between = M.pow(2).sum() / len(present)
+    sampled = {"angular_collapse_classes": int(len(pick))} if len(pick) < len(present) else {}
     return {
+        **sampled,
         "angular_collapse_avg": gap_mean,
         "angular_collapse_std": gap_std,
         "self_duality": float(self_duality),
