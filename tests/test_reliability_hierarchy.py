@@ -664,3 +664,93 @@ def test_s_min_values_that_are_not_numbers_in_range(s_min, key):
 def test_bad_gamma(gamma):
     with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
         HAFrame.from_distances(np.array([[0, 1], [1, 0]]), gamma)
+
+
+# ----------------------------------------------------------------------------- round 2, section 22
+_HASH_NAMES = st.text(alphabet="#ab x-", min_size=1, max_size=6).map(str.strip).filter(
+    lambda s: s and not s.startswith("# "))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_HASH_NAMES, min_size=3, max_size=8, unique=True))
+def test_names_beginning_with_hash_survive_to_edges(names):
+    # item 5: a chain of '#...' nodes with a second leaf under the root, written and read back
+    parent_of = {names[i]: names[i - 1] for i in range(1, len(names))}
+    parent_of["leaf"] = names[0]
+    h = Hierarchy.from_parents(parent_of)
+    buf = io.StringIO()
+    h.to_edges(buf)
+    back = Hierarchy.from_edges(io.BytesIO(buf.getvalue().encode()))
+    assert sorted(back.nodes) == sorted(h.nodes) and back.classes == h.classes
+    np.testing.assert_array_equal(back.distances(), h.distances())
+
+
+def test_hash_tag_edge_is_read_and_comments_still_skipped():
+    text = "# a comment\n#\n#comment without a tab\n  # indented comment\twith a tab\n#tag\tchild\nroot\t#tag\nroot\tz\n"
+    h = Hierarchy.from_edges(io.StringIO(text))
+    assert h.parent("child") == "#tag" and h.parent("#tag") == "root" and len(h.nodes) == 4
+
+
+@pytest.mark.parametrize("name", ["# x", "\ufeffr", "a\x00b"], ids=["hash-space", "bom", "nul"])
+def test_names_a_file_cannot_carry_back_are_refused(name):
+    with pytest.raises(HierarchyError, match="invalid node name"):
+        Hierarchy.from_parents({name: "root", "y": "root"})
+    with pytest.raises(HierarchyError, match="invalid node name"):
+        Hierarchy.from_parents({"x": name, "y": name})
+
+
+@pytest.mark.parametrize("text", ['{"a": ' * 5000 + "{}" + "}" * 5000, '{"r": ' + "[" * 5000 + "]" * 5000 + "}"],
+                         ids=["dicts", "lists"])
+def test_deeply_nested_json_is_a_hierarchy_error(text):
+    # item 13: json.loads recurses once per level of dicts or lists
+    with pytest.raises(HierarchyError, match="nested too deeply"):
+        Hierarchy.from_nested(text)
+
+
+def test_deep_python_nesting_builds_and_deep_lists_are_quoted_short():
+    deep = {}
+    node = deep
+    for i in range(5000):
+        node[f"n{i}"] = {}
+        node = node[f"n{i}"]
+    node["leaf"] = None
+    node["leaf2"] = None
+    h = Hierarchy.from_nested(deep)
+    assert h.depth("leaf") == 5000
+    bad = []
+    for _ in range(5000):
+        bad = [bad]
+    with pytest.raises(HierarchyError) as info:  # a list where a leaf name belongs: repr must not recurse
+        Hierarchy.from_nested({"r": [bad, "b"]})
+    assert len(str(info.value)) < 400
+
+
+_BIG = "x" * 50_000_000
+
+
+@pytest.mark.parametrize("make,key", [
+    (lambda: Hierarchy.from_edges(io.StringIO("r\ta\nr\tb\n" + _BIG + "\n")), "malformed line"),
+    (lambda: Hierarchy.from_edges(io.StringIO("r\ta\n" + "a b " + _BIG + "\n")), "malformed line"),
+    (lambda: Hierarchy.from_edges(io.StringIO("r\ta\nr\tb\n"), classes=["a", _BIG]), "unknown class"),
+    (lambda: Hierarchy.from_edges(io.StringIO("r\ta\nr\tb\n"), classes=["a", "b", "c" * 10_000]), "unknown class"),
+    (lambda: Hierarchy.from_edges(io.StringIO(f"r\ta\n{_BIG}\ta\n")), "two parents"),
+    (lambda: Hierarchy.from_parents({_BIG + " ": "r"}), "invalid node name"),
+    (lambda: Hierarchy.from_parents({"a": "r", "b": "r"}).depth(_BIG), "unknown node"),
+    (lambda: Hierarchy.builtin(_BIG), "unknown builtin"),
+    (lambda: Hierarchy.builtin("cifar100").with_convention(_BIG), "unknown distance convention"),
+], ids=["edge-line", "space-line", "class", "class-10k", "two-parents", "name", "node", "builtin", "convention"])
+def test_a_50mb_input_is_quoted_short(make, key):
+    # item 17: every quoted input is cut to ~80 characters and its length named
+    with pytest.raises(HierarchyError) as info:
+        make()
+    msg = str(info.value)
+    assert key in msg and len(msg) < 800, msg[:1000]
+
+
+def test_a_50mb_csv_line_is_quoted_short(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n0,1\n1,0\n0," + _BIG + "\n")
+    with pytest.raises(HierarchyError) as info:
+        as_distance_matrix(str(path))
+    assert "non-numeric value" in str(info.value) and "(50000002 characters)" in str(info.value)
+    assert len(str(info.value)) < 800
