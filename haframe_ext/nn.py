@@ -3,13 +3,14 @@
 A HAFrame model is ``backbone -> transformation layer -> features h -> logits = h @ weight.T``
 where ``weight`` (K x d, unit rows, ``weight @ weight.T == S``) is a fixed frame
 (:class:`haframe_ext.frame.HAFrame`) kept as a buffer, never trained.  The loss mixes
-cross entropy and the squared cosine-similarity term, ``(1 - a) CE + a sum_k (cos(w_k, h) - S[k, y])^2``,
+cross entropy and the squared cosine-similarity term, ``(1 - a) CE + a sum_k (cos(w_k, h) - S[y, k])^2``,
 with ``a`` optionally following a schedule over epochs (:class:`HAFrameLoss`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -67,19 +68,26 @@ def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
     weight = torch.as_tensor(weight).detach()
     if weight.dim() != 2:
         raise ValueError(f"a frame's weight must be 2-D (K, d), got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        weight = weight.float()
-    weight = weight.to(torch.float32).clone()
-    if similarity is None:
-        # a K x K matrix for a large low-dimensional frame would dwarf the model: leave it to the loss,
-        # which then uses the d x d route (haframe_ext.ops)
-        similarity = weight @ weight.T if weight.shape[0] <= _MAX_DERIVED_K else None
-    else:
-        similarity = torch.as_tensor(similarity).detach().to(device=weight.device, dtype=torch.float32).clone()
-        K = weight.shape[0]
-        if similarity.shape != (K, K):
-            raise ValueError(f"similarity must be (K, K) = ({K}, {K}), got {tuple(similarity.shape)}")
+    with torch.inference_mode(False):  # copies made under inference mode would be unusable in training
+        weight = weight.to(torch.float32).clone()
+        if similarity is None:
+            # a K x K matrix for a large low-dimensional frame would dwarf the model: the d x d gram
+            # (FixedFrameClassifier.gram) serves the loss instead
+            similarity = weight @ weight.T if weight.shape[0] <= _MAX_DERIVED_K else None
+        else:
+            similarity = torch.as_tensor(similarity).detach().to(device=weight.device, dtype=torch.float32).clone()
+            K = weight.shape[0]
+            if similarity.shape != (K, K):
+                raise ValueError(f"similarity must be (K, K) = ({K}, {K}), got {tuple(similarity.shape)}")
     return weight.contiguous(), (None if similarity is None else similarity.contiguous())
+
+
+def _gram_or_similarity(weight: torch.Tensor, similarity: Optional[torch.Tensor]):
+    """(similarity, gram) for the loss: the given similarity, else what ops derives (gram for a large unit-row frame)."""
+    if similarity is not None:
+        return similarity, None
+    with torch.inference_mode(False):
+        return ops.derive_similarity_or_gram(weight, weight.dtype)
 
 
 class FixedFrameClassifier(nn.Module):
@@ -87,14 +95,25 @@ class FixedFrameClassifier(nn.Module):
 
     ``weight`` [K, d] and ``similarity`` [K, K] are registered buffers: they move with
     ``.to(device)``, are saved in ``state_dict`` and are never returned by ``parameters()``,
-    so no optimizer ever changes them.
+    so no optimizer ever changes them.  Above 4096 classes a unit-row frame keeps no similarity;
+    ``gram`` [d, d] = ``weight.T @ weight`` (a buffer left out of ``state_dict``, derived again
+    whenever a state is loaded) serves the loss instead.  Change the frame through ``load_state_dict``
+    or a new module: a write into ``weight.data`` leaves ``similarity`` and ``gram`` as they were.
     """
 
     def __init__(self, frame, similarity: Optional[torch.Tensor] = None):
         super().__init__()
         weight, sim = frame_tensors(frame, similarity)
+        sim, gram = _gram_or_similarity(weight, sim)
         self.register_buffer("weight", weight)
         self.register_buffer("similarity", sim)
+        self.register_buffer("gram", gram, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.gram is not None:  # derived from the weight just loaded
+            with torch.no_grad():
+                self.gram = _gram_or_similarity(self.weight, None)[1].to(self.gram)
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +223,11 @@ class TransformationLayerII(nn.Module):
         return self.out(x)
 
 
+def _finite_positive(x) -> bool:
+    """True for a finite real number > 0 (not a string, bool, NaN or inf)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[int] = None,
              period: Optional[float] = None) -> float:
     """Mixing weight of the cosine term at ``epoch`` (0-based) for a schedule.
@@ -224,17 +248,17 @@ def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[in
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown alpha schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    a0 = float(base)
+    a0 = ops.as_alpha(base, check_range=False)
     e = float(epoch)
     if schedule == "constant":
         a = a0
     else:
         needs_total = schedule != "cosine"
         needs_period = schedule.startswith("cosine")
-        if needs_total and (total_epochs is None or total_epochs <= 0):
-            raise ValueError(f"alpha schedule {schedule!r} needs total_epochs > 0")
-        if needs_period and (period is None or float(period) <= 0):
-            raise ValueError(f"alpha schedule {schedule!r} needs a period > 0 (in epochs)")
+        if needs_total and not _finite_positive(total_epochs):
+            raise ValueError(f"alpha schedule {schedule!r} needs total_epochs > 0, got {total_epochs!r}")
+        if needs_period and not _finite_positive(period):
+            raise ValueError(f"alpha schedule {schedule!r} needs a finite period > 0 (in epochs), got {period!r}")
         ramp = e / float(total_epochs) if needs_total else 1.0
         wave = 0.5 * (1.0 - math.cos(2.0 * math.pi * e / float(period))) if needs_period else 1.0
         if schedule == "linear-increase":
@@ -251,10 +275,11 @@ def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[in
 
 
 class HAFrameLoss(nn.Module):
-    """``(1 - a) * CE(h @ W.T, y) + a * sum_k (cos(w_k, h) - S[k, y])^2``, mean over the batch.
+    """``(1 - a) * CE(h @ W.T, y) + a * sum_k (cos(w_k, h) - S[y, k])^2``, mean over the batch.
 
-    ``frame``: an HAFrame, a :class:`FixedFrameClassifier` (shares its frame), or a [K, d] tensor.
-    ``weight`` and ``similarity`` are buffers (saved in ``state_dict``, moved by ``.to``).
+    ``frame``: a :class:`FixedFrameClassifier`, whose buffers the loss reads at every call (the frame is
+    held once: the loss's ``state_dict`` is only its epoch, and ``.to`` on the model moves it), or an
+    HAFrame / [K, d] tensor, for which the loss builds its own classifier (submodule ``frame``).
     ``a`` is ``alpha`` at the current epoch (see :func:`alpha_at` for the schedules; call
     :meth:`set_epoch` at the start of each epoch).  The loss is computed by
     :func:`haframe_ext.ops.haframe_loss` (the fused native op when built); ``backend`` is passed to it
@@ -266,12 +291,13 @@ class HAFrameLoss(nn.Module):
                  reduction: str = "mean", ignore_index: int = -100,
                  similarity: Optional[torch.Tensor] = None, backend: str = "auto"):
         super().__init__()
-        alpha = float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        weight, sim = frame_tensors(frame, similarity)
-        self.register_buffer("weight", weight)
-        self.register_buffer("similarity", sim)
+        alpha = ops.as_alpha(alpha)
+        if isinstance(frame, FixedFrameClassifier) and similarity is None:
+            # a plain attribute, not a submodule: the frame's buffers stay in the model's state_dict only
+            object.__setattr__(self, "_shared", frame)
+        else:
+            object.__setattr__(self, "_shared", None)
+            self.frame = FixedFrameClassifier(frame, similarity)
         self.base_alpha = alpha
         self.schedule = schedule
         self.period = period
@@ -291,8 +317,30 @@ class HAFrameLoss(nn.Module):
         """The mixing weight at the current epoch."""
         return alpha_at(self.schedule, self.base_alpha, self.epoch, self.total_epochs, self.period)
 
+    @property
+    def classifier(self) -> FixedFrameClassifier:
+        """The classifier whose frame this loss uses (the shared one, or its own)."""
+        return self._shared if self._shared is not None else self.frame
+
+    @property
+    def weight(self) -> torch.Tensor:  # [K, d]
+        return self.classifier.weight
+
+    @property
+    def similarity(self) -> Optional[torch.Tensor]:  # [K, K] or None
+        return self.classifier.similarity
+
     def get_extra_state(self):
         return {"epoch": self.epoch}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # states written when the loss held a clone of the frame: the shared frame is loaded with the model,
+        # an own frame takes the old keys
+        for name in ("weight", "similarity"):
+            old = state_dict.pop(prefix + name, None)
+            if old is not None and self._shared is None:
+                state_dict.setdefault(prefix + "frame." + name, old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, dict) and "epoch" in state:
@@ -301,8 +349,9 @@ class HAFrameLoss(nn.Module):
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # bf16/fp16 features (autocast) stay as they are: the op accumulates in float32, returns a
         # float32 loss and a gradient in the features' dtype
-        return ops.haframe_loss(features, self.weight, target, self.alpha, self.reduction, self.ignore_index,
-                                similarity=self.similarity, backend=self.backend)
+        clf = self.classifier
+        return ops.haframe_loss(features, clf.weight, target, self.alpha, self.reduction, self.ignore_index,
+                                similarity=clf.similarity, gram=clf.gram, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, alpha={self.base_alpha}, "

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ._native import native_available
 
-__all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "EPS",
-           "UNIT_ROW_TOL"]
+__all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "as_alpha",
+           "EPS", "UNIT_ROW_TOL"]
 
 EPS = 1e-8  # norm below which a feature row counts as zero (see module docstring)
 UNIT_ROW_TOL = 1e-2  # | ||w_k|| - 1 | allowed with gram= (bf16 rounding of a frame stays far below it)
@@ -37,15 +37,19 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- input checks
-def _real_scalar(value) -> float:
-    """alpha as a Python float: an int, float, numpy or one-element torch number; never a str, bool or complex."""
+def as_alpha(value, *, check_range: bool = True) -> float:
+    """alpha as a Python float: an int, float, numpy or one-element torch number (never a str, bool or complex),
+    in [0, 1] unless check_range is False (the native op checks the range itself)."""
     if isinstance(value, torch.Tensor):
         ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
     else:
         ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if not ok:
         raise TypeError(f"alpha must be a real number in [0, 1] (int, float, numpy or 0-dim tensor), got {value!r}")
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    alpha = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if check_range and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha
 
 
 def _int_scalar(value) -> int:
@@ -60,8 +64,8 @@ def _int_scalar(value) -> int:
 
 def _scalar_args(alpha, ignore_index, reduction):
     """(alpha, ignore_index) as the Python numbers both backends use, and reduction checked: one conversion
-    for both backends, so that they accept the same inputs (ranges: the op checks alpha's, see _check_args)."""
-    alpha, ignore_index = _real_scalar(alpha), _int_scalar(ignore_index)
+    for both backends, so that they accept the same inputs (alpha's range: see _check_args)."""
+    alpha, ignore_index = as_alpha(alpha, check_range=False), _int_scalar(ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
@@ -118,8 +122,7 @@ def _check_args(features, weight, target, alpha, reduction, ignore_index, simila
     alpha, ignore_index = _scalar_args(alpha, ignore_index, reduction)
     if native:
         return alpha, ignore_index
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    as_alpha(alpha)
     if B > 0 and not tracing:
         bad = ((target < 0) | (target >= K)) & (target != ignore_index)
         if bool(bad.any()):
@@ -233,7 +236,8 @@ def fused_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_ind
     """The native op with autograd: exactly one of similarity [K, K] / gram [d, d], dtypes as the op wants."""
     if need_grad is None:
         need_grad = torch.is_grad_enabled() and features.requires_grad
-    loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram, _real_scalar(alpha),
+    loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram,
+                                               as_alpha(alpha, check_range=False),
                                                _int_scalar(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
     return loss
 

@@ -140,7 +140,7 @@ def test_schedule_errors():
 # ----------------------------------------------------------------------------- HAFrameLoss
 def test_loss_matches_reference_and_follows_schedule(cifar_frame):
     loss_fn = HAFrameLoss(cifar_frame, alpha=0.4, schedule="linear-increase", total_epochs=10)
-    assert set(dict(loss_fn.named_buffers())) == {"weight", "similarity"}
+    assert set(dict(loss_fn.named_buffers())) == {"frame.weight", "frame.similarity"}  # its own frame
     assert list(loss_fn.parameters()) == []
     torch.manual_seed(0)
     h = torch.randn(16, 100, dtype=torch.float32, requires_grad=True)
@@ -274,3 +274,90 @@ def test_loss_keeps_bf16_features_and_returns_float32(cifar_frame):
     ref = ops.reference_loss(h.detach().double(), loss_fn.weight.to(torch.bfloat16).double(), torch.tensor([0, 1, 2, 3]),
                              0.4, similarity=loss_fn.similarity.double())
     assert out.item() == pytest.approx(ref.item(), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- one frame, held once
+def _unit_rows(K, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(K, d, generator=g), dim=1)
+
+
+FRAMES = {"cifar100-S": lambda: HAFrame.from_hierarchy(Hierarchy.builtin("cifar100"), 2.0),
+          "K5000-d16-gram": lambda: _unit_rows(5000, 16)}
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=str)
+def test_checkpoint_of_model_and_loss_stores_the_frame_once(frame, tmp_path):
+    """A loss built from the classifier reads the classifier's buffers: its state_dict is only the epoch,
+    and model + loss in one file hold W (and S) once (they held two clones)."""
+    clf = FixedFrameClassifier(FRAMES[frame]())
+    model = HAFrameModel(mlp(4, 8), TransformationLayerII(8, clf.num_classes, clf.in_features, num_blocks=0), clf)
+    loss_fn = HAFrameLoss(model.classifier, alpha=0.4)
+    assert set(loss_fn.state_dict()) == {"_extra_state"} and list(loss_fn.buffers()) == []
+    assert loss_fn.weight is clf.weight and loss_fn.similarity is clf.similarity
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict()}, path)
+    frame_bytes = sum(t.numel() * t.element_size() for t in (clf.weight, clf.similarity) if t is not None)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert path.stat().st_size < model_bytes + frame_bytes / 2  # a second copy would add frame_bytes
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=str)
+def test_shared_loss_follows_the_classifier_it_was_built_from(frame):
+    """Loading another frame into the classifier (a resume) changes what the loss computes; the d x d gram
+    of a large frame is derived again from the loaded weight."""
+    clf = FixedFrameClassifier(FRAMES[frame]())
+    loss_fn = HAFrameLoss(clf, alpha=0.4)
+    K, d = clf.weight.shape
+    other = FixedFrameClassifier(_unit_rows(K, d, seed=1))
+    clf.load_state_dict(other.state_dict())
+    assert torch.equal(clf.weight, other.weight)
+    if clf.similarity is None:
+        assert clf.gram is not None and torch.allclose(clf.gram, other.gram)
+    h = torch.randn(6, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, K, (6,))
+    want = ops.reference_loss(h, other.weight.double(), y, 0.4)
+    assert loss_fn(h, y).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["from-classifier", "standalone"])
+def test_old_loss_state_with_its_own_weight_and_similarity_still_loads(cifar_frame, shared):
+    """Checkpoints written while the loss cloned the frame hold 'weight' and 'similarity' in its state."""
+    clf = FixedFrameClassifier(cifar_frame)
+    old = {"weight": clf.weight.clone(), "similarity": clf.similarity.clone(), "_extra_state": {"epoch": 3}}
+    loss_fn = HAFrameLoss(clf if shared else HAFrame.etf(100), alpha=0.4)
+    loss_fn.load_state_dict(old)
+    assert loss_fn.epoch == 3
+    assert torch.equal(loss_fn.weight, clf.weight) and torch.equal(loss_fn.similarity, clf.similarity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("K,d", [(5, 7), (4200, 12)], ids=["K5-d7", "K4200-d12"])
+def test_modules_built_from_an_inference_mode_weight_train(dtype, K, d):
+    with torch.inference_mode():
+        w = _unit_rows(K, d, seed=2).to(dtype)
+        clf = FixedFrameClassifier(w)
+    loss_fn = HAFrameLoss(clf, alpha=0.4)
+    h = torch.randn(5, d, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, K, (5,))
+    loss = loss_fn(h, y) + clf(h).sum()
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("bad", ["0.3", True, None, 0.3 + 0j])
+def test_loss_module_refuses_an_alpha_that_is_not_a_real_number(bad):
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        HAFrameLoss(torch.eye(3), alpha=bad)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine-linear", "linear-increase"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "3", 0, -2.0, True])
+def test_schedule_refuses_a_period_or_total_that_is_not_a_finite_positive_number(schedule, bad):
+    """A NaN period used to pass the check and give alpha = 0 at every epoch (the NaN clipped to 0)."""
+    kw = {"period": 2.0, "total_epochs": 10}
+    kw["period" if schedule.startswith("cosine") else "total_epochs"] = bad
+    with pytest.raises(ValueError, match="finite period > 0|total_epochs > 0"):
+        alpha_at(schedule, 0.4, 1, **kw)
+    with pytest.raises(ValueError, match="finite period > 0|total_epochs > 0"):
+        HAFrameLoss(torch.eye(3), schedule=schedule, **kw)
