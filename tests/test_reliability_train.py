@@ -507,3 +507,240 @@ def test_package_source_never_unpickles_user_files():
             if owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler"):
                 problems.append(f"{where}: pickle.{node.func.attr}")
     assert not problems, problems
+
+
+# ----------------------------------------------------------------------------- round 2 (RELIABILITY.md section 21)
+def _round2_config(folder: Path, **kw) -> TrainConfig:
+    (folder / "toy.tsv").write_text(TOY_EDGES) if not (folder / "toy.tsv").exists() else None
+    base = dict(toy_config(folder), out=str(folder / "run"))
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _hold_lock(out: Path):
+    """A forked child that claims ``out`` and sleeps (another trainer); returns its pid once it holds the lock."""
+    from haframe_ext.checkpoint import claim_folder
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            claim_folder(out)
+            os.write(w, b"1")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    return pid
+
+
+def test_a_second_trainer_into_a_claimed_out_is_refused_and_a_killed_ones_claim_is_not_stale(tmp_path):
+    """Issue 14 item 2: the folder is claimed atomically (a lock file) before anything is checked or written, so a
+    second trainer is refused while the first runs; a SIGKILLed holder leaves no claim behind."""
+    cfg = _round2_config(tmp_path, epochs=1)
+    out = Path(cfg.out)
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(T.FolderInUseError, match=rf"output folder {out} is in use by another training run "
+                                                     rf"\(process {holder} on .*\): wait for it"):
+            train(cfg)
+        assert not any((out / n).exists() for n in T.RUN_FILES)  # the refused trainer wrote nothing
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    assert (out / ".haframe.lock").exists()  # the killed holder's file is left, but unlocked
+    res = train(cfg)
+    assert res["best_epoch"] == 1 and not (out / ".haframe.lock").exists()  # released at the end
+
+
+def test_two_trainers_started_at_once_into_one_out_one_is_refused(tmp_path):
+    """Issue 14 item 2 end to end: seeds 1 and 2 started together into the same folder; exactly one finishes and
+    the other exits 2 with one line, and the folder holds one run (metrics epochs 1..3 once each)."""
+    cfg = write_inputs(tmp_path)
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "haframe_ext.cli", "train", "--config", str(cfg), "--out",
+                               str(out), "--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(), cwd=str(REPO)) for s in (1, 2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for rc, e in results if rc == 2)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and ("in use by another training run" in lines[0] or "already holds a run" in lines[0])
+    seed = json.loads((out / "config.json").read_text())["seed"]
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == seed
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == seed
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "train_loss" in r] == [1, 2, 3]
+
+
+def _classes_file(folder: Path, names) -> str:
+    p = folder / "classes.txt"
+    p.write_text("\n".join(names) + "\n")
+    return str(p)
+
+
+def test_resume_compares_the_class_list_and_tree_by_content_not_by_path(tmp_path):
+    """Issue 14 item 4: a reordered --classes file or an edited tree at the same path is refused; an identical
+    copy of the tree at another path resumes."""
+    names = [f"c{i}" for i in range(8)]
+    cfg = _round2_config(tmp_path, classes=_classes_file(tmp_path, names), stop_after_epochs=1)
+    train(cfg)
+    resume = dict(cfg.to_dict(), stop_after_epochs=None, resume=True)
+    _classes_file(tmp_path, [names[1], names[0]] + names[2:])  # same path, two labels swapped
+    with pytest.raises(CheckpointError, match="same class names in another label order"):
+        train(TrainConfig.from_dict(resume))
+    _classes_file(tmp_path, names)
+    edited = TOY_EDGES.replace("A1\tc1\n", "B2\tc1\n")  # same leaves, c1 moved to another subtree
+    (tmp_path / "toy.tsv").write_text(edited)
+    with pytest.raises(CheckpointError, match="class distances .* differ from the checkpoint's"):
+        train(TrainConfig.from_dict(resume))
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES)
+    copy = tmp_path / "elsewhere" / "same_tree.tsv"
+    copy.parent.mkdir()
+    copy.write_text(TOY_EDGES)
+    res = train(TrainConfig.from_dict(dict(resume, hierarchy=str(copy))))
+    assert res["epochs"] == EPOCHS and load_checkpoint(Path(cfg.out) / "last.pt")["epoch"] == EPOCHS
+
+
+def test_resume_with_another_number_of_classes_names_both_sizes(tmp_path):
+    """Issue 14 item 16: not torch's 'Error(s) in loading state_dict', but the two class counts."""
+    cfg = _round2_config(tmp_path, stop_after_epochs=1)
+    train(cfg)
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES.replace("B\tB2\n", "").replace("B2\tc6\nB2\tc7\n", ""))  # 6 at the path
+    with pytest.raises(CheckpointError, match=r"trained on 8 classes and this run's hierarchy .* has 6"):
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+
+
+def test_a_model_that_does_not_match_a_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
+    """Issue 14 item 16, for any state mismatch (here: another feature dimension through --resume-from)."""
+    cfg = _round2_config(tmp_path, stop_after_epochs=1)
+    train(cfg)
+    other = _round2_config(tmp_path, out=str(tmp_path / "other"), feature_dim=16,
+                           resume_from=str(Path(cfg.out) / "last.pt"))
+    ck = load_checkpoint(Path(cfg.out) / "last.pt")
+    ck["config"]["feature_dim"] = 16  # get past the config comparison to the state itself
+    ck.pop("digest")
+    torch.save(T._seal(ck), Path(cfg.out) / "last.pt")
+    with pytest.raises(CheckpointError, match=r"is \[8, 8\] in the checkpoint but \[8, 16\] in this model"):
+        train(other)
+
+
+def test_when_last_and_prev_are_both_damaged_prev_is_not_called_intact(two_epochs):
+    """Issue 14 item 15."""
+    cfg, out = two_epochs
+    _damage("truncated_tail", out / "last.pt", out)
+    _damage("random_bytes", out / "prev.pt", out)
+    with pytest.raises(CheckpointError) as info:
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+    msg = str(info.value)
+    assert "intact" not in msg and "--resume-from" not in msg, msg
+    assert f"the previous checkpoint {out / 'prev.pt'} is damaged too" in msg and "--overwrite" in msg, msg
+
+
+def test_duplicate_seeds_are_refused_before_any_training(tmp_path):
+    """Issue 14 item 6: --seeds 0 0 would count one run twice (with --resume) or fail after the first trained."""
+    cfg = _round2_config(tmp_path, epochs=1)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"seed\(s\) 0 listed more than once"):
+            T.run_seeds(dataclasses_replace(cfg, resume=resume), [0, 1, 0], verbose=False)
+    assert not (Path(cfg.out) / "seed0").exists()
+
+
+def test_a_later_seed_folder_holding_a_run_is_refused_before_the_first_seed_trains(tmp_path):
+    """The class of item 6: every seed's folder is checked up front, so no finished seed run is lost to it."""
+    cfg = _round2_config(tmp_path, epochs=1)
+    train(dataclasses_replace(cfg, seed=1, out=str(Path(cfg.out) / "seed1")))
+    with pytest.raises(ValueError, match=r"seed1 already holds a run"):
+        T.run_seeds(cfg, [0, 1], verbose=False)
+    assert not (Path(cfg.out) / "seed0" / "last.pt").exists()
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.parametrize("metric,values,best", [("top1", [20.0, 60.0, 40.0], 2),
+                                                 ("mistake_severity", [1.5, 0.5, 0.9], 2),
+                                                 ("top1", [50.0, 10.0, 30.0], 1)])
+@pytest.mark.parametrize("resume", [False, True])
+def test_best_epoch_is_the_validation_peak_not_the_last_epoch(tmp_path, monkeypatch, metric, values, best, resume):
+    """The mutation-test gap: the validation metric peaks before the last epoch (scripted, so the test does not
+    depend on training dynamics); best_epoch, the epoch and weights in best.pt and the best value agree with
+    metrics.jsonl; with resume, across a stop after epoch 2."""
+    real = T._evaluate
+    calls = {"val": 0}
+
+    def scripted(*args, **kwargs):
+        res = real(*args, **kwargs)
+        if not kwargs.get("collect"):  # the per-epoch validation (the test evaluation collects features)
+            res = dict(res, **{metric: values[calls["val"]]})
+            calls["val"] += 1
+        return res
+
+    monkeypatch.setattr(T, "_evaluate", scripted)
+    cfg = _round2_config(tmp_path, select_metric=metric, stop_after_epochs=2 if resume else None)
+    res = train(cfg)
+    if resume:
+        res = train(dataclasses_replace(cfg, stop_after_epochs=None, resume=True))
+    out = Path(cfg.out)
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in log if "train_loss" in r]
+    assert [r["val"][metric] for r in log] == values
+    pick = max if metric.startswith("top") else min
+    peak = pick(log, key=lambda r: r["val"][metric])
+    assert peak["epoch"] == best
+    so_far = [max(range(1, e + 1), key=lambda i: values[i - 1] * (1 if pick is max else -1)) for e in (1, 2, 3)]
+    assert [r["best_epoch"] for r in log] == so_far
+    assert res["best_epoch"] == best and res["best_val"] == {"metric": metric, "value": values[best - 1]}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["best_epoch"] == best and saved["best_val"]["value"] == values[best - 1]
+    bk = load_checkpoint(out / "best.pt", kind="best")
+    assert bk["epoch"] == best and bk["val"][metric] == values[best - 1]
+    last = load_checkpoint(out / "last.pt")
+    assert last["best"] == {"metric": metric, "value": values[best - 1], "epoch": best}
+    # best.pt holds the weights of the best epoch: epoch 2's are also in prev.pt (last.pt is epoch 3)
+    same_as = {2: out / "prev.pt", 3: out / "last.pt"}.get(best)
+    if same_as is not None:
+        ref = load_checkpoint(same_as)
+        assert all(torch.equal(bk["model"][k], ref["model"][k]) for k in bk["model"])
+    else:
+        assert not all(torch.equal(bk["model"][k], last["model"][k]) for k in bk["model"])
+
+
+@pytest.mark.parametrize("method", ["haframe", "etf", "haframe-ce", "cross-entropy"])
+def test_fixed_frame_training_steps_form_logits_only_in_the_fused_op(tmp_path, monkeypatch, method):
+    """Issue 11 item 5: the training step of a fixed-frame method never calls the classifier (the fused loss forms
+    the B x K logits once); train_top1 is then null, and a percent (like val top1) for a learned classifier."""
+    from haframe_ext.nn import FixedFrameClassifier
+
+    with_grad = {"n": 0}
+    real = FixedFrameClassifier.forward
+
+    def counting(self, h):
+        with_grad["n"] += torch.is_grad_enabled()
+        return real(self, h)
+
+    monkeypatch.setattr(FixedFrameClassifier, "forward", counting)
+    cfg = _round2_config(tmp_path, method=method, epochs=1)
+    train(cfg)
+    assert with_grad["n"] == 0
+    rec = next(json.loads(l) for l in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines())
+    if method == "cross-entropy":
+        assert 0.0 <= rec["train_top1"] <= 100.0 and rec["train_top1"] > 1.0  # a percent, not a fraction
+    else:
+        assert rec["train_top1"] is None
+
+
+def test_the_epoch_line_states_top1_in_percent_for_train_and_val():
+    """Issue 12: one unit per quantity (it printed 'acc 0.009 | val top1 1.0000')."""
+    cfg = TrainConfig(method="cross-entropy", epochs=3)
+    line = T._epoch_line(cfg, 2, 1.23456, 0.9, {"top1": 1.0, "hierdist@1": 2.5})
+    assert line == "[cross-entropy] epoch 2/3 loss 1.2346 train top1 0.90% | val top1 1.00% hierdist@1 2.500"
+    line = T._epoch_line(TrainConfig(epochs=3), 1, 1.0, None, {"top1": 50.0, "hierdist@1": 1.0})
+    assert line == "[haframe] epoch 1/3 loss 1.0000 | val top1 50.00% hierdist@1 1.000"
