@@ -222,3 +222,21 @@ def test_rewrite_turns_every_launch_into_an_emulator_call():
     src = E.KERNELS.read_text()
     out = E.rewrite(src)
     assert src.count("<<<") == out.count("::emu::launch(") and "<<<" not in out and ">>>" not in out
+
+
+# ----------------------------------------------------------------------------- what similarity means
+@pytest.mark.parametrize("tuned", [False, True], ids=["default", "tuned"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 8), (5, 64, 64), (4, 4104, 16)], ids=lambda s: "B{}-K{}-d{}".format(*s))
+def test_asymmetric_similarity_is_read_by_row_like_the_reference(tuned, dtype, shape):
+    """Row y of similarity is label y's target in the CUDA kernels too (register and streamed rows)."""
+    h, w, y = make(*shape, dtype, seed=13)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    K = shape[1]
+    S = torch.triu(torch.rand(K, K, generator=torch.Generator().manual_seed(14), dtype=torch.float64)).to(acc)
+    got_l, got_g = E.fused_loss(h, w, y, similarity=S, reduction=0, tuned=tuned)
+    h64 = h.detach().double().clone().requires_grad_()
+    want_l = ops.reference_loss(h64, w.double(), y, 0.4, "none", similarity=S.double())
+    want_l.sum().backward()
+    assert_match(got_l, want_l.detach(), dtype, "loss")
+    assert_match(got_g, h64.grad, dtype, "grad", max(1.0, h64.grad.abs().max().item()))
