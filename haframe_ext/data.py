@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import zipfile
-from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -138,23 +137,6 @@ class ArrayDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- synthetic
-def _tree_nodes(hierarchy):
-    """BFS over the tree from the root: list of (node, parent, depth)."""
-    root = hierarchy.root
-    out = [(root, None, 0)]
-    queue = deque([(root, 0)])
-    seen = {root}
-    while queue:
-        node, d = queue.popleft()
-        for ch in hierarchy.children(node):
-            if ch in seen:
-                raise DataError(f"the hierarchy is not a tree: node {ch!r} is reached twice")
-            seen.add(ch)
-            out.append((ch, node, d + 1))
-            queue.append((ch, d + 1))
-    return out
-
-
 class SyntheticHierarchical(Dataset):
     """A seeded synthetic classification task whose class geometry follows a hierarchy.
 
@@ -196,20 +178,16 @@ class SyntheticHierarchical(Dataset):
         n = int(n_per_class) if split == "train" else int(eval_per_class or n_per_class)
 
         rng = np.random.default_rng([self.seed, 0x5EED])
-        nodes = _tree_nodes(hierarchy)
-        height = max(d for _, _, d in nodes)
+        tree = hierarchy.tree  # nodes in breadth-first order: parent [n], depth [n], class_idx [K]
+        height = int(tree.depth.max())
         scales = np.array([decay ** (t - 1) for t in range(1, height + 1)], dtype=np.float64)
         scales /= np.sqrt((scales ** 2).sum())
-        offsets = {}
-        for node, parent, depth in nodes:  # BFS order: a parent's prototype exists before its children
-            if parent is None:
-                offsets[node] = np.zeros(L)
-            else:
-                offsets[node] = offsets[parent] + rng.standard_normal(L) * scales[depth - 1]
-        missing = [c for c in self.classes if c not in offsets]
-        if missing:
-            raise DataError(f"classes not reachable from the root: {missing[:5]}")
-        protos = np.stack([offsets[c] for c in self.classes])  # [K, L]
+        offsets = np.zeros((tree.num_nodes, L))  # [n, L]; the root's is 0
+        offsets[1:] = rng.standard_normal((tree.num_nodes - 1, L)) * scales[tree.depth[1:] - 1, None]
+        for t in range(1, height + 1):  # depth by depth: a parent's prototype exists before its children's
+            sl = slice(*np.searchsorted(tree.depth, [t, t + 1]))
+            offsets[sl] += offsets[tree.parent[sl]]
+        protos = offsets[tree.class_idx]  # [K, L]
         H = 2 * D
         A1 = rng.standard_normal((L, H)) / np.sqrt(L) * 1.5
         b1 = rng.standard_normal(H) * 0.1
