@@ -794,7 +794,7 @@ def test_gram_accepts_rows_unit_up_to_rounding_and_both_backends_agree(backend, 
 
 
 # ----------------------------------------------------------------------------- round 2: scalar arguments
-NOT_NUMBERS = ["0.3", b"0.3", True, False, 0.3 + 0j, None, [0.3]]
+NOT_NUMBERS = ["0.3", b"0.3", np.str_("0.3"), __import__("decimal").Decimal("0.3"), True, False, 0.3 + 0j, None, [0.3]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -848,3 +848,11 @@ def test_complex_or_bool_similarity_and_gram_are_refused_on_both_backends(backen
     n = 5 if which == "similarity" else 6
     with pytest.raises(TypeError, match=f"{which} must be real .floating point"):
         ops.haframe_loss(h, w, y, backend=backend, **{which: torch.eye(n).to(dtype)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_and_gram_together_are_refused_on_both_backends(backend):
+    """The native backend used the similarity and dropped the gram silently; the reference ignored the gram."""
+    h, w, y = make()
+    with pytest.raises(ValueError, match="one of similarity"):
+        ops.haframe_loss(h, w, y, similarity=w @ w.T, gram=w.T @ w, backend=backend)
