@@ -88,7 +88,7 @@ def hierarchy_summary(h: Hierarchy, gamma=None) -> dict:
         "other_convention": other,
         "pairs": K * (K - 1) // 2,
         "pairs_changed": int(pairs[levels[CONVENTIONS[0]] != levels[CONVENTIONS[1]]].sum()),
-        "d_max": int(levels[h.convention][pairs > 0].max()),
+        "d_max": int(levels[h.convention][pairs > 0].max(initial=0)),  # 0 for a single class
     }
     if gamma is not None:
         out["gamma"] = float(gamma)

@@ -89,6 +89,13 @@ def test_large_tree_without_a_k_by_k_matrix():
     assert (s["classes"], s["leaf_depth_min"], s["leaf_depth_max"], s["d_max"]) == (120_000, 2, 3, 3)
 
 
+def test_single_class(tmp_path, capsys):
+    (tmp_path / "t.tsv").write_text("r\ta\n")
+    assert cli.main(["hierarchy", str(tmp_path / "t.tsv")]) == 0
+    out = capsys.readouterr().out
+    assert "classes K                  1" in out and "0 of 0 (0.00%)" in out and "d_max                      0" in out
+
+
 @pytest.mark.parametrize("argv,key", [
     (["hierarchy", "nope"], "unknown hierarchy 'nope'"),
     (["hierarchy"], "give a hierarchy"),
