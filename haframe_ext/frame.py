@@ -33,7 +33,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .hierarchy import BUILTIN_NAMES, Hierarchy, as_distance_matrix
+from .hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
 
 __all__ = ["HAFrame", "similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "DENSE_MAX_K"]
 
@@ -144,6 +144,7 @@ def exact_s_min(d, gamma: float) -> float:
     indefinite; S(1) = J is always PSD).
     """
     if isinstance(d, Hierarchy):
+        _check_two_classes(d)
         return d.tree.exact_s_min(_check_gamma(gamma))
     E = _kernel(d, gamma)
     try:
@@ -408,6 +409,7 @@ class HAFrame:
                             "use from_distances for a distance matrix")
         g = _check_gamma(gamma)
         approximate = _check_approximate(approximate)
+        _check_two_classes(h)
         tree, K = h.tree, h.num_classes
         if approximate == "truncate" or (isinstance(s_min, str) and s_min == "grid"):
             if K > DENSE_MAX_K:
@@ -673,6 +675,12 @@ class HAFrame:
         approx = "" if self.approximation is None else f", approximate={self.approximation['method']!r}"
         return (f"HAFrame(K={self.num_classes}, dim={self.dim}, gamma={gamma}, s_min={self.s_min:.6f}, "
                 f"dtype={self.weight.dtype}, device={self.weight.device}{approx})")
+
+
+def _check_two_classes(h: Hierarchy) -> None:
+    """Raise a HierarchyError for a hierarchy with fewer than 2 classes (no distances to build a frame from)."""
+    if h.num_classes < 2:
+        raise HierarchyError(f"a frame needs at least 2 classes, but the hierarchy has {h.num_classes}")
 
 
 def _missing_dim(K: int):

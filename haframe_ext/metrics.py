@@ -18,6 +18,7 @@ up to the float64 maximum neither overflow nor lose the answer.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -39,7 +40,8 @@ class _Distances:
         if isinstance(distances, Hierarchy):
             self.tree, self.dense = distances.tree, None
             self.num_classes, self.scale = distances.num_classes, distances.tree.d_max
-            self.key = ("tree", id(distances.tree))
+            t = distances.tree
+            self.key = ("tree", hashlib.sha256(t.parent.tobytes() + t.level.tobytes() + t.class_idx.tobytes()).digest())
         else:
             d = as_distance_matrix(distances).astype(np.float64)  # [K, K]
             self.tree, self.num_classes = None, d.shape[0]

@@ -187,6 +187,14 @@ def brute_split_distances(parent_of, classes, heights):
     return D
 
 
+def _published_levels(parent_of, classes):
+    """Per node, the distance it gives as an LCA under the published convention: D - depth (0 at leaves)."""
+    depth = {n: len(_chain(parent_of, n)) - 1 for n in set(parent_of) | set(parent_of.values())}
+    inner = set(parent_of.values())
+    D = max(depth[c] for c in classes)
+    return {n: (D - depth[n]) if n in inner else 0 for n in depth}
+
+
 # ----------------------------------------------------------------------------- valid trees
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(trees(), st.randoms(use_true_random=False))
@@ -197,14 +205,18 @@ def test_distances_match_brute_force_lca_height(tree, rnd):
     K = len(classes)
     assert d.shape == (K, K) and d.dtype == np.int64 and h.classes == classes
     heights = _heights(parent_of)
-    np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, heights))
+    levels = _published_levels(parent_of, classes)
+    np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, levels))
+    dh = h.distances(convention="height")
+    np.testing.assert_array_equal(dh, brute_split_distances(parent_of, classes, heights))
     # ancestor walk: every pair for small K, a random sample (plus the first row) for large K
     if K <= 60:
         pairs = [(i, j) for i in range(K) for j in range(K)]
     else:
         pairs = [(rnd.randrange(K), rnd.randrange(K)) for _ in range(400)] + [(0, j) for j in range(K)]
     for i, j in pairs:
-        assert d[i, j] == brute_lca_height(parent_of, heights, classes[i], classes[j]), (i, j)
+        assert d[i, j] == brute_lca_height(parent_of, levels, classes[i], classes[j]), (i, j)
+        assert dh[i, j] == brute_lca_height(parent_of, heights, classes[i], classes[j]), (i, j)
     assert h.height == heights[_root(parent_of)]
 
 
@@ -218,12 +230,13 @@ def test_extreme_sizes_match_brute_force(kind, K):
     kids = set(parent_of.values())
     classes = [c for c in parent_of if c not in kids]
     h = Hierarchy.from_parents(parent_of, classes)
-    heights = _heights(parent_of)
-    d = h.distances()
-    np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, heights))
-    for i in range(0, len(classes), max(1, len(classes) // 50)):
-        for j in range(0, len(classes), max(1, len(classes) // 50)):
-            assert d[i, j] == brute_lca_height(parent_of, heights, classes[i], classes[j])
+    for convention, levels in (("published", _published_levels(parent_of, classes)),
+                               ("height", _heights(parent_of))):
+        d = h.distances(convention=convention)
+        np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, levels))
+        for i in range(0, len(classes), max(1, len(classes) // 50)):
+            for j in range(0, len(classes), max(1, len(classes) // 50)):
+                assert d[i, j] == brute_lca_height(parent_of, levels, classes[i], classes[j])
 
 
 @FAST
@@ -255,10 +268,13 @@ def test_depth_lca_ancestors_are_consistent(tree, rnd):
         assert not any(k in up_a and k in up_b for k in h.children(c))
         assert h.depth(c) <= min(h.depth(a), h.depth(b))
         assert h.lca(a, a) == a
-    d = h.distances()
+    d, dh = h.distances(), h.distances(convention="height")
+    D = max(h.depth(c) for c in classes)
     for _ in range(100):
         i, j = rnd.randrange(len(classes)), rnd.randrange(len(classes))
-        assert d[i, j] == h.node_height(h.lca(classes[i], classes[j]))
+        lca = h.lca(classes[i], classes[j])
+        assert dh[i, j] == h.node_height(lca)
+        assert d[i, j] == (0 if i == j else D - h.depth(lca)) == h.lca_height(lca)
 
 
 @FAST
