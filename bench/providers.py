@@ -17,10 +17,9 @@ Providers (``PROVIDERS``):
   the device's own time, without the per-call host work. The default CUDA path.
 - ``eager_graph`` (CUDA only): the eager loss's step captured and replayed the same way (the fair
   comparison for ``fused_graph``).
-- ``fused``: ``haframe_ext.haframe_loss`` called as a user with a frozen weight calls it; for K <= S_MAX_K
-  the op derives the frame's similarity ``S = W W^T`` (K x K) once per weight version and caches it (the
-  warm-up fills the cache); for the large low-dimensional frames the d x d gram ``M = W^T W`` is
-  computed once here and passed as ``gram=`` (the M route), see ``build_fused``.
+- ``fused``: ``haframe_ext.haframe_loss`` called as ``HAFrameLoss`` calls it: the frame's similarity
+  ``S`` (K x K, K <= S_MAX_K) or, for the large low-dimensional frames, the d x d gram ``M = W^T W``
+  (the M route) is computed once here and passed in, see ``build_fused``.
 - ``eager``: the straightforward vectorised PyTorch loss
   ``(1-a) CE(h W^T, y) + a mean_b sum_k (cos(h_b, w_k) - S[y_b, k])^2`` with ``F.normalize``.
   ``S`` is precomputed once when the shape keeps it (K <= ``S_MAX_K``); for the large low-dim frame the
@@ -179,11 +178,10 @@ def build_fused(case: Case, alpha: float = ALPHA):
     if not haframe_ext.native_available():
         raise Skip(f"native extension unavailable: {haframe_ext.native_error()}")
     h, W, y = case.h, case.W, case.y
-    if case.S is not None:  # as a user calls it: the op derives S = W W^T once and caches it
-        return _step(case, lambda: haframe_loss(h, W, y, alpha, backend="native"))
-    # large K, low-dim frame: pass the d x d gram (the M route), computed once here. (The op's cache
-    # picks the same route for unit rows; before fd304d3 its unit-row test, |norm - 1| < 1e-4, failed
-    # for bf16-rounded rows and it would have built a K x K similarity: 40 GB at K = 100000.)
+    if case.S is not None:  # as HAFrameLoss calls it: the frame's S, held once
+        S = case.S.to(torch.float64 if h.dtype == torch.float64 else torch.float32).contiguous()
+        return _step(case, lambda: haframe_loss(h, W, y, alpha, similarity=S, backend="native"))
+    # large K, low-dim frame: the d x d gram (the M route), held once
     Wf = W.detach().float()
     gram = (Wf.T @ Wf).contiguous()
     return _step(case, lambda: haframe_loss(h, W, y, alpha, gram=gram, backend="native"))
