@@ -134,7 +134,7 @@ def _check_name(name, where: str) -> str:
     """Return name if it is usable as a node name, else raise naming the place it came from."""
     if not isinstance(name, str):
         raise HierarchyError(f"{where}: node names must be strings, got {type(name).__name__} {_quote(name)}")
-    if not name or name != name.strip() or any(c in name for c in "\t\r\n"):
+    if not name or name != name.strip() or "\t" in name or "\r" in name or "\n" in name:
         raise HierarchyError(
             f"{where}: invalid node name {_quote(name)}; names must be non-empty, contain no tab or "
             "newline, and not begin or end with whitespace")
@@ -152,26 +152,50 @@ class _Edges:
 
     def __init__(self) -> None:
         self.parent_of: dict[str, str] = {}
-        self.where: dict[str, str] = {}  # child -> where its edge came from (for messages)
+        self._where: dict = {}  # child -> where its edge came from: a message, or (label, line number, line)
         self.nodes: dict[str, None] = {}  # every node, in order of first appearance
 
-    def add(self, parent: str, child: str, where: str) -> None:
-        """Add one edge; a repeat of an existing edge is skipped."""
-        _check_name(parent, where)
-        _check_name(child, where)
+    def where_of(self, child: str) -> str:
+        """Where the edge of child came from, for a message."""
+        w = self._where[child]
+        return w if isinstance(w, str) else _line_place(*w)
+
+    def add(self, parent: str, child: str, where) -> None:
+        """Add one edge (where: a message, or (label, line number, line) rendered only for an error)."""
+        place = where if isinstance(where, str) else _LazyPlace(where)
+        _check_name(parent, place)
+        _check_name(child, place)
         if parent == child:
-            raise HierarchyError(f"{where}: self-loop, node {_quote(child)} is its own parent")
+            raise HierarchyError(f"{place}: self-loop, node {_quote(child)} is its own parent")
         old = self.parent_of.get(child)
         if old is not None:
             if old == parent:
                 return  # duplicate edge: tolerated (see module docstring)
             raise HierarchyError(
-                f"{where}: node {_quote(child)} has two parents, {_quote(old)} ({self.where[child]}) and "
+                f"{place}: node {_quote(child)} has two parents, {_quote(old)} ({self.where_of(child)}) and "
                 f"{_quote(parent)}; a tree gives each node exactly one parent")
         self.parent_of[child] = parent
-        self.where[child] = where
+        self._where[child] = where
         self.nodes.setdefault(parent)
         self.nodes.setdefault(child)
+
+
+def _line_place(label: str, lineno: int, line: str) -> str:
+    """'<file>, line N '<line>'' for a message."""
+    return f"{label}, line {lineno} {_quote(line)}"
+
+
+class _LazyPlace:
+    """A (label, line number, line) place that is formatted only when a message uses it."""
+
+    def __init__(self, place) -> None:
+        self.place = place
+
+    def __str__(self) -> str:
+        return _line_place(*self.place)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 def _is_comment(line: str) -> bool:
@@ -193,7 +217,7 @@ def _parse_edges(text: str, label: str) -> _Edges:
             raise HierarchyError(
                 f"{where}: malformed line, expected 2 fields 'parent child' but got {len(fields)}: "
                 f"{_quote(line)}{hint}")
-        edges.add(fields[0], fields[1], f"{where} {_quote(line)}")
+        edges.add(fields[0], fields[1], (label, lineno, line))
     return edges
 
 
@@ -407,7 +431,7 @@ class Hierarchy:
                 node = edges.parent_of.get(node)
             if node is not None and state[node] == 1:
                 cycle = path[path.index(node):][::-1]  # parent -> child order
-                where = "; ".join(edges.where[c] for c in cycle)
+                where = "; ".join(edges.where_of(c) for c in cycle)
                 raise HierarchyError(
                     f"cycle in the hierarchy: {' -> '.join(map(repr, cycle + [cycle[0]]))} ({where}); "
                     "a tree has no cycles, so remove one of these edges")
