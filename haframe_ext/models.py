@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .frame import DENSE_MAX_K
 from .nn import FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI, TransformationLayerII
 
 __all__ = [
@@ -222,14 +223,15 @@ def build_frame(method: str, num_classes: int, *, hierarchy=None, distances=None
     from .frame import HAFrame
 
     check_method(method)
+    approximate = dim is not None and int(dim) < num_classes  # dim < K: the Gaussian projection
     if method == "etf":
-        return HAFrame.etf(num_classes, dim=dim, seed=seed)
+        return HAFrame.etf(num_classes, dim=dim, seed=seed, approximate=approximate)
     if method not in FIXED_FRAME_METHODS:
         raise ValueError(f"method {method!r} has no fixed frame")
     if hierarchy is not None:
-        frame = HAFrame.from_hierarchy(hierarchy, gamma, s_min=s_min, dim=dim, seed=seed)
+        frame = HAFrame.from_hierarchy(hierarchy, gamma, s_min=s_min, dim=dim, seed=seed, approximate=approximate)
     elif distances is not None:
-        frame = HAFrame.from_distances(distances, gamma, s_min=s_min, dim=dim, seed=seed)
+        frame = HAFrame.from_distances(distances, gamma, s_min=s_min, dim=dim, seed=seed, approximate=approximate)
     else:
         raise ValueError(f"method {method!r} needs a frame, a hierarchy or a distance matrix")
     if frame.num_classes != num_classes:
@@ -269,8 +271,10 @@ def build_model(method: str, backbone: Union[str, nn.Module], num_classes: int, 
             raise ValueError(f"the frame has {classifier.num_classes} classes but num_classes={num_classes}")
         if feature_dim is not None and classifier.in_features != int(feature_dim):
             raise ValueError(f"the frame has dimension {classifier.in_features} but feature_dim={feature_dim}")
+        # the paper's width K, unless K x K block weights would dwarf the model: then the frame's dimension
+        width = None if num_classes <= DENSE_MAX_K else classifier.in_features
         transform = TransformationLayerII(bb.out_features, num_classes, classifier.in_features,
-                                          num_blocks=num_blocks, conv=conv)
+                                          num_blocks=num_blocks, conv=conv, width=width)
     model = HAFrameModel(bb, transform, classifier)
     model.method = method
     return model

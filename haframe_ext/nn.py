@@ -180,34 +180,37 @@ class _ResidualBlock(nn.Module):
 class TransformationLayerII(nn.Module):
     """Type-II transformation layer of the paper, feeding a fixed frame.
 
-    - ``conv=True`` (input (N, C, H, W) with C = ``in_features``): 1x1 conv to ``num_classes``
+    - ``conv=True`` (input (N, C, H, W) with C = ``in_features``): 1x1 conv to ``width``
       channels, global average pooling, flatten, BN1d.
     - ``conv=False`` (input (N, in_features)): the same with the 1x1 conv replaced by the
-      equivalent bias-free linear map to ``num_classes`` (omitted when ``in_features == num_classes``), BN1d.
+      equivalent bias-free linear map to ``width`` (omitted when ``in_features == width``), BN1d.
 
     Then ``num_blocks`` residual blocks ``x + PReLU(BN1d(Linear(x, bias=False)))`` of width
-    ``num_classes`` (PReLU lets features go negative, which a frame with negative similarities
-    needs), and a final bias-free linear map to ``out_dim`` when ``out_dim != num_classes``.
+    ``width`` (PReLU lets features go negative, which a frame with negative similarities
+    needs), and a final bias-free linear map to ``out_dim`` when ``out_dim != width``.
+    ``width`` is ``num_classes`` as in the paper; with many classes pass a smaller one (the
+    frame's dimension, say), since the blocks hold width x width weights.
     """
 
     def __init__(self, in_features: int, num_classes: int, out_dim: Optional[int] = None,
-                 num_blocks: int = 2, conv: bool = False):
+                 num_blocks: int = 2, conv: bool = False, width: Optional[int] = None):
         super().__init__()
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.in_features = in_features
         self.num_classes = num_classes
+        self.width = width = num_classes if width is None else int(width)
         self.out_features = out_dim = num_classes if out_dim is None else int(out_dim)
         self.conv_input = conv
         if conv:
-            self.proj = nn.Conv2d(in_features, num_classes, kernel_size=1, bias=False)
-        elif in_features != num_classes:
-            self.proj = nn.Linear(in_features, num_classes, bias=False)
+            self.proj = nn.Conv2d(in_features, width, kernel_size=1, bias=False)
+        elif in_features != width:
+            self.proj = nn.Linear(in_features, width, bias=False)
         else:
             self.proj = nn.Identity()
-        self.bn = nn.BatchNorm1d(num_classes)
-        self.blocks = nn.Sequential(*[_ResidualBlock(num_classes) for _ in range(num_blocks)])
-        self.out = nn.Linear(num_classes, out_dim, bias=False) if out_dim != num_classes else nn.Identity()
+        self.bn = nn.BatchNorm1d(width)
+        self.blocks = nn.Sequential(*[_ResidualBlock(width) for _ in range(num_blocks)])
+        self.out = nn.Linear(width, out_dim, bias=False) if out_dim != width else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_input:
