@@ -551,6 +551,19 @@ class Hierarchy:
             self._tree = TreeOperator(self._parent_idx, self._depth, self._levels(self._convention), self._class_idx)
         return self._tree
 
+    def distance_digest(self) -> str:
+        """SHA-256 (hex) of what defines the class distances: the tree's shape, the class order, the convention.
+
+        Equal digests give equal distances; node names do not enter (``classes`` is compared apart).
+        """
+        import hashlib
+
+        t = self.tree
+        h = hashlib.sha256(b"haframe-tree-distances-v1")
+        for a in (t.parent, t.level, t.class_idx):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
     def _levels(self, convention: str) -> np.ndarray:
         """Per node, the distance it gives as an LCA, int64 [nodes]: 0 at leaves; D - depth or the height above."""
         if convention == "height":
