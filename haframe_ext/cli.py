@@ -109,27 +109,24 @@ def _gib(n: float) -> str:
 _DENSE_FRAME_COPIES = 4
 
 
-def _check_frame_fits(K: int, dim: Optional[int], flag: str) -> None:
-    """Refuse a dense frame that cannot fit in memory, saying what was asked and what fits."""
+def _check_frame_fits(K: int, dim: int, flag: str) -> None:
+    """Refuse a --dim whose dense frame cannot fit in memory, saying what was asked and what fits (a K too large
+    for any dim is left to the frame builder's own rule and to the out-of-memory handler of :func:`main`)."""
     avail = _available_memory()
-    d = K if dim is None else dim
-    need = _DENSE_FRAME_COPIES * 8 * (K * K + K * d)
+    need = _DENSE_FRAME_COPIES * 8 * (K * K + K * dim)
     if avail is None or need <= avail:
         return
-    budget = avail / (_DENSE_FRAME_COPIES * 8)
-    if flag == "--dim":
-        fits = f"--dim up to about {max(0, int(budget / K - K)):,} fits for K={K:,}"
-    else:
-        fits = f"K up to about {int(math.sqrt(budget / 2)):,} fits (with --dim K)"
-    raise UserError(f"{flag} asks for a K={K:,} x dim={d:,} frame, which needs about {_gib(need)} of memory (float64 "
-                    f"matrices of K x K and K x dim), but {_gib(avail)} is available: {fits}")
+    fits = max(0, int(avail / (_DENSE_FRAME_COPIES * 8) / K - K))
+    raise UserError(f"{flag} asks for a K={K:,} x dim={dim:,} frame, which needs about {_gib(need)} of memory "
+                    f"(float64 matrices of K x K and K x dim), but {_gib(avail)} is available: {flag} up to about "
+                    f"{fits:,} fits for K={K:,}")
 
 
 def _memory_message(exc: BaseException) -> str:
     """One line for an allocation that failed: the size asked for (numpy and torch say it) and what is available."""
     avail = _available_memory()
     asked = " ".join(str(exc).split())[:300] or "an allocation failed"
-    have = f"; {_gib(avail)} of memory is available" if avail is not None else ""
+    have = f"; {_gib(avail)} of memory is available" if avail is not None and "available" not in asked else ""
     return (f"out of memory: {asked}{have}. Use a smaller hierarchy or --dim / --feature-dim, or a machine with more "
             "memory")
 
@@ -173,7 +170,8 @@ def cmd_frame(args) -> int:
     if args.etf is not None:
         if args.etf < 2:
             raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
-        _check_frame_fits(args.etf, args.dim, "--dim" if args.dim is not None and args.dim > args.etf else "--etf")
+        if args.dim is not None:
+            _check_frame_fits(args.etf, args.dim, "--dim")
         frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed)
         label = f"simplex ETF, K={args.etf}"
     else:

@@ -199,7 +199,8 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 def _shown(v: Any) -> str:
     """A config value as the message quotes it (cut at 60 characters), with the JSON kind of a string or null."""
-    text = "null" if v is None else repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+    text = json.dumps(v) if v is None or isinstance(v, bool) else repr(v)
+    text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text} (a string)" if isinstance(v, str) else text
 
 
@@ -219,7 +220,7 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
     def number(x, integer: bool):
         allowed = numbers.Integral if integer else numbers.Real  # numpy scalars too
         if isinstance(x, bool) or not isinstance(x, allowed):
-            if integer and isinstance(x, numbers.Real) and float(x).is_integer():
+            if integer and not isinstance(x, bool) and isinstance(x, numbers.Real) and float(x).is_integer():
                 raise bad("an integer (written without a decimal point)")
             raise bad("an integer" if integer else "a number")
         if not integer and not math.isfinite(x):

@@ -266,3 +266,92 @@ def test_resume_help_states_the_thread_count_caveat(capsys):
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "OMP_NUM_THREADS" in text and "thread count" in text
+
+
+# ----------------------------------------------------------------------------- round 2 (RELIABILITY.md section 21)
+def _tiny_train(tmp_path, *extra):
+    edges = tmp_path / "toy.tsv"
+    edges.write_text(TOY_EDGES)
+    return ["train", "--hierarchy", str(edges), "--epochs", "2", "--no-progress", "--no-tensorboard",
+            "--n-per-class", "8", "--input-dim", "8", "--hidden", "16", "--out", str(tmp_path / "r"), *extra]
+
+
+def test_overwrite_written_as_the_string_false_in_a_config_keeps_the_earlier_run(tmp_path, capsys):
+    """Issue 14 item 1: {"overwrite": "false"} counted as true and deleted a finished run."""
+    assert main(_tiny_train(tmp_path)) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"overwrite": "false"}')
+    capsys.readouterr()
+    rc = main(_tiny_train(tmp_path, "--config", str(cfg)))
+    assert_user_error(rc, capsys.readouterr().err, "overwrite must be true or false", "'false' (a string)")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000) and data type float64"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 80000000000 bytes."),
+])
+def test_an_allocation_that_fails_is_one_line_naming_the_size(tmp_path, capsys, monkeypatch, error):
+    """Issue 14 item 11: numpy's _ArrayMemoryError and torch's CPU allocator error were tracebacks."""
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(HAFrame, "from_distances", classmethod(lambda cls, *a, **k: fail()))
+    rc = main(["frame", "--hierarchy", "cifar100"])
+    size = "74.5 GiB" if isinstance(error, MemoryError) else "80000000000 bytes"
+    assert_user_error(rc, capsys.readouterr().err, "out of memory", size, "is available")
+
+
+def test_a_100000_leaf_star_is_one_line_naming_the_size(tmp_path, capsys):
+    """Issue 14 item 11, the real thing (a K x K matrix of 100,000 classes does not fit this machine)."""
+    star = tmp_path / "star.tsv"
+    star.write_text("".join(f"root\tleaf{i}\n" for i in range(100_000)))
+    rc = main(["frame", "--hierarchy", str(star)])
+    err = capsys.readouterr().err
+    assert_user_error(rc, err)
+    assert "100000" in err or "100,000" in err, err
+
+
+def test_a_read_only_out_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 11: an --out on a read-only filesystem gave an OSError traceback."""
+    import errno
+    import pathlib
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    rc = main(_tiny_train(tmp_path))
+    assert_user_error(rc, capsys.readouterr().err, "Read-only file system", str(tmp_path / "r"),
+                      "choose a writable folder")
+
+
+def test_a_disk_that_fills_up_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 11: a full disk while writing epoch 2's checkpoint: one line naming the epoch and the kept
+    checkpoint; epoch 1's last.pt intact, no temp file left, no results."""
+    import errno
+
+    real_save = torch.save
+    writes = {"last": 0}
+
+    def full_disk(obj, f, *a, **k):
+        name = getattr(f, "name", str(f))
+        if ".last.pt.tmp-" in str(name):
+            writes["last"] += 1
+            if writes["last"] == 2:
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    rc = main(_tiny_train(tmp_path))
+    out = tmp_path / "r"
+    assert_user_error(rc, capsys.readouterr().err, "No space left on device", "checkpoint of epoch 2",
+                      f"the last good checkpoint {out / 'last.pt'} (epoch 1) is kept", "free some space")
+    from haframe_ext.train import load_checkpoint
+
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert not (out / "results.json").exists() and not (out / ".haframe.lock").exists()

@@ -79,6 +79,9 @@ def make_inputs(d: Path) -> None:
     (d / "images" / "train" / "zz").mkdir(parents=True)
     (d / "images" / "train" / "zz" / "x.png").write_bytes(b"")
     (d / "images" / "test").mkdir()
+    # round 2: config fields of the wrong type (issue 14 item 1)
+    for name, field in CONFIG_TYPE_CASES.items():
+        (d / f"cfg_{name}.json").write_text(field)
 
 
 # (id, argv, fragments the single stderr line must contain)
@@ -164,6 +167,91 @@ CASES = [
     ("s-min-inadmissible", TRAIN + ["--s-min", "-5"], ["s_min=-5.0", "most negative admissible value", "-0.476547"]),
     ("feature-dim-below-K", TRAIN + ["--feature-dim", "3"], ["dim=3 is smaller than K=8"]),
     ("etf-one-class", ["frame", "--etf", "1"], ["--etf needs K >= 2"]),
+]
+
+# issue 14 item 1: one JSON config field of the wrong type or range each; the error names the field and its flag
+CONFIG_TYPE_CASES = {
+    "overwrite-string": '{"overwrite": "false"}', "resume-string": '{"resume": "no"}',
+    "epochs-string": '{"epochs": "3"}', "epochs-fraction": '{"epochs": 1.5}', "alpha-string": '{"alpha": "0.4"}',
+    "lr-null": '{"lr": null}', "hierarchy-null": '{"hierarchy": null}', "lr-json-nan": '{"lr": NaN}',
+    "eval-ks-string": '{"eval_ks": "1,5"}', "seed-bool": '{"seed": true}', "out-empty": '{"out": ""}',
+    "backbone-empty": '{"backbone": ""}', "classes-empty": '{"classes": ""}',
+    "resume-from-empty": '{"resume_from": ""}',
+    "stop-after-zero": '{"stop_after_epochs": 0}', "feature-dim-zero": '{"feature_dim": 0}',
+}
+CONFIG_TYPE_FRAGMENTS = {
+    "overwrite-string": ["overwrite must be true or false", "'false' (a string)", "--overwrite"],
+    "resume-string": ["resume must be true or false", "--resume"], "epochs-string": ["epochs must be an integer"],
+    "epochs-fraction": ["epochs must be an integer, got 1.5"], "alpha-string": ["alpha must be a number", "--alpha"],
+    "lr-null": ["lr must be a number, got null", "--lr"], "hierarchy-null": ["hierarchy must be a non-empty string"],
+    "lr-json-nan": ["lr must be a finite number, got nan"], "eval-ks-string": ["eval_ks must be a non-empty list"],
+    "seed-bool": ["seed must be an integer, got true"], "out-empty": ["out must be a non-empty string", "--out"],
+    "backbone-empty": ["backbone must be a non-empty string"], "classes-empty": ["classes must be a non-empty"],
+    "resume-from-empty": ["resume_from must be a non-empty string", "--resume-from"],
+    "stop-after-zero": ["stop_after_epochs must be >= 1"], "feature-dim-zero": ["feature_dim must be >= 1"],
+}
+# (no other flags: a flag would override the field under test)
+CASES += [(f"config-{name}", ["train", "--config", f"cfg_{name}.json"], CONFIG_TYPE_FRAGMENTS[name])
+          for name in CONFIG_TYPE_CASES]
+# issue 14 items 7, 11, 12, 14, 18: NaN/inf and out-of-range flags, devices, sizes, paths; each names its flag
+CASES += [
+    ("lr-nan", TRAIN + ["--lr", "nan"], ["lr must be a finite number, got nan (--lr)"]),
+    ("lr-inf", TRAIN + ["--lr", "inf"], ["lr must be a finite number, got inf (--lr)"]),
+    ("momentum-nan", TRAIN + ["--momentum", "nan"], ["momentum must be a finite number", "--momentum"]),
+    ("momentum-above-one", TRAIN + ["--momentum", "1.5"], ["momentum must be in [0, 1]"]),
+    ("weight-decay-nan", TRAIN + ["--weight-decay", "nan"], ["weight_decay must be a finite number"]),
+    ("weight-decay-negative", TRAIN + ["--weight-decay", "-1"], ["weight_decay must be >= 0"]),
+    ("backbone-lr-scale-nan", TRAIN + ["--backbone-lr-scale", "nan"], ["backbone_lr_scale must be a finite"]),
+    ("backbone-lr-scale-inf", TRAIN + ["--backbone-lr-scale", "inf"], ["--backbone-lr-scale"]),
+    ("min-lr-nan", TRAIN + ["--min-lr", "nan"], ["min_lr must be a finite number", "--min-lr"]),
+    ("min-lr-above-lr", TRAIN + ["--min-lr", "1"], ["min_lr (1.0) must not exceed lr (0.1)"]),
+    ("grad-clip-nan", TRAIN + ["--grad-clip", "nan"], ["grad_clip must be a finite number", "--grad-clip"]),
+    ("difficulty-nan", TRAIN + ["--difficulty", "nan"], ["difficulty must be a finite number", "--difficulty"]),
+    ("gamma-inf-train", TRAIN + ["--gamma", "inf"], ["gamma must be a finite number", "--gamma"]),
+    ("dist-timeout-nan", TRAIN + ["--dist-timeout", "nan"], ["dist_timeout must be a finite number"]),
+    ("warmup-epochs-nan", TRAIN + ["--warmup-epochs", "nan"], ["warmup_epochs must be a finite", "--warmup-epochs"]),
+    ("warmup-epochs-inf", TRAIN + ["--warmup-epochs", "inf"], ["warmup_epochs must be a finite", "--warmup-epochs"]),
+    ("seed-negative", TRAIN + ["--seed", "-1"], ["seed must be in [0, 2**63), got -1 (--seed)"]),
+    ("alpha-period-nan", TRAIN + ["--alpha-schedule", "cosine", "--alpha-period", "nan"],
+     ["alpha_period must be a finite number", "--alpha-period"]),
+    ("alpha-period-zero", TRAIN + ["--alpha-schedule", "cosine", "--alpha-period", "0"], ["alpha_period must be > 0"]),
+    ("eval-per-class-zero", TRAIN + ["--eval-per-class", "0"], ["eval_per_class must be >= 1", "--eval-per-class"]),
+    ("n-per-class-zero", TRAIN + ["--n-per-class", "0"], ["n_per_class must be >= 1"]),
+    ("hidden-zero", TRAIN + ["--hidden", "0"], ["hidden must be >= 1"]),
+    ("train-eval-batch-size-zero", TRAIN + ["--eval-batch-size", "0"], ["eval_batch_size must be >= 1"]),
+    ("out-empty", TRAIN[:-1] + [""], ["out must be a non-empty string", "--out"]),
+    ("out-too-long", TRAIN[:-1] + ["x" * 300], ["File name too long", "(300 characters)", "choose a shorter path"]),
+    ("distances-empty", TRAIN + ["--distances", ""], ["distances must be a non-empty string"]),
+    ("select-metric-unknown", TRAIN + ["--select-metric", "f1"], ["select_metric 'f1'", "hierdist@1"]),
+    ("device-foo", TRAIN + ["--device", "foo"], ["device must be auto, cpu, cuda or cuda:N, got 'foo'"]),
+    ("device-meta", TRAIN + ["--device", "meta"], ["got 'meta' (--device)"]),
+    ("device-mps", TRAIN + ["--device", "mps"], ["got 'mps' (--device)"]),
+    ("seeds-repeated", TRAIN + ["--seeds", "0", "0"], ["seed(s) 0 listed more than once (--seeds)"]),
+    ("seeds-negative", TRAIN + ["--seeds", "-1"], ["argument --seeds: must be an integer >= 0"]),
+    ("frame-etf-200000", ["frame", "--etf", "200000"], ["200000"]),  # the frame's size rule, or out of memory
+    ("frame-dim-1e9", ["frame", "--hierarchy", "toy.tsv", "--dim", "1000000000"],
+     ["--dim asks for a K=8 x dim=1,000,000,000 frame", "GiB is available", "--dim up to about"]),
+    ("frame-out-existing-folder", ["frame", "--hierarchy", "toy.tsv", "--out", "images"],
+     ["--out 'images' is a folder"]),
+    ("frame-out-proc-version", ["frame", "--hierarchy", "toy.tsv", "--out", "/proc/version"],
+     ["cannot write --out '/proc/version'"]),
+    ("frame-out-empty", ["frame", "--hierarchy", "toy.tsv", "--out", ""], ["argument --out: must be a non-empty"]),
+    ("frame-plot-folder", ["frame", "--hierarchy", "toy.tsv", "--plot", "images"], ["--plot 'images' is a folder"]),
+    ("frame-dim-zero", ["frame", "--hierarchy", "toy.tsv", "--dim", "0"], ["argument --dim: must be an integer >= 1"]),
+    ("frame-seed-negative", ["frame", "--seed", "-1"], ["argument --seed: must be an integer >= 0"]),
+    ("bench-batch-negative", ["bench", "--batch", "-1"], ["argument --batch: must be an integer >= 1, got -1"]),
+    ("bench-threads-negative", ["bench", "--threads", "-1"], ["argument --threads: must be an integer >= 1"]),
+    ("bench-threads-zero", ["bench", "--threads", "0"], ["argument --threads: must be an integer >= 1"]),
+    ("bench-min-run-time-nan", ["bench", "--min-run-time", "nan"], ["argument --min-run-time: must be a finite"]),
+    ("bench-min-run-time-inf", ["bench", "--min-run-time", "inf"], ["argument --min-run-time: must be a finite"]),
+    ("bench-repeats-zero", ["bench", "--repeats", "0"], ["argument --repeats: must be an integer >= 1"]),
+    ("bench-classes-one", ["bench", "--classes", "1"], ["argument --classes: must be an integer >= 2"]),
+    ("bench-device-foo", ["bench", "--device", "foo"], ["--device must be auto, cpu, cuda or cuda:N"]),
+    ("eval-device-meta", ["eval", "--checkpoint", "text.pt", "--device", "meta"], ["--device must be auto"]),
+    ("eval-batch-size-zero", ["eval", "--checkpoint", "text.pt", "--batch-size", "0"], ["--batch-size"]),
+    ("eval-json-empty", ["eval", "--checkpoint", "text.pt", "--json", ""], ["argument --json: must be a non-empty"]),
+    ("demo-epochs-zero", ["demo", "--epochs", "0"], ["argument --epochs: must be an integer >= 1"]),
+    ("demo-out-empty", ["demo", "--out", ""], ["argument --out: must be a non-empty path"]),
 ]
 
 XFAIL = {}  # case id -> reason, for a strict xfail while a bug is open (bugs 10 and 11 are fixed)
