@@ -112,6 +112,28 @@ def test_auto_route_large_k_uses_m_route_and_matches(device):
     assert_match(got_g, want_g, torch.float32, "grad")
 
 
+@needs_native
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("B", [33, 500])  # one serial block; two (64 MiB / (20000 * 8 B) = 419 rows)
+def test_many_classes_serial_row_blocks_match(reduction, B):
+    """K large enough that a 4 MiB block holds < 32 rows: the CPU runs blocks one at a time, threads inside.
+
+    The M route only (the gather route's S would be 3 GB here); both routes share the block code.
+    """
+    route = "m"
+    h, w, y = make(B, 20000, 24, torch.float64, "cpu", seed=3)  # 4 MiB / (20000 * 8 B) = 26 rows
+    go = torch.rand(B, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    want_l, want_g = reference(h, w, y, reduction=reduction, grad_out=go)
+    got_l, got_g = fused(h, w, y, reduction=reduction, grad_out=go, route=route)
+    assert_match(got_l, want_l, torch.float64, "loss")
+    assert_match(got_g, want_g, torch.float64, "grad")
+    with torch.no_grad():  # no gradient asked: the same loss
+        acc = torch.float64
+        kw = {"gram": w.T @ w}
+        nograd = ops.haframe_loss(h, w, y, 0.4, reduction, backend="native", **kw)
+    assert_match(nograd, want_l, acc, "loss")
+
+
 # Shapes for the tuned CUDA epilogue (HAFRAME_CUDA_TUNED=1): K, d multiples of the 16-byte vector
 # width, a row that stays in registers (K <= 4096), one that is streamed (K > 4096), and a misaligned
 # features pointer that must fall back to the generic kernel.

@@ -16,6 +16,12 @@ namespace haframe {
 namespace {
 
 constexpr int64_t kCpuBlockBytes = int64_t(4) << 20;  // logits of one row block: enough rows to keep BLAS efficient
+// With many classes a 4 MiB block holds only a few rows, and every block streams all of W from memory
+// (at K = 10^5, d = 512: 10 rows per 200 MB read).  Below kCpuMinRows rows per block the blocks run one
+// after another instead, each up to kCpuSerialBlockBytes of logits, with BLAS and the epilogue threaded
+// inside: W is read B / rows times rather than B / 10.
+constexpr int64_t kCpuMinRows = 32;
+constexpr int64_t kCpuSerialBlockBytes = int64_t(64) << 20;
 constexpr int64_t kCpuParallelMacs = int64_t(1) << 21;  // B K d below which one thread does the work
 
 constexpr int kLanes = 8;  // independent partial sums, so that the compiler vectorises the reductions
@@ -170,53 +176,96 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
   const int64_t B = h.size(0), d = h.size(1), K = W.size(0);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   int64_t rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuBlockBytes);
-  if (B * K * d >= kCpuParallelMacs)  // below this, waking threads costs more than it saves
+  // many classes: blocks one at a time, threads inside each block (see kCpuMinRows)
+  const bool serial = rows < std::min<int64_t>(B, kCpuMinRows);
+  if (serial) rows = std::max(rows, rows_per_chunk(B, K, sizeof(acc_t), kCpuSerialBlockBytes));
+  else if (B * K * d >= kCpuParallelMacs)  // below this, waking threads costs more than it saves
     rows = std::min(rows, std::max<int64_t>(1, (B + nthreads - 1) / nthreads));
   const int64_t nblocks = (B + rows - 1) / rows;
   const bool mroute = M.defined();
   const acc_t* Sp = mroute ? nullptr : S.data_ptr<acc_t>();
+  const int64_t* yp = target.data_ptr<int64_t>();
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor zbuf = at::empty({rows, K}, h.options());
-    at::Tensor ubuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
-    at::Tensor vbuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
-    std::vector<acc_t> e(K), coef(rows), inv_n(rows);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows, nr = std::min(rows, B - r0);
-      at::Tensor hb = h.narrow(0, r0, nr);
-      at::Tensor z = zbuf.narrow(0, 0, nr);
-      at::mm_out(z, hb, W.t());
-      acc_t* lp = loss.data_ptr<acc_t>() + r0;
-      const acc_t* hp = hb.data_ptr<acc_t>();
-      acc_t* up = mroute ? ubuf.data_ptr<acc_t>() : nullptr;
-      block_epilogue<acc_t>(z.data_ptr<acc_t>(), hp, target.data_ptr<int64_t>() + r0, inv_wn.data_ptr<acc_t>(), Sp,
-                            W.data_ptr<acc_t>(), nr, K, d, alpha, ignore_index, need_grad, gscale, e.data(), lp,
-                            coef.data(), inv_n.data(), up);
-      at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
-      if (need_grad) at::mm_out(gb, z, W);
+  // The epilogue of rows [i0, i1) of a block starting at row r0 (its own [K] scratch).
+  auto epilogue = [&](acc_t* zp, const acc_t* hp, int64_t r0, int64_t i0, int64_t i1, acc_t* up, acc_t* coef,
+                      acc_t* inv_n) {
+    std::vector<acc_t> e(K);
+    block_epilogue<acc_t>(zp + i0 * K, hp + i0 * d, yp + r0 + i0, inv_wn.data_ptr<acc_t>(), Sp, W.data_ptr<acc_t>(),
+                          i1 - i0, K, d, alpha, ignore_index, need_grad, gscale, e.data(),
+                          loss.data_ptr<acc_t>() + r0 + i0, coef + i0, inv_n + i0, up ? up + i0 * d : nullptr);
+  };
+  // Everything after the second GEMM for rows [i0, i1) of the block at r0: the M route's d x d term, or
+  // the gather route's radial correction.
+  auto finish = [&](const acc_t* hp, int64_t r0, int64_t i0, int64_t i1, const acc_t* up, const acc_t* vp,
+                    acc_t* gp, const acc_t* coef, const acc_t* inv_n) {
+    acc_t* lp = loss.data_ptr<acc_t>() + r0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t* hr = hp + i * d;
       if (mroute) {
-        at::Tensor v = vbuf.narrow(0, 0, nr);
-        at::mm_out(v, ubuf.narrow(0, 0, nr), M);
-        const acc_t* vp = v.data_ptr<acc_t>();
-        for (int64_t i = 0; i < nr; ++i) {
-          if (target.data_ptr<int64_t>()[r0 + i] == ignore_index) continue;
-          const acc_t *ur = up + i * d, *vr = vp + i * d, *hr = hp + i * d;
-          const acc_t lcos = dot(ur, vr, d);
-          const acc_t hv = dot(hr, vr, d) * inv_n[i];
-          lp[i] += alpha * lcos;
-          if (need_grad) {
-            acc_t* gr = gb.data_ptr<acc_t>() + i * d;
-            for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
-          }
+        if (yp[r0 + i] == ignore_index) continue;
+        const acc_t *ur = up + i * d, *vr = vp + i * d;
+        const acc_t lcos = dot(ur, vr, d);
+        const acc_t hv = dot(hr, vr, d) * inv_n[i];
+        lp[i] += alpha * lcos;
+        if (need_grad) {
+          acc_t* gr = gp + i * d;
+          for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
         }
-      } else if (need_grad) {
-        for (int64_t i = 0; i < nr; ++i) {
-          if (coef[i] == 0) continue;
-          acc_t* gr = gb.data_ptr<acc_t>() + i * d;
-          const acc_t* hr = hp + i * d;
-          for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
-        }
+      } else if (need_grad && coef[i] != 0) {
+        acc_t* gr = gp + i * d;
+        for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
       }
+    }
+  };
+  // One block: logits GEMM, epilogue, gradient GEMM, finish (the row loops threaded when `inner`).
+  auto block = [&](int64_t r0, int64_t nr, at::Tensor& zbuf, at::Tensor& ubuf, at::Tensor& vbuf, acc_t* coef,
+                   acc_t* inv_n, bool inner) {
+    at::Tensor hb = h.narrow(0, r0, nr);
+    at::Tensor z = zbuf.narrow(0, 0, nr);
+    at::mm_out(z, hb, W.t());
+    const acc_t* hp = hb.data_ptr<acc_t>();
+    acc_t* up = mroute ? ubuf.data_ptr<acc_t>() : nullptr;
+    if (inner)
+      at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) { epilogue(z.data_ptr<acc_t>(), hp, r0, i0, i1, up, coef, inv_n); });
+    else
+      epilogue(z.data_ptr<acc_t>(), hp, r0, 0, nr, up, coef, inv_n);
+    at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
+    if (need_grad) at::mm_out(gb, z, W);
+    const acc_t* vp = nullptr;
+    if (mroute) {
+      at::Tensor v = vbuf.narrow(0, 0, nr);
+      at::mm_out(v, ubuf.narrow(0, 0, nr), M);
+      vp = v.data_ptr<acc_t>();
+    }
+    acc_t* gp = need_grad ? gb.data_ptr<acc_t>() : nullptr;
+    if (inner)
+      at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) { finish(hp, r0, i0, i1, up, vp, gp, coef, inv_n); });
+    else
+      finish(hp, r0, 0, nr, up, vp, gp, coef, inv_n);
+  };
+  auto buffers = [&](at::Tensor& zbuf, at::Tensor& ubuf, at::Tensor& vbuf) {
+    zbuf = at::empty({rows, K}, h.options());
+    ubuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
+    vbuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
+  };
+
+  if (serial) {
+    at::Tensor zbuf, ubuf, vbuf;
+    buffers(zbuf, ubuf, vbuf);
+    std::vector<acc_t> coef(rows), inv_n(rows);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t r0 = blk * rows;
+      block(r0, std::min(rows, B - r0), zbuf, ubuf, vbuf, coef.data(), inv_n.data(), true);
+    }
+    return;
+  }
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor zbuf, ubuf, vbuf;
+    buffers(zbuf, ubuf, vbuf);
+    std::vector<acc_t> coef(rows), inv_n(rows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows;
+      block(r0, std::min(rows, B - r0), zbuf, ubuf, vbuf, coef.data(), inv_n.data(), false);
     }
   });
 }
