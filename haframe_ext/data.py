@@ -155,18 +155,23 @@ class SyntheticHierarchical(Dataset):
     ``difficulty`` is the one knob: 0 gives perfectly separable prototypes, about 1 makes the
     finest splits (siblings) hard while the coarse structure stays learnable.
     ``n_per_class`` samples per class in the train split, ``eval_per_class`` (default the same)
-    in ``val`` and ``test``.  Splits are drawn from independent streams of the same generator.
+    in ``val`` and ``test``, or, with ``eval_samples``, that many samples of uniformly drawn classes
+    in each of ``val`` and ``test`` (with 10^5 classes, a per-class count would make evaluation cost
+    more than training).  Splits are drawn from independent streams of the same generator.
     """
 
     def __init__(self, hierarchy, n_per_class: int = 50, input_dim: int = 64, difficulty: float = 1.0,
                  seed: int = 0, split: str = "train", *, latent_dim: Optional[int] = None,
-                 eval_per_class: Optional[int] = None, decay: float = 0.6, noise_scale: float = 0.35):
+                 eval_per_class: Optional[int] = None, eval_samples: Optional[int] = None, decay: float = 0.6,
+                 noise_scale: float = 0.35):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         if int(n_per_class) < 1 or int(input_dim) < 1:
             raise DataError(f"n_per_class and input_dim must be >= 1, got {n_per_class}, {input_dim}")
         if difficulty < 0:
             raise DataError(f"difficulty must be >= 0, got {difficulty}")
+        if eval_samples is not None and int(eval_samples) < 1:
+            raise DataError(f"eval_samples must be >= 1, got {eval_samples}")
         self.hierarchy = hierarchy
         self.classes = list(hierarchy.classes)
         self.num_classes = K = len(self.classes)
@@ -195,10 +200,14 @@ class SyntheticHierarchical(Dataset):
         self.prototypes = torch.from_numpy(protos).float()
 
         split_rng = np.random.default_rng([self.seed, 1 + SPLITS.index(split), 0xDA7A])
-        y = np.repeat(np.arange(K), n)
-        z = protos[y] + self.difficulty * noise_scale * split_rng.standard_normal((K * n, L))
-        x = np.tanh(z @ A1 + b1) @ A2 + 0.05 * self.difficulty * split_rng.standard_normal((K * n, D))
-        perm = split_rng.permutation(K * n)
+        if split != "train" and eval_samples is not None:
+            y = np.sort(split_rng.integers(0, K, int(eval_samples)))
+        else:
+            y = np.repeat(np.arange(K), n)
+        N = len(y)
+        z = protos[y] + self.difficulty * noise_scale * split_rng.standard_normal((N, L))
+        x = np.tanh(z @ A1 + b1) @ A2 + 0.05 * self.difficulty * split_rng.standard_normal((N, D))
+        perm = split_rng.permutation(N)
         self.inputs = torch.from_numpy(x[perm]).float().contiguous()
         self.targets = torch.from_numpy(y[perm]).long()
 
@@ -567,7 +576,8 @@ def _find_split_file(root: Path, split: str) -> Optional[Path]:
 
 # ----------------------------------------------------------------------------- factory
 def make_datasets(name: str, hierarchy, *, data_root=None, seed: int = 0, n_per_class: int = 50,
-                  eval_per_class: Optional[int] = None, input_dim: int = 64, difficulty: float = 1.0,
+                  eval_per_class: Optional[int] = None, eval_samples: Optional[int] = None,
+                  input_dim: int = 64, difficulty: float = 1.0,
                   image_size: int = 224, augment: bool = True) -> Dict[str, object]:
     """Build ``{"train", "val", "test"}`` datasets plus ``kind`` ("vector" or "image"), ``in_dim``
     (vector size) and ``classes``.
@@ -580,7 +590,7 @@ def make_datasets(name: str, hierarchy, *, data_root=None, seed: int = 0, n_per_
     K = _num_classes(hierarchy)
     if name == "synthetic":
         kw = dict(n_per_class=n_per_class, input_dim=input_dim, difficulty=difficulty, seed=seed,
-                  eval_per_class=eval_per_class)
+                  eval_per_class=eval_per_class, eval_samples=eval_samples)
         sets = {s: SyntheticHierarchical(hierarchy, split=s, **kw) for s in SPLITS}
         return dict(sets, kind="vector", in_dim=input_dim, classes=list(hierarchy.classes))
     if name not in DATASETS:

@@ -276,3 +276,18 @@ def test_image_folder(tmp_path, toy):
     (tmp_path / "test" / "zebra").mkdir()
     with pytest.raises(DataError, match="not in the hierarchy"):
         ImageFolderDataset(tmp_path / "test", toy)
+
+
+def test_synthetic_eval_samples_draw_classes_uniformly():
+    h = Hierarchy.random(3000, seed=1)
+    kw = dict(n_per_class=1, input_dim=8, seed=4, eval_samples=500)
+    train = SyntheticHierarchical(h, split="train", **kw)
+    val = SyntheticHierarchical(h, split="val", **kw)
+    again = SyntheticHierarchical(h, split="val", **kw)
+    assert len(train) == 3000 and len(val) == 500
+    assert torch.equal(val.inputs, again.inputs) and torch.equal(val.targets, again.targets)
+    assert val.targets.min() >= 0 and val.targets.max() < 3000 and len(val.targets.unique()) > 400
+    plain = SyntheticHierarchical(h, split="train", n_per_class=1, input_dim=8, seed=4)
+    assert torch.equal(plain.inputs, train.inputs)  # eval_samples leaves the train split alone
+    with pytest.raises(DataError, match="eval_samples must be >= 1"):
+        SyntheticHierarchical(h, split="val", eval_samples=0)
