@@ -480,7 +480,10 @@ def cmd_hierarchy(args) -> int:
         out = Path(args.out)
         if out.parent and not out.parent.is_dir():
             raise UserError(f"output folder does not exist: {out.parent}")
-        h.to_edges(out)
+        try:
+            h.to_edges(out)
+        except OSError as exc:  # a folder, /proc, a full disk: the path and the reason, one line
+            raise UserError(f"cannot write --out {_quote(out)}: {exc.strerror or exc}") from None
         print(f"wrote {out}")
     return 0
 
@@ -579,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     hy.add_argument("--wordnet-ids", dest="wordnet_ids", metavar="F",
                     help="build the tree of these WordNet noun ids (n########, one per line) from WordNet")
     hy.add_argument("--wordnet", metavar="DIR", help="folder holding WordNet's data.noun (default: searched)")
-    hy.add_argument("--out", metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
-    hy.add_argument("--gamma", type=float, default=None, help="also print the exact s_min at this gamma")
+    hy.add_argument("--out", type=_path, metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
+    hy.add_argument("--gamma", type=_positive_float, default=None, help="also print the exact s_min at this gamma")
     hy.add_argument("--distance-convention", dest="distance_convention", choices=("published", "height"),
                     default=None, help="distance convention (default: the hierarchy's, 'published')")
     hy.set_defaults(func=cmd_hierarchy)

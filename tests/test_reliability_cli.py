@@ -252,6 +252,10 @@ CASES += [
     ("eval-json-empty", ["eval", "--checkpoint", "text.pt", "--json", ""], ["argument --json: must be a non-empty"]),
     ("demo-epochs-zero", ["demo", "--epochs", "0"], ["argument --epochs: must be an integer >= 1"]),
     ("demo-out-empty", ["demo", "--out", ""], ["argument --out: must be a non-empty path"]),
+    ("hierarchy-out-empty", ["hierarchy", "toy.tsv", "--out", ""], ["argument --out: must be a non-empty path"]),
+    ("hierarchy-out-folder", ["hierarchy", "toy.tsv", "--out", "images"], ["images"]),
+    ("hierarchy-out-proc-version", ["hierarchy", "toy.tsv", "--out", "/proc/version"], ["/proc/version"]),
+    ("hierarchy-gamma-nan", ["hierarchy", "toy.tsv", "--gamma", "nan"], ["argument --gamma: must be a finite"]),
 ]
 
 XFAIL = {}  # case id -> reason, for a strict xfail while a bug is open (bugs 10 and 11 are fixed)
