@@ -165,7 +165,6 @@ CASES = [
     ("gamma-nan", ["frame", "--hierarchy", "toy.tsv", "--gamma", "nan"], ["gamma must be a finite number > 0"]),
     ("s-min-word", TRAIN + ["--s-min", "tight"], ["must be 'exact', 'grid' or a number"]),
     ("s-min-inadmissible", TRAIN + ["--s-min", "-5"], ["s_min=-5.0", "most negative admissible value", "-0.476547"]),
-    ("feature-dim-below-K", TRAIN + ["--feature-dim", "3"], ["dim=3 is smaller than K=8"]),
     ("etf-one-class", ["frame", "--etf", "1"], ["--etf needs K >= 2"]),
 ]
 
