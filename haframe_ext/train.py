@@ -508,7 +508,9 @@ def _inputs_digest(hierarchy, distances) -> Dict[str, Any]:
            "class_set": digest("\n".join(sorted(names)).encode()), "distances": None}
     if isinstance(distances, np.ndarray):
         d = np.ascontiguousarray(distances, dtype=np.float64)
-        out["distances"] = digest(str(d.shape).encode(), d.tobytes())
+        out["distances"] = "matrix:" + digest(str(d.shape).encode(), d.tobytes())
+    elif hasattr(hierarchy, "distance_digest"):  # no K x K matrix (large K): the tree's own content digest
+        out["distances"] = "tree:" + hierarchy.distance_digest()
     return out
 
 
@@ -533,7 +535,9 @@ def _check_resume_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], ck
         source = config.classes or config.hierarchy
         raise CheckpointError(f"cannot resume from {path}: this run's class list ({source}) "
                               f"has {how} than the checkpoint's, so its labels would change meaning; {fix}")
-    if now["distances"] is not None and then.get("distances") not in (None, now["distances"]):
+    kind = lambda v: str(v).split(":", 1)[0]  # noqa: E731 - digests of a matrix and of a tree are not comparable
+    if (now["distances"] is not None and then.get("distances") is not None
+            and kind(then["distances"]) == kind(now["distances"]) and then["distances"] != now["distances"]):
         raise CheckpointError(f"cannot resume from {path}: this run's class distances (from "
                               f"{config.distances or config.hierarchy}) differ from the checkpoint's; {fix}")
 
