@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy
+
 PROG = "haframe"
 
 
@@ -133,7 +135,7 @@ def _memory_message(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- frame
 def _load_frame_inputs(args):
-    """(distances, label) from --hierarchy (name, edge file or matrix file) or --distances."""
+    """(a Hierarchy or a distance matrix, label) from --hierarchy (name, edge file, random:K or matrix file) or --distances."""
     from .hierarchy import as_distance_matrix
     from .train import load_hierarchy
 
@@ -148,8 +150,7 @@ def _load_frame_inputs(args):
         return as_distance_matrix(spec), os.path.basename(spec)
     if args.classes and not os.path.isfile(args.classes):
         raise UserError(f"classes file not found: {args.classes}")
-    h = load_hierarchy(spec, args.classes)
-    return h.distances(), spec
+    return load_hierarchy(spec, args.classes, args.distance_convention), spec
 
 
 def _parse_s_min(v: str):
@@ -162,7 +163,7 @@ def _parse_s_min(v: str):
 
 
 def cmd_frame(args) -> int:
-    from .frame import HAFrame
+    from .frame import DENSE_MAX_K, HAFrame
 
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {_quote(args.out)} is a folder: name the file to write, e.g. "
@@ -172,17 +173,30 @@ def cmd_frame(args) -> int:
             raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
         if args.dim is not None:
             _check_frame_fits(args.etf, args.dim, "--dim")
-        frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed)
+        if args.plot and args.etf > DENSE_MAX_K:
+            raise UserError(f"--plot draws K x K heatmaps, and K={args.etf:,} > {DENSE_MAX_K:,}: drop --plot")
+        approximate = args.dim is not None and args.dim < args.etf
+        frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed, approximate=approximate)
         label = f"simplex ETF, K={args.etf}"
     else:
         d, label = _load_frame_inputs(args)
-        if args.dim is not None:
-            _check_frame_fits(len(d), args.dim, "--dim")
-        frame = HAFrame.from_distances(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed)
+        K = d.num_classes if isinstance(d, Hierarchy) else len(d)
+        if args.plot and K > DENSE_MAX_K:
+            raise UserError(f"--plot draws K x K heatmaps, and K={K:,} > {DENSE_MAX_K:,}: drop --plot")
+        approximate = args.dim is not None and args.dim < K  # dim < K: the Gaussian projection of the exact frame
+        if isinstance(d, Hierarchy):
+            frame = HAFrame.from_hierarchy(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed,
+                                           approximate=approximate)
+        else:
+            if args.dim is not None:
+                _check_frame_fits(K, args.dim, "--dim")
+            frame = HAFrame.from_distances(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed,
+                                           approximate=approximate)
     diag = frame.diagnostics()
     print(f"frame: {label}")
     for k, v in diag.items():
-        print(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
+        for name, value in (v.items() if isinstance(v, dict) else [(k, v)]):
+            print(f"  {name:24s} {value:.6g}" if isinstance(value, float) else f"  {name:24s} {value}")
     if args.out:
         out = Path(args.out)
         if out.parent and not out.parent.exists():
@@ -256,9 +270,14 @@ _HELP = {
     "method": "cross-entropy | haframe | etf | haframe-ce",
     "dataset": "synthetic | cifar100 | imagefolder | features",
     "data_root": "cifar-100-python folder, ImageFolder root (train/ val/ test/) or features folder (train.pt, ...)",
-    "hierarchy": "builtin hierarchy name (cifar100, fgvc_aircraft, inat19, tiered_imagenet_h) or an edge-list file",
+    "hierarchy": f"builtin hierarchy name ({', '.join(BUILTIN_NAMES)}), an edge-list file, or random:K (a seeded "
+                 "random tree of K classes)",
     "classes": "class-order file for an edge-list hierarchy (one class per line, line i = label i)",
-    "distances": "distance matrix (.npy/.csv) to use instead of the tree's LCA heights",
+    "distances": "distance matrix (.npy/.csv) to use instead of the tree's distances",
+    "distance_convention": "tree distances: published (D - depth(LCA), the published matrices) or height (the "
+                           "longest path down from the LCA)",
+    "eval_samples": "synthetic data: val and test hold this many samples of uniformly drawn classes (instead of "
+                    "--eval-per-class per class; for very many classes)",
     "backbone": "mlp | small-cnn | wrn28 | resnet50 (default: mlp for vectors, wrn28 for images)",
     "batch_size": "global batch size (split across processes under torchrun)",
     "backbone_lr_scale": "backbone learning rate = lr * this",
@@ -501,13 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a hierarchy-aware frame (or a simplex ETF), print its diagnostics, "
                                    "optionally save it (--out) and plot target vs realised similarity (--plot).")
     f.add_argument("--hierarchy", default="cifar100",
-                   help="builtin name, edge-list file, or a .npy/.csv distance matrix (default: cifar100)")
+                   help=f"builtin name ({', '.join(BUILTIN_NAMES)}), an edge-list file, random:K (a seeded random "
+                        "tree), or a .npy/.csv distance matrix (default: cifar100)")
     f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
     f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
     f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
     f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
-    f.add_argument("--dim", type=_int_at_least(1), default=None, help="frame dimension (default: K)")
+    f.add_argument("--dim", type=_int_at_least(1), default=None,
+                   help="frame dimension (default: K; below K the exact frame is projected, and its margin and "
+                        "Gram error are printed)")
+    f.add_argument("--distance-convention", choices=CONVENTIONS, default=CONVENTIONS[0],
+                   help="tree distances: 'published' (D - depth(LCA), default) or 'height'")
     f.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random rotation (default: 0)")
     f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
     f.add_argument("--out", type=_path, help="save the frame here (.pt, loadable with HAFrame.load)")

@@ -68,6 +68,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                          _rotate_save, _seal, _set_rng_state, atomic_save, claim_folder, load_checkpoint,
                          release_folder)
 from .data import DataError, make_datasets
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy
 from .distributed import (DistributedError, GlobalBatchSampler, _derive_seed, _Dist, _gather_rng, _gather_rows,
                           _is_comm_error)
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
@@ -93,9 +94,10 @@ class TrainConfig:
     method: str = "haframe"                 # cross-entropy | haframe | etf | haframe-ce
     dataset: str = "synthetic"              # synthetic | cifar100 | imagefolder | features
     data_root: Optional[str] = None         # cifar-100-python folder / ImageFolder root / features folder
-    hierarchy: str = "cifar100"             # builtin name or an edge-list file
+    hierarchy: str = "cifar100"             # builtin name, an edge-list file, or random:K (a seeded random tree)
     classes: Optional[str] = None           # class-order file for an edge-list hierarchy
     distances: Optional[str] = None         # optional .npy/.csv distance matrix (overrides the tree's)
+    distance_convention: str = "published"  # published (D - depth(LCA), the published matrices) | height
     backbone: Optional[str] = None          # mlp | small-cnn | wrn28 | resnet50 (default: mlp / wrn28)
     hidden: int = 512                       # mlp width
     depth: int = 2                          # mlp layers
@@ -129,6 +131,7 @@ class TrainConfig:
     overwrite: bool = False                 # start over in an out folder that holds an earlier run (its files go)
     n_per_class: int = 50                   # synthetic
     eval_per_class: Optional[int] = None    # synthetic val/test per class (default n_per_class)
+    eval_samples: Optional[int] = None      # synthetic val/test: this many samples of random classes instead
     input_dim: int = 64                     # synthetic
     difficulty: float = 1.0                 # synthetic
     image_size: int = 224                   # imagefolder
@@ -168,6 +171,9 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r} (--device)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}) (--min-lr, --lr)")
+        if self.distance_convention not in CONVENTIONS:
+            raise ValueError(f"distance_convention must be one of {', '.join(CONVENTIONS)}, got "
+                             f"{_shown(self.distance_convention)} (--distance-convention)")
 
 
 def _flag(name: str) -> str:
@@ -188,6 +194,7 @@ _RANGES = {
     "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "num_workers": (lambda v: v >= 0, ">= 0"),
     "n_per_class": (lambda v: v >= 1, ">= 1"),
     "eval_per_class": (lambda v: v >= 1, ">= 1 (omit it for the default, n_per_class)"),
+    "eval_samples": (lambda v: v >= 1, ">= 1 (omit it for eval_per_class samples of every class)"),
     "input_dim": (lambda v: v >= 1, ">= 1"), "difficulty": (lambda v: v >= 0, ">= 0"),
     "image_size": (lambda v: v >= 1, ">= 1"), "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
     "stop_after_epochs": (lambda v: v >= 1, ">= 1"),
@@ -265,28 +272,30 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
 _RESUME_KEYS = ("method", "dataset", "backbone", "hidden", "depth", "widen_factor",
                 "feature_dim", "num_blocks", "gamma", "s_min", "alpha", "alpha_schedule", "alpha_period",
                 "batch_size", "lr", "backbone_lr_scale", "min_lr", "warmup_epochs", "momentum", "weight_decay",
-                "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "input_dim", "difficulty",
+                "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "eval_samples", "input_dim",
+                "difficulty", "distance_convention",
                 "image_size", "augment", "select_metric")
 # compared by path only for a checkpoint written before the content digests
 _RESUME_PATH_KEYS = ("hierarchy", "distances")
 
 
 # ----------------------------------------------------------------------------- small utilities
-def load_hierarchy(spec: str, classes: Optional[str] = None):
-    """A builtin hierarchy by name, or an edge-list file (with an optional class-order file)."""
-    from . import hierarchy as _h
+def load_hierarchy(spec: str, classes: Optional[str] = None, convention: str = "published"):
+    """A builtin hierarchy by name, an edge-list file (with an optional class-order file), or random:K."""
+    if spec in BUILTIN_NAMES:
+        h = Hierarchy.builtin(spec)
+    elif os.path.isfile(spec):
+        h = Hierarchy.from_edges(spec, classes=classes)
+    elif re.fullmatch(r"random:\d+", spec):
+        h = Hierarchy.random(int(spec.split(":")[1]))
+    else:
+        raise ValueError(f"unknown hierarchy {spec!r}: not a builtin name ({', '.join(BUILTIN_NAMES)}), an "
+                         "existing file, nor random:K (a seeded random tree of K classes)")
+    return h.with_convention(convention)
 
-    builtin = getattr(_h, "BUILTIN_NAMES", ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h"))
-    if spec in builtin:
-        return _h.Hierarchy.builtin(spec)
-    if os.path.isfile(spec):
-        return _h.Hierarchy.from_edges(spec, classes=classes)
-    raise ValueError(f"unknown hierarchy {spec!r}: not a builtin name ({', '.join(builtin)}) nor an existing file")
 
-
-def _distances_for(config: TrainConfig, hierarchy) -> np.ndarray:
-    from .hierarchy import as_distance_matrix
-
+def _distances_for(config: TrainConfig, hierarchy):
+    """The distance matrix of --distances, or else the Hierarchy itself (tree queries, no K x K matrix)."""
     if config.distances:
         if not os.path.isfile(config.distances):
             raise ValueError(f"distance matrix file not found: {config.distances}")
@@ -295,7 +304,7 @@ def _distances_for(config: TrainConfig, hierarchy) -> np.ndarray:
         if d.shape != (K, K):
             raise ValueError(f"{config.distances}: distance matrix is {d.shape} but the hierarchy has {K} classes")
         return d
-    return hierarchy.distances()
+    return hierarchy
 
 
 def _seed_everything(seed: int) -> None:
@@ -350,13 +359,14 @@ def _clean(d):
 # ----------------------------------------------------------------------------- model + data from a config
 def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
     """Hierarchy, distances, datasets, model and loss described by a config (no training)."""
-    h = hierarchy if hierarchy is not None else load_hierarchy(config.hierarchy, config.classes)
+    h = (hierarchy if hierarchy is not None else load_hierarchy(config.hierarchy, config.classes)).with_convention(
+        config.distance_convention)
     d = _distances_for(config, h)
     if datasets is None:
         datasets = make_datasets(
             config.dataset, h, data_root=config.data_root, seed=config.seed, n_per_class=config.n_per_class,
-            eval_per_class=config.eval_per_class, input_dim=config.input_dim, difficulty=config.difficulty,
-            image_size=config.image_size, augment=config.augment)
+            eval_per_class=config.eval_per_class, eval_samples=config.eval_samples, input_dim=config.input_dim,
+            difficulty=config.difficulty, image_size=config.image_size, augment=config.augment)
     K = h.num_classes
     backbone = config.backbone or ("mlp" if datasets["kind"] == "vector" else "wrn28")
     if datasets["kind"] == "vector" and backbone != "mlp":
@@ -365,8 +375,9 @@ def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
         raise ValueError(f"dataset {config.dataset!r} gives images: use small-cnn, wrn28 or resnet50, not mlp")
     frame = None
     if config.method in FIXED_FRAME_METHODS:
-        frame = build_frame(config.method, K, distances=d, gamma=config.gamma, s_min=config.s_min,
-                            dim=config.feature_dim, seed=config.seed)
+        tree = isinstance(d, Hierarchy)
+        frame = build_frame(config.method, K, hierarchy=d if tree else None, distances=None if tree else d,
+                            gamma=config.gamma, s_min=config.s_min, dim=config.feature_dim, seed=config.seed)
     bkw: Dict[str, Any] = {}
     if backbone == "mlp":
         bkw = dict(in_dim=datasets["in_dim"], hidden=config.hidden, depth=config.depth)
@@ -481,12 +492,16 @@ def _eval_loader(ds, batch_size: int, dctx: _Dist, num_workers: int = 0):
                                        pin_memory=dctx.device.type == "cuda")
 
 
-def _neural_collapse(model, feats, labels):
+def _neural_collapse(model, feats, labels, frame=None):
+    """Neural-collapse diagnostics of a fixed-frame model; S from the classifier, or the frame's tree above 4096 classes."""
     clf = getattr(model, "classifier", None)
-    if not isinstance(clf, FixedFrameClassifier) or feats.shape[0] == 0 or clf.similarity is None:
-        return None  # (no K x K similarity is kept for very large frames)
+    if not isinstance(clf, FixedFrameClassifier) or feats.shape[0] == 0:
+        return None
+    similarity = clf.similarity.detach().cpu() if clf.similarity is not None else frame
+    if similarity is None:
+        return None
     try:
-        return _clean(_metrics.neural_collapse(feats, labels, clf.weight.detach().cpu(), clf.similarity.detach().cpu()))
+        return _clean(_metrics.neural_collapse(feats, labels, clf.weight.detach().cpu(), similarity))
     except Exception as exc:  # diagnostics must never lose a finished run
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -552,7 +567,23 @@ def _state_mismatch(model: nn.Module, state: Dict[str, Any], exc: BaseException)
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path) -> None:
+def checkpoint_convention(ck_cfg: Dict[str, Any]) -> str:
+    """The distance convention a checkpoint was trained with.
+
+    Checkpoints written before conventions were named used the height convention, except for the
+    tiered_imagenet_h builtin, whose distances were then the published matrix.
+    """
+    if "distance_convention" in ck_cfg:
+        return ck_cfg["distance_convention"]
+    return "published" if ck_cfg.get("hierarchy") == "tiered_imagenet_h" else "height"
+
+
+def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path, hierarchy=None) -> None:
+    then = checkpoint_convention(ck_cfg)
+    if then != config.distance_convention and not (hierarchy is not None and hierarchy.is_balanced):
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with {then!r} distances and this run asks for "
+            f"{config.distance_convention!r}; pass --distance-convention {then} to continue it as it was")
     cur = config.to_dict()
     diff = [k for k in _RESUME_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
     if diff:
@@ -814,7 +845,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
         path = _resume_path(config, out)
         if path is not None:
             ck = load_checkpoint(path, map_location="cpu")
-            _check_resume_config(ck["config"], config, path)
+            _check_resume_config(ck["config"], config, path, built["hierarchy"])
             _check_resume_inputs(ck.get("inputs"), inputs, ck["config"], config, path)
             bad = next((k for k, v in ck["model"].items()
                         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())),
@@ -860,6 +891,12 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
     val_loader = _eval_loader(sets["val"], config.eval_batch_size, dctx, config.num_workers)
     show = config.progress and dctx.main
     from tqdm.auto import tqdm
+
+    approx = getattr(built["frame"], "approximation", None)
+    if show and approx:
+        tqdm.write(f"frame: K={K} classes in dim {built['frame'].dim} < K, {approx['method']}: separation margin "
+                   f"{approx['margin']:.3f} (exact frame {approx['exact_margin']:.3f}), mean |W W^T - S| "
+                   f"{approx['gram_error_mean']:.3f} over {approx['pairs']}")
 
     epochs_run = 0
     try:
@@ -1018,7 +1055,7 @@ def _train(config: TrainConfig, dctx: _Dist) -> Dict[str, Any]:
                                             collect=True, autocast=autocast)
         test = {k: v for k, v in test_all.items() if not k.startswith("crm")}
         test_crm = _crm_part(test_all)
-        nc = _neural_collapse(model, feats, labels) if dctx.main else None
+        nc = _neural_collapse(model, feats, labels, built["frame"]) if dctx.main else None
         results = {
             "method": config.method,
             "config": config.to_dict(),
@@ -1063,6 +1100,7 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
     """Metrics of a saved model (``best.pt`` or ``last.pt``) on a split of its dataset (or another one)."""
     ck = load_checkpoint(checkpoint, kind="model")
     cfg = dict(ck["config"])
+    cfg["distance_convention"] = checkpoint_convention(cfg)  # what it was trained with, for an older checkpoint too
     if dataset is not None:
         cfg["dataset"] = dataset
     if data_root is not None:
@@ -1090,7 +1128,7 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
            "metrics": {k: v for k, v in res.items() if not k.startswith("crm")}}
     if crm:
         out["crm"] = _crm_part(res)
-    out["neural_collapse"] = _neural_collapse(model, feats, labels)
+    out["neural_collapse"] = _neural_collapse(model, feats, labels, built["frame"])
     return out
 
 
