@@ -468,3 +468,56 @@ def test_missing_tensorboard_warns_with_the_fix(tmp_path, toy_tree, monkeypatch)
     with pytest.warns(RuntimeWarning, match="pip install tensorboard"):
         train(tiny(tmp_path, toy_tree, epochs=1, tensorboard=True))
     assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "tb").exists()
+
+
+# ----------------------------------------------------------------------------- many classes, conventions
+def test_large_k_run_forms_no_k_by_k_matrix(tmp_path, monkeypatch):
+    from haframe_ext.hierarchy import Hierarchy
+
+    def refuse(*a, **k):
+        raise AssertionError("a K x K distance matrix was formed")
+
+    monkeypatch.setattr(Hierarchy, "distances", refuse)
+    monkeypatch.setattr(Hierarchy, "tree_distances", refuse)
+    K = 5000
+    cfg = TrainConfig.from_dict(dict(
+        out=str(tmp_path / "big"), hierarchy=f"random:{K}", feature_dim=32, n_per_class=1, eval_samples=200,
+        input_dim=16, hidden=32, epochs=1, batch_size=256, eval_batch_size=256, progress=False,
+        tensorboard=False))
+    res = train(cfg)
+    for part in ("test", "test_crm"):
+        assert {"top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20"} <= set(res[part])
+    assert res["frame"]["approximation"]["method"] == "projection" and res["frame"]["convention"] == "published"
+    assert res["neural_collapse"]["angular_collapse_avg"] >= 0
+    ck = load_checkpoint(tmp_path / "big" / "last.pt")
+    sizes = [v.numel() for part in ("model", "loss") for v in ck[part].values() if isinstance(v, torch.Tensor)]
+    assert max(sizes) < K * K / 100  # the frame (K x 32) once, never K x K
+
+
+UNBALANCED = "root\tA\nroot\tB\nA\ta1\nA\ta2\nB\tb1\nB\tB2\nB2\tb2\nB2\tb3\n"  # leaves at depths 2 and 3
+
+
+def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_path):
+    from haframe_ext.checkpoint import _seal
+
+    tree = tmp_path / "u.tsv"
+    tree.write_text(UNBALANCED)
+    cfg = dict(out=str(tmp_path / "h"), hierarchy=str(tree), distance_convention="height", backbone="mlp",
+               hidden=8, input_dim=4, n_per_class=6, epochs=2, stop_after_epochs=1, batch_size=8, progress=False,
+               tensorboard=False, eval_ks=(1, 2))
+    train(TrainConfig.from_dict(cfg))
+    last = tmp_path / "h" / "last.pt"
+    ck = load_checkpoint(last)
+    assert ck["config"]["distance_convention"] == "height"
+    with pytest.raises(CheckpointError, match="trained with 'height' distances.*--distance-convention height"):
+        train(TrainConfig.from_dict(dict(cfg, distance_convention="published", resume=True)))
+    # a checkpoint from before conventions were named: its (height) distances are kept
+    legacy = {k: v for k, v in ck.items() if k != "digest"}
+    legacy["config"] = {k: v for k, v in ck["config"].items() if k != "distance_convention"}
+    torch.save(_seal(legacy), last)
+    with pytest.raises(CheckpointError, match="trained with 'height' distances"):
+        train(TrainConfig.from_dict(dict(cfg, distance_convention="published", resume=True)))
+    assert T.checkpoint_convention(legacy["config"]) == "height"
+    assert T.checkpoint_convention({"hierarchy": "tiered_imagenet_h"}) == "published"  # was the published matrix
+    res = train(TrainConfig.from_dict(dict(cfg, resume=True, stop_after_epochs=None)))
+    assert res["config"]["distance_convention"] == "height" and res["frame"]["convention"] == "height"
