@@ -248,3 +248,35 @@ def test_from_hierarchy_and_paths(tmp_path):
     assert a.gram_error() < 1e-5 and b.gram_error() < 1e-5
     with pytest.raises(TypeError, match="needs a Hierarchy"):
         HAFrame.from_hierarchy(dist("fgvc_aircraft"), 2.0)
+
+
+# Every way to build a frame, at the singular boundary s = s_min (S has rank K - 1) and at awkward sizes:
+# the weights must be finite, the rows unit, and W W^T = S.  (A frame from eigh without clipping the
+# tiny negative eigenvalues of a singular S has NaN rows; this is the test that looks at the weights.)
+FRAME_BUILDS = {
+    "etf-2": lambda: HAFrame.etf(2, dtype=torch.float64),
+    "etf-3": lambda: HAFrame.etf(3, dtype=torch.float64),
+    "etf-6": lambda: HAFrame.etf(6, dtype=torch.float64),
+    "etf-100-dim-101": lambda: HAFrame.etf(100, dim=101, dtype=torch.float64),
+    "etf-6-truncated-to-rank": lambda: HAFrame.etf(6, dim=5, approximate="truncate", dtype=torch.float64),
+    "flat-distances": lambda: HAFrame.from_distances(np.ones((7, 7)) - np.eye(7), 1.0, dtype=torch.float64),
+    "flat-tree": lambda: HAFrame.from_hierarchy(
+        Hierarchy.from_parents({f"c{i}": "r" for i in range(7)}), 1.0, dtype=torch.float64),
+    "two-classes": lambda: HAFrame.from_hierarchy(Hierarchy.from_parents({"a": "r", "b": "r"}), 2.0,
+                                                  dtype=torch.float64),
+    "chain-and-star": lambda: HAFrame.from_hierarchy(
+        Hierarchy.from_parents({"x": "r", "y": "x", "z": "y", "a": "z", "b": "z", "c": "r"}), 3.0,
+        dtype=torch.float64),
+    "cifar100-distances": lambda: HAFrame.from_distances(dist("cifar100"), 2.0, dtype=torch.float64),
+    "tiered-tree-dim-700": lambda: HAFrame.from_hierarchy("tiered_imagenet_h", 3.0, dim=700, dtype=torch.float64),
+    "tiered-grid": lambda: HAFrame.from_hierarchy("tiered_imagenet_h", 5.0, s_min="grid", dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(FRAME_BUILDS))
+def test_every_frame_build_is_finite_unit_and_exact(name):
+    f = FRAME_BUILDS[name]()
+    W = f.weight
+    assert torch.isfinite(W).all()
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(len(W), dtype=W.dtype), rtol=0, atol=1e-12)
+    assert f.gram_error() < 1e-9
