@@ -68,7 +68,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                          _rotate_save, _seal, _set_rng_state, atomic_save, claim_folder, load_checkpoint,
                          release_folder)
 from .data import DataError, make_datasets
-from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .distributed import (DistributedError, GlobalBatchSampler, _derive_seed, _Dist, _gather_rng, _gather_rows,
                           _is_comm_error)
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method

@@ -298,7 +298,7 @@ def test_an_allocation_that_fails_is_one_line_naming_the_size(tmp_path, capsys, 
     def fail(*a, **k):
         raise error
 
-    monkeypatch.setattr(HAFrame, "from_distances", classmethod(lambda cls, *a, **k: fail()))
+    monkeypatch.setattr(HAFrame, "from_hierarchy", classmethod(lambda cls, *a, **k: fail()))
     rc = main(["frame", "--hierarchy", "cifar100"])
     size = "74.5 GiB" if isinstance(error, MemoryError) else "80000000000 bytes"
     assert_user_error(rc, capsys.readouterr().err, "out of memory", size, "is available")
