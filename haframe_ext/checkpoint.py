@@ -40,6 +40,20 @@ class FolderInUseError(ValueError):
 
 # ----------------------------------------------------------------------------- claiming a run folder
 LOCK_NAME = ".haframe.lock"
+_CLAIMS: set = set()  # lock-file descriptors this process holds
+
+
+def _close_claims_in_child() -> None:
+    """In a forked child (a DataLoader worker, say): drop the inherited lock descriptors, so that the claim
+    ends with the process that made it and not with its last straggling worker."""
+    for fd in list(_CLAIMS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _CLAIMS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_claims_in_child)
 
 
 def _holder(path: Path) -> str:
@@ -92,6 +106,7 @@ def claim_folder(out: Path) -> Tuple[int, Path]:
                 continue
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\t{socket.gethostname()}\t{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        _CLAIMS.add(fd)
         return fd, path
     raise FolderInUseError(f"output folder {out} is in use by another training run ({_holder(path)}): wait for it "
                            f"to finish or choose another --out (its lock file is {path})")
@@ -104,6 +119,7 @@ def release_folder(claim: Optional[Tuple[int, Path]]) -> None:
     fd, path = claim
     with contextlib.suppress(OSError):  # gone already, or the folder became read-only: the kernel lock still ends
         os.unlink(path)  # while still locked, so a process waiting on this file sees it replaced and retries
+    _CLAIMS.discard(fd)
     os.close(fd)
 
 

@@ -744,3 +744,18 @@ def test_the_epoch_line_states_top1_in_percent_for_train_and_val():
     assert line == "[cross-entropy] epoch 2/3 loss 1.2346 train top1 0.90% | val top1 1.00% hierdist@1 2.500"
     line = T._epoch_line(TrainConfig(epochs=3), 1, 1.0, None, {"top1": 50.0, "hierdist@1": 1.0})
     assert line == "[haframe] epoch 1/3 loss 1.0000 | val top1 50.00% hierdist@1 1.000"
+
+
+def test_a_claim_ends_with_its_process_not_with_a_forked_straggler(tmp_path):
+    """A DataLoader worker forked by a run inherits its lock descriptor; the claim must not outlive the run."""
+    from haframe_ext.checkpoint import claim_folder, release_folder
+
+    script = ("import os, sys, time\n"
+              "from pathlib import Path\n"
+              "from haframe_ext.checkpoint import claim_folder\n"
+              "claim_folder(Path(sys.argv[1]))\n"
+              "if os.fork() == 0:\n"
+              "    time.sleep(20); os._exit(0)\n"  # the straggler: still alive after its parent is gone
+              "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], check=True, timeout=60)
+    release_folder(claim_folder(tmp_path / "run"))  # free at once, although the straggler still runs
