@@ -338,9 +338,15 @@ def _config_from_args(args):
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            base = json.loads(path.read_text())
+            base = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}); a config is a "
+                            "JSON object of TrainConfig fields") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply for Python's JSON parser; a config is a flat JSON object "
+                            "of TrainConfig fields") from None
         if not isinstance(base, dict):
             raise UserError(f"{path}: expected a JSON object of TrainConfig fields")
         base.pop("out", None) if args.out is not None else None

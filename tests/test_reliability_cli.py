@@ -53,6 +53,8 @@ def make_inputs(d: Path) -> None:
     np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(d / "d2.npy", np.array([[0, 1], [1, 0]]))
     (d / "bad.json").write_text("{not json")
+    (d / "deep.json").write_text('{"a": ' * 5000 + "1" + "}" * 5000)
+    (d / "latin1.json").write_bytes(b'{"out": "caf\xe9"}')
     (d / "list.json").write_text("[1, 2]")
     (d / "unknown_field.json").write_text('{"epochz": 3}')
     (d / "latin1.json").write_bytes(b'{"epochs": 1, "out": "\xe9"}')
@@ -117,6 +119,8 @@ CASES = [
     ("distances-pickled-npy", ["frame", "--distances", "obj.npy"], ["cannot load without pickle"]),
     ("config-not-json", ["train", "--config", "bad.json"], ["bad.json: not valid JSON"]),
     ("config-json-list", ["train", "--config", "list.json"], ["expected a JSON object"]),
+    ("config-deeply-nested", ["train", "--config", "deep.json"], ["deep.json: nested too deeply"]),
+    ("config-not-utf8", ["train", "--config", "latin1.json"], ["latin1.json: not UTF-8 text"]),
     ("config-unknown-field", ["train", "--config", "unknown_field.json"], ["unknown TrainConfig field(s): epochz"]),
     ("config-not-utf8", ["train", "--config", "latin1.json"], ["can't decode byte 0xe9"]),
     ("features-random-bytes", TRAIN + ["--dataset", "features", "--data-root", "feat_random_bytes"],
