@@ -101,7 +101,7 @@ def test_single_class(tmp_path, capsys):
     (["hierarchy"], "give a hierarchy"),
     (["hierarchy", "d.npy"], "is a distance matrix"),
     (["hierarchy", "cifar100", "--classes", "c.txt"], "classes file not found"),
-    (["hierarchy", "cifar100", "--gamma", "-1"], "gamma must be a finite number > 0"),
+    (["hierarchy", "cifar100", "--gamma", "-1"], "--gamma: must be a finite number > 0"),
     (["hierarchy", "cifar100", "--distance-convention", "deep"], "invalid choice"),
     (["hierarchy", "cifar100", "--out", "/nonexistent-dir/e.tsv"], "output folder does not exist"),
     (["hierarchy", "x" * 5000], "(5000 characters)"),
