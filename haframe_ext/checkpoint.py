@@ -21,7 +21,7 @@ except ImportError:  # not POSIX: the claim falls back to O_EXCL and a process-i
 import numpy as np
 import torch
 
-from .data import describe_torch_load_error
+from .safe_load import describe_torch_load_error
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "FolderInUseError", "atomic_save",
            "claim_folder", "load_checkpoint", "release_folder"]

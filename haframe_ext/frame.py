@@ -637,7 +637,7 @@ class HAFrame:
         """
         import os
 
-        from .data import describe_torch_load_error
+        from .safe_load import describe_torch_load_error
         from .hierarchy import HierarchyError
 
         if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
