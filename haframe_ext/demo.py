@@ -11,12 +11,15 @@ import numpy as np
 import torch
 
 from .models import check_method
+from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available, tree_order
 from .train import TrainConfig, _clean, _distances_for, _json_default, load_hierarchy, train
 
 __all__ = ["DEMO_METHODS", "DEMO_COLUMNS", "demo_config", "demo", "tree_order"]
 
 DEMO_METHODS = ("cross-entropy", "haframe", "etf")
 DEMO_COLUMNS = ("top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20")
+# what the demo trains on, in its printout, results.json and figure: generated data, not CIFAR-100 images
+DEMO_DATA = "synthetic data (generated from the CIFAR-100 class tree; no images)"
 
 
 def demo_config(method: str, out, epochs: int = 30, seed: int = 0, **overrides) -> TrainConfig:
@@ -72,7 +75,7 @@ def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
         t0 = time.perf_counter()
         r = train(cfg)
         secs = time.perf_counter() - t0
-        results[m] = dict(r["test"], seconds=secs)
+        results[m] = dict(r["test"], seconds=secs, data=DEMO_DATA)
         if r.get("test_crm"):
             crm[m] = r["test_crm"]
         if m == "haframe" and frame_S is None:
@@ -85,22 +88,20 @@ def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
         (out / "results_crm.json").write_text(json.dumps(_clean(crm), indent=2, default=_json_default) + "\n")
     table = _demo_table(results)
     if verbose:
-        print()
+        print(f"\ntest metrics on {DEMO_DATA}:")
         print(table)
         if crm:
             print("\nafter CRM re-ranking:")
             print(_demo_table({m: dict(v, seconds=results[m]["seconds"]) for m, v in crm.items()}))
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if not matplotlib_available():
             plot = False
             if verbose:
-                print("\nmatplotlib is not installed: skipping demo.png (pip install matplotlib)")
+                print(f"\n{MATPLOTLIB_MISSING}: skipping demo.png")
     if plot:
         if frame_S is None:
             frame_S = _frame_similarity(demo_config("haframe", out, epochs, seed, **overrides))
-        _demo_plot(results, frame_S, out / "demo.png")
+        demo_figure(results, frame_S, out / "demo.png", DEMO_COLUMNS, DEMO_DATA)
     if verbose:
         print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'demo.png'}" if plot else ""))
     return results
@@ -112,53 +113,3 @@ def _frame_similarity(cfg: TrainConfig) -> np.ndarray:
     h = load_hierarchy(cfg.hierarchy, cfg.classes)
     fr = HAFrame.from_distances(_distances_for(cfg, h), cfg.gamma, s_min=cfg.s_min)
     return fr.similarity.double().cpu().numpy()
-
-
-def tree_order(distances) -> np.ndarray:
-    """A class order that puts classes close in the hierarchy next to each other (for heatmaps)."""
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
-    d = np.asarray(distances, dtype=np.float64)
-    if d.shape[0] < 3:
-        return np.arange(d.shape[0])
-    return leaves_list(linkage(squareform(d, checks=False), method="average"))
-
-
-def _demo_plot(results: Dict[str, Dict[str, Any]], S: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    methods = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 2.2, 1.5]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
-    ax = axes[0]
-    bars = ax.bar(range(len(methods)), [results[m]["top1"] for m in methods],
-                  color=[colors[i % len(colors)] for i in range(len(methods))])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("top-1 (higher is better)")
-    ax = axes[1]
-    cols = [c for c in DEMO_COLUMNS if c != "top1"]
-    w = 0.8 / max(1, len(methods))
-    for i, m in enumerate(methods):
-        bars = ax.bar(np.arange(len(cols)) + (i - (len(methods) - 1) / 2) * w,
-                      [results[m].get(c, np.nan) for c in cols], w, label=m, color=colors[i % len(colors)])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("hierarchical distance")
-    ax.set_title("mistake severity and HierDist@k (lower is better)")
-    ax.legend()
-    ax = axes[2]
-    order = tree_order(1.0 - S)
-    im = ax.imshow(S[np.ix_(order, order)], cmap="viridis", interpolation="antialiased")
-    ax.set_title("HAFrame similarity S (CIFAR-100 tree)")
-    ax.set_xlabel("class (tree order)")
-    ax.set_ylabel("class (tree order)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
