@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, HierarchyError, _quote
+from .edges import quote
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, HierarchyError
 
 __all__ = ["load_for_report", "hierarchy_summary", "format_summary", "convention_changes"]
 
@@ -21,32 +22,32 @@ def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None) -> 
             raise HierarchyError("--wordnet-ids builds the tree and its class order from WordNet; "
                                  "give it without a hierarchy FILE|NAME and without --classes")
         if not os.path.isfile(wordnet_ids):
-            raise HierarchyError(f"WordNet id file not found: {_quote(wordnet_ids)}")
+            raise HierarchyError(f"WordNet id file not found: {quote(wordnet_ids)}")
         return Hierarchy.from_wordnet(wordnet_ids, wordnet), f"WordNet ids {os.path.basename(wordnet_ids)}"
     if spec is None:
         raise HierarchyError("give a hierarchy (a builtin name or an edge-list file) or --wordnet-ids F")
     if classes is not None and not os.path.isfile(classes):
-        raise HierarchyError(f"classes file not found: {_quote(classes)}")
+        raise HierarchyError(f"classes file not found: {quote(classes)}")
     if spec in BUILTIN_NAMES:
         if classes is not None:
             raise HierarchyError(f"--classes applies to an edge-list file; the builtin {spec!r} has its own order")
         return Hierarchy.builtin(spec), spec
     if spec.lower().endswith((".npy", ".csv")):
-        raise HierarchyError(f"{_quote(spec)} is a distance matrix, which has no tree to describe; "
+        raise HierarchyError(f"{quote(spec)} is a distance matrix, which has no tree to describe; "
                              "give an edge-list file, or use 'haframe frame --distances' for a matrix")
     if not os.path.isfile(spec):
-        raise HierarchyError(f"unknown hierarchy {_quote(spec)}: not a builtin name "
+        raise HierarchyError(f"unknown hierarchy {quote(spec)}: not a builtin name "
                              f"({', '.join(BUILTIN_NAMES)}) nor an existing edge-list file")
     return Hierarchy.from_edges(spec, classes), os.path.basename(spec)
 
 
 def _node_arrays(h: Hierarchy):
     """(parent index, leaves under each node, class pairs whose LCA is each node), int64 [nodes], breadth-first."""
-    parent = np.asarray(h._parent_idx, dtype=np.int64)  # breadth-first order: parents before children
+    parent = h.tree.parent  # breadth-first order: parents before children
     n = len(parent)
     child_count = np.bincount(parent[1:], minlength=n)
     leaves = (child_count == 0).astype(np.int64)
-    depth = np.asarray(h._depth, dtype=np.int64)
+    depth = h.tree.depth
     # breadth-first order keeps each depth contiguous; add each level into its parents, deepest first
     bounds = np.flatnonzero(np.diff(depth)) + 1
     starts = np.concatenate(([0], bounds))
@@ -64,7 +65,7 @@ def _node_arrays(h: Hierarchy):
 def convention_changes(h: Hierarchy) -> int:
     """How many class pairs i < j have a different distance under the two conventions (no K x K matrix)."""
     _, _, pairs = _node_arrays(h)
-    a, b = (np.asarray(h._levels(c)) for c in CONVENTIONS)
+    a, b = (h.with_convention(c).tree.level for c in CONVENTIONS)
     return int(pairs[a != b].sum())
 
 
@@ -73,8 +74,8 @@ def hierarchy_summary(h: Hierarchy, gamma=None) -> dict:
     from .frame import exact_s_min
 
     _, _, pairs = _node_arrays(h)
-    levels = {c: np.asarray(h._levels(c)) for c in CONVENTIONS}
-    leaf_depth = np.asarray(h._depth)[np.asarray(h._class_idx)]
+    levels = {c: h.with_convention(c).tree.level for c in CONVENTIONS}
+    leaf_depth = h.tree.depth[h.tree.class_idx]
     K = h.num_classes
     other = next(c for c in CONVENTIONS if c != h.convention)
     out = {

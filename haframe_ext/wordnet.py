@@ -28,9 +28,9 @@ import re
 import sys
 import zipfile
 
-from .hierarchy import Hierarchy, HierarchyError, _Edges, _parse_classes, _quote
+from .edges import EdgeSet, HierarchyError, parse_classes, quote
 
-__all__ = ["from_wordnet", "find_wordnet", "read_synsets", "wordnet_search_paths"]
+__all__ = ["wordnet_edges", "find_wordnet", "read_synsets", "wordnet_search_paths"]
 
 _WNID = re.compile(r"n\d{8}\Z")
 _INSTALL = ("install it with 'apt-get install wordnet-base' (Debian/Ubuntu), or with "
@@ -86,7 +86,7 @@ def find_wordnet(wordnet=None):
         found = _data_noun_in(os.fspath(wordnet))
         if found is None:
             raise HierarchyError(
-                f"WordNet: no data.noun at {_quote(os.fspath(wordnet))}; give the folder holding WordNet's "
+                f"WordNet: no data.noun at {quote(os.fspath(wordnet))}; give the folder holding WordNet's "
                 f"database files (data.noun), its data.noun, or nltk's wordnet.zip, or {_INSTALL}")
         return found
     tried = wordnet_search_paths()
@@ -101,9 +101,9 @@ def _read_bytes(found) -> tuple[bytes, str]:
     """(contents, label) of a data.noun path or a (zip, member) pair."""
     if isinstance(found, tuple):
         with zipfile.ZipFile(found[0]) as zf:
-            return zf.read(found[1]), f"WordNet file {_quote(found[0] + ':' + found[1])}"
+            return zf.read(found[1]), f"WordNet file {quote(found[0] + ':' + found[1])}"
     with open(found, "rb") as fh:
-        return fh.read(), f"WordNet file {_quote(found)}"
+        return fh.read(), f"WordNet file {quote(found)}"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -119,7 +119,7 @@ class _Synsets:
             head = raw.split(b" ", 1)[0]
             if not head.isdigit():
                 raise HierarchyError(
-                    f"{label}: line {_quote(raw.decode('latin-1'))} does not begin with a synset offset; "
+                    f"{label}: line {quote(raw.decode('latin-1'))} does not begin with a synset offset; "
                     "expected WordNet's WNDB data.noun format")
             self.lines[int(head)] = raw
         if not self.lines:
@@ -150,7 +150,7 @@ class _Synsets:
                 raise IndexError
         except (IndexError, ValueError):
             raise HierarchyError(
-                f"{self.label}: malformed synset line for n{offset:08d}: {_quote(line)}; expected "
+                f"{self.label}: malformed synset line for n{offset:08d}: {quote(line)}; expected "
                 "'offset lex_filenum ss_type w_cnt word lex_id ... p_cnt [ptr ...] | gloss'") from None
         hyper = [(sym, int(off)) for sym, off, pos in zip(ptrs[0::4], ptrs[1::4], ptrs[2::4])
                  if sym in ("@", "@i") and pos == "n" and off.isdigit()]
@@ -173,21 +173,21 @@ def _name(synsets: _Synsets, offset: int) -> str:
     return f"n{offset:08d}" + (f" ({got[0][0]})" if got and got[0] else "")
 
 
-def from_wordnet(wnids, wordnet=None, *, collapse: bool = True) -> Hierarchy:
-    """The Hierarchy of WordNet noun ids (module docstring); the classes are wnids, in their order.
+def wordnet_edges(wnids, wordnet=None, *, collapse: bool = True) -> tuple[EdgeSet, list, str]:
+    """(edges, class ids, label) of the tree of WordNet noun ids (module docstring), for ``Hierarchy.from_wordnet``.
 
     wnids: ids ``n########`` as a list, or a path / open file with one id per line.
     wordnet: a folder holding data.noun, a data.noun path or nltk's wordnet.zip (default: searched).
     collapse: remove non-class nodes with one child (default True).
     """
-    ids, wheres = _parse_classes(wnids, "WordNet id")
+    ids, wheres = parse_classes(wnids, "WordNet id")
     if len(ids) < 2:
         raise HierarchyError(f"from_wordnet needs at least 2 class ids, got {len(ids)}")
     offsets, seen = [], {}
     for wnid, where in zip(ids, wheres):
         if not isinstance(wnid, str) or not _WNID.match(wnid):
             raise HierarchyError(
-                f"{where}: {_quote(wnid)} is not a WordNet noun id; expected 'n' and the 8-digit synset "
+                f"{where}: {quote(wnid)} is not a WordNet noun id; expected 'n' and the 8-digit synset "
                 "offset, such as n01440764")
         if wnid in seen:
             raise HierarchyError(f"{where}: duplicate id {wnid!r} (first at {seen[wnid]}); list each class once")
@@ -230,7 +230,7 @@ def from_wordnet(wnids, wordnet=None, *, collapse: bool = True) -> Hierarchy:
             p = parent[p]
 
     keep = (lambda n: True) if not collapse else (lambda n: n in is_class or n_children.get(n, 0) >= 2)
-    edges = _Edges()
+    edges = EdgeSet()
     for node in parent:
         if not keep(node):
             continue
@@ -245,7 +245,7 @@ def from_wordnet(wnids, wordnet=None, *, collapse: bool = True) -> Hierarchy:
             f"the class ids reach {len(roots)} different tops in {synsets.label} "
             f"({', '.join(_name(synsets, r) for r in sorted(roots)[:8])}); a tree needs one: "
             "the database lacks the hypernyms that join them")
-    return Hierarchy._new(edges, ids, f"WordNet hierarchy of {len(ids)} ids")
+    return edges, ids, f"WordNet hierarchy of {len(ids)} ids"
 
 
 def _top(parent: dict, node: int) -> int:
