@@ -57,8 +57,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from haframe_ext.sizes import DENSE_MAX_K
+
 ALPHA = 0.4
-S_MAX_K = 4096  # keep the K x K similarity for the eager/compiled/paper providers up to this K
+S_MAX_K = DENSE_MAX_K  # keep the K x K similarity for the eager/compiled/paper providers up to this K
 PAPER_MAX_K = 1010
 
 

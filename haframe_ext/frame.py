@@ -24,12 +24,12 @@ import torch
 from .factorization import check_approximate, check_dim, dim_error, factorize, normalise_rows, rotate
 from .frame_quality import measure, sampled_pairs
 from .hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
+from .sizes import DENSE_MAX_K
 from .similarity import (PSD_RTOL, check_gamma, check_two_classes, eigenvalues, etf_similarity, exact_s_min,
                          grid_s_min, kernel_matrix, min_eigenvalue, similarity_from_kernel, similarity_matrix)
 
 __all__ = ["HAFrame", "similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "DENSE_MAX_K"]
 
-DENSE_MAX_K = 4096  # above this many classes a tree frame keeps no K x K similarity or distance matrix
 _EXACT_MAX_BYTES = 2 << 30  # the dense node-space factor of an exact tree frame may take at most this
 _FORMAT = "haframe_ext.HAFrame"
 

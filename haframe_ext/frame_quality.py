@@ -6,12 +6,13 @@ import warnings
 
 import numpy as np
 
+from .sizes import DENSE_MAX_K
+
 __all__ = ["measure", "sampled_pairs", "max_offdiag", "NEAR_TWIN"]
 
 NEAR_TWIN = 0.99  # two class vectors with a cosine above this count as merged
 SAMPLED_PAIRS = 200_000  # random class pairs behind the sampled Gram error of a large frame
 NEIGHBOURS = 16  # tree neighbours per class checked for the separation margin of a large frame
-ALL_PAIRS_MAX_K = 4096  # up to this many classes every pair is checked
 
 
 def sampled_pairs(W: np.ndarray, tree, seed: int):
@@ -53,11 +54,11 @@ def max_offdiag(W: np.ndarray) -> float:
 def measure(W: np.ndarray, targets, exact_margin: float, tree, method: str, seed: int) -> dict:  # W: [K, dim]
     """Margins, Gram error and near twins of unit rows W; targets(i, j) gives S[i, j] for index arrays (broadcast).
 
-    Every pair up to ALL_PAIRS_MAX_K classes, else tree neighbours and random pairs (``sampled_pairs``).
+    Every pair up to DENSE_MAX_K classes, else tree neighbours and random pairs (``sampled_pairs``).
     Warns when some classes have a near-twin (cos > NEAR_TWIN): they cannot be told apart.
     """
     K = len(W)
-    if K <= ALL_PAIRS_MAX_K:
+    if K <= DENSE_MAX_K:
         max_cos, scope = max_offdiag(W), "all pairs"
         G = W @ W.T
         idx = np.arange(K)

@@ -27,10 +27,10 @@ import scipy.stats
 import torch
 
 from .hierarchy import Hierarchy, as_distance_matrix
+from .sizes import DENSE_MAX_K
 
 __all__ = ["evaluate", "StreamingEvaluator", "crm", "neural_collapse", "summarize_seeds", "format_table"]
 
-_NC_MAX_CLASSES = 4096  # neural_collapse compares the class means of at most this many (sampled) classes
 
 
 class _Distances:
@@ -231,7 +231,7 @@ def _pair_gap_stats(unit: torch.Tensor, S: torch.Tensor, max_block: int = 1 << 2
 
 
 def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity,
-                    max_classes: int = _NC_MAX_CLASSES, seed: int = 0) -> dict:
+                    max_classes: int = DENSE_MAX_K, seed: int = 0) -> dict:
     """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d] and its similarity.
 
     similarity: S [K, K] (tensor or array), or a frame with ``similarity_block(rows, cols)`` (an

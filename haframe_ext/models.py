@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .frame import DENSE_MAX_K
+from .sizes import DENSE_MAX_K
 from .nn import FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI, TransformationLayerII
 
 __all__ = [

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .sizes import DENSE_MAX_K
 
 __all__ = [
     "FixedFrameClassifier",
@@ -41,7 +42,6 @@ SCHEDULES = (
 )
 
 
-_MAX_DERIVED_K = 4096  # above this many classes no K x K similarity is built from a bare weight
 
 
 def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
@@ -50,7 +50,7 @@ def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
     ``frame`` may be an :class:`~haframe_ext.frame.HAFrame`, a :class:`FixedFrameClassifier`, a
     :class:`HAFrameLoss`, anything with ``weight`` (and optionally ``similarity``) attributes, or a
     plain ``[K, d]`` tensor / array.  Without a similarity, ``weight @ weight.T`` is used (exact for
-    a frame, whose rows are unit vectors), except above 4096 classes, where it stays None.
+    a frame, whose rows are unit vectors), except above DENSE_MAX_K (4096) classes, where it stays None.
     """
     if isinstance(frame, torch.Tensor):
         weight = frame
@@ -73,7 +73,7 @@ def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
         if similarity is None:
             # a K x K matrix for a large low-dimensional frame would dwarf the model: the d x d gram
             # (FixedFrameClassifier.gram) serves the loss instead
-            similarity = weight @ weight.T if weight.shape[0] <= _MAX_DERIVED_K else None
+            similarity = weight @ weight.T if weight.shape[0] <= DENSE_MAX_K else None
         else:
             similarity = torch.as_tensor(similarity).detach().to(device=weight.device, dtype=torch.float32).clone()
             K = weight.shape[0]
@@ -95,7 +95,7 @@ class FixedFrameClassifier(nn.Module):
 
     ``weight`` [K, d] and ``similarity`` [K, K] are registered buffers: they move with
     ``.to(device)``, are saved in ``state_dict`` and are never returned by ``parameters()``,
-    so no optimizer ever changes them.  Above 4096 classes a unit-row frame keeps no similarity;
+    so no optimizer ever changes them.  Above DENSE_MAX_K (4096) classes a unit-row frame keeps no similarity;
     ``gram`` [d, d] = ``weight.T @ weight`` (a buffer left out of ``state_dict``, derived again
     whenever a state is loaded) serves the loss instead.  Change the frame through ``load_state_dict``
     or a new module: a write into ``weight.data`` leaves ``similarity`` and ``gram`` as they were.

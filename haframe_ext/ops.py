@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._native import native_available
+from .sizes import DENSE_MAX_K
 
 __all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "as_alpha",
            "EPS", "UNIT_ROW_TOL"]
@@ -211,7 +212,6 @@ def paper_loss(features, weight, target, alpha=0.4, *, similarity=None):
 
 # ----------------------------------------------------------------------------- native op: fake
 _NATIVE = native_available()
-_MROUTE_MIN_K = 4096  # above this (and K > d), S would be large: use the M route when rows are unit
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # ATen's at::Reduction order
 
 
@@ -255,7 +255,7 @@ def _unit_rows(w: torch.Tensor, dtype: torch.dtype) -> bool:  # w: [K, d] in the
 def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.float32):
     """``(similarity [K, K], None)`` or ``(None, gram [d, d])`` for a frozen weight [K, d], in dtype's accumulation dtype.
 
-    The d x d gram ``weight.T @ weight`` when the rows are unit (to dtype's rounding) and K > max(d, 4096);
+    The d x d gram ``weight.T @ weight`` when the rows are unit (to dtype's rounding) and K > max(d, DENSE_MAX_K);
     else ``weight @ weight.T``. Computed on every call, never cached: a module that calls the loss
     repeatedly holds the result (:class:`haframe_ext.nn.FixedFrameClassifier`).
     """
@@ -267,7 +267,7 @@ def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.f
     acc = _acc_dtype(dtype)
     w = weight.detach().to(dtype).to(acc)  # [K, d], rounded as the op will see it
     K, d = w.shape
-    if K > d and K > _MROUTE_MIN_K and _unit_rows(w, dtype):
+    if K > d and K > DENSE_MAX_K and _unit_rows(w, dtype):
         return None, w.T @ w  # [d, d] M route
     nbytes = K * K * w.element_size()
     if nbytes > _MAX_SIMILARITY_BYTES:
