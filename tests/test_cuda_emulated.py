@@ -2,8 +2,8 @@
 
 Without a GPU these tests are what runs the CUDA kernel code (index math, vector loads, the row kept in
 registers or streamed, block reductions, ignored / zero / NaN rows, row chunks) on every machine; the
-default and the tuned (HAFRAME_CUDA_TUNED=1) host paths are both replayed. The GPU session still has to
-run tests/test_ops.py on the card: timing, races and cuBLAS are not emulated.
+default and the tuned (HAFRAME_CUDA_TUNED=1) host paths are both replayed. Timing, races and cuBLAS are not
+emulated: tests/test_ops.py on a GPU covers them (bench/gpu_check.sh).
 """
 
 import ctypes

@@ -23,8 +23,8 @@ namespace {
 constexpr int64_t kCudaChunkBytes = int64_t(64) << 20;  // logits held at once
 
 // HAFRAME_CUDA_TUNED=1 selects the tuned path (vector epilogue with the correction folded in, one-kernel
-// inverse norms, the label counters copied straight to host memory). Off by default until a GPU session
-// has run the CUDA tests on it (bench/gpu_check.sh runs them with it on and off).
+// inverse norms, the label counters copied straight to host memory); off by default (its hardware status:
+// bench/RESULTS.md). bench/gpu_check.sh runs the CUDA tests with it on and off.
 bool tuned_path_enabled() {
   const char* v = std::getenv("HAFRAME_CUDA_TUNED");
   return v != nullptr && v[0] == '1';
