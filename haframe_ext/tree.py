@@ -1,4 +1,4 @@
-"""Tree operators: class distances, E, S and their products on a tree, with no K x K matrix (DESIGN section 2b).
+"""Tree operators: class distances, E, S and their products on a tree, with no K x K matrix (docs/design.md section 3).
 
 Every node v carries a level ``h(v)``: 0 at the leaves, and for an inner node the distance it
 gives as a lowest common ancestor, so that ``d[i, j] = h(LCA(i, j))``.  For any function f with
