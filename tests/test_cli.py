@@ -14,7 +14,7 @@ from haframe_ext.cli import main
 from haframe_ext.frame import HAFrame
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["frame", "train", "eval", "demo", "bench"]
+SUBCOMMANDS = ["frame", "train", "eval", "demo", "bench", "hierarchy"]
 TOY_EDGES = "".join(f"{p}\t{c}\n" for p, c in [
     ("root", "A"), ("root", "B"), ("A", "a0"), ("A", "a1"), ("B", "b0"), ("B", "b1")])
 
@@ -355,3 +355,86 @@ def test_a_disk_that_fills_up_is_one_line_and_keeps_the_earlier_checkpoints(tmp_
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
     assert not (out / "results.json").exists() and not (out / ".haframe.lock").exists()
+
+
+# ----------------------------------------------------------------------------- first-hour UX
+def _subparsers():
+    """``{command: its parser}`` of the haframe parser."""
+    import argparse
+
+    from haframe_ext.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_of_every_command_has_a_one_line_description():
+    missing = []
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            text = (action.help or "").split(" (default:")[0].strip()
+            if not text or "\n" in text:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, "options without a one-line description: " + ", ".join(missing)
+
+
+def test_frame_hierarchy_help_lists_the_builtin_names(capsys):
+    from haframe_ext.hierarchy import BUILTIN_NAMES
+
+    assert main(["frame", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in BUILTIN_NAMES), out
+
+
+def test_plot_without_matplotlib_is_refused_before_the_frame_is_computed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails, as where it is not installed
+
+    def never(*a, **k):
+        raise AssertionError("the frame was computed before --plot was refused")
+
+    monkeypatch.setattr(HAFrame, "etf", never)
+    monkeypatch.setattr(HAFrame, "from_hierarchy", never)
+    for argv in (["frame", "--etf", "5"], ["frame", "--hierarchy", "cifar100"]):
+        rc = main(argv + ["--plot", str(tmp_path / "f.png")])
+        assert_user_error(rc, capsys.readouterr().err, "--plot needs matplotlib", "pip install matplotlib")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_missing_tensorboard_is_one_warning_line(tmp_path):
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES)
+    code = ("import sys; sys.modules['tensorboard'] = None; from haframe_ext.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, HAFRAME_DISABLE_NATIVE="1")
+    p = subprocess.run([sys.executable, "-c", code, "train", "--hierarchy", "toy.tsv", "--epochs", "1",
+                        "--n-per-class", "4", "--hidden", "8", "--out", "run", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("haframe: warning: TensorBoard logging is off"), p.stderr
+    assert "pip install tensorboard" in lines[0] and "warnings.warn" not in p.stderr
+
+
+def test_the_demo_says_its_data_are_synthetic(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    titles = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **k):
+        titles.append(fig._suptitle.get_text() if fig._suptitle is not None else "")
+        return savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--methods", "haframe"]) == 0
+    out = capsys.readouterr().out
+    assert "test metrics on synthetic data" in out, out
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert "synthetic" in saved["haframe"]["data"]
+    assert len(titles) == 1 and "synthetic data" in titles[0], titles
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+
+
+def test_bench_full_outside_a_source_checkout_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(main(["bench", "--full"]), capsys.readouterr().err, "--full needs a source checkout")
+    assert not any(m == "bench" or m.startswith("bench.") for m in sys.modules)

@@ -1,0 +1,302 @@
+"""What the ``haframe`` subcommands frame, train, eval, demo and hierarchy do, and the user errors they raise."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .hierarchy import Hierarchy
+
+__all__ = ["UserError", "quote", "check_device", "memory_message", "cmd_frame", "cmd_train", "cmd_eval", "cmd_demo",
+           "cmd_hierarchy"]
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs (exit code 2)."""
+
+
+def quote(v, limit: int = 100) -> str:
+    """``repr`` of user input, cut to ``limit`` characters (a huge input is never echoed whole)."""
+    r = repr(str(v))
+    return r if len(r) <= limit else f"{r[:limit - 4]}...' ({len(str(v))} characters)"
+
+
+def check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:N, and CUDA only where it is available."""
+    import re
+
+    import torch
+
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {quote(device)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available: use --device cpu or auto")
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    """Bytes as GiB with one decimal."""
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+# a dense frame peaks at about 4 float64 copies of its K x K and K x dim matrices (measured: 3.6)
+_DENSE_FRAME_COPIES = 4
+
+
+def _check_frame_fits(K: int, dim: int, flag: str) -> None:
+    """Refuse a --dim whose dense frame cannot fit in memory, saying what was asked and what fits (a K too large
+    for any dim is left to the frame builder's own rule and to the out-of-memory handler of :func:`main`)."""
+    avail = _available_memory()
+    need = _DENSE_FRAME_COPIES * 8 * (K * K + K * dim)
+    if avail is None or need <= avail:
+        return
+    fits = max(0, int(avail / (_DENSE_FRAME_COPIES * 8) / K - K))
+    raise UserError(f"{flag} asks for a K={K:,} x dim={dim:,} frame, which needs about {_gib(need)} of memory "
+                    f"(float64 matrices of K x K and K x dim), but {_gib(avail)} is available: {flag} up to about "
+                    f"{fits:,} fits for K={K:,}")
+
+
+def memory_message(exc: BaseException) -> str:
+    """One line for an allocation that failed: the size asked for (numpy and torch say it) and what is available."""
+    avail = _available_memory()
+    asked = " ".join(str(exc).split())[:300] or "an allocation failed"
+    have = f"; {_gib(avail)} of memory is available" if avail is not None and "available" not in asked else ""
+    return (f"out of memory: {asked}{have}. Use a smaller hierarchy or --dim / --feature-dim, or a machine with more "
+            "memory")
+
+
+def _load_frame_inputs(args):
+    """(a Hierarchy or a distance matrix, label) from --hierarchy (name, edge file, random:K or matrix file) or --distances."""
+    from .hierarchy import as_distance_matrix
+    from .train import load_hierarchy
+
+    if args.distances:
+        if not os.path.isfile(args.distances):
+            raise UserError(f"distance matrix file not found: {args.distances}")
+        return as_distance_matrix(args.distances), os.path.basename(args.distances)
+    spec = args.hierarchy
+    if spec.lower().endswith((".npy", ".csv")):
+        if not os.path.isfile(spec):
+            raise UserError(f"distance matrix file not found: {spec}")
+        return as_distance_matrix(spec), os.path.basename(spec)
+    if args.classes and not os.path.isfile(args.classes):
+        raise UserError(f"classes file not found: {args.classes}")
+    return load_hierarchy(spec, args.classes, args.distance_convention), spec
+
+
+def cmd_frame(args) -> int:
+    """``haframe frame``: build a frame, print its diagnostics, save and plot it."""
+    from .frame import DENSE_MAX_K, HAFrame
+
+    _check_plot_path(args.plot)
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {quote(args.out)} is a folder: name the file to write, e.g. "
+                        f"{quote(os.path.join(args.out, 'frame.pt'))}")
+    if args.etf is not None:
+        if args.etf < 2:
+            raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
+        if args.dim is not None:
+            _check_frame_fits(args.etf, args.dim, "--dim")
+        if args.plot and args.etf > DENSE_MAX_K:
+            raise UserError(f"--plot draws K x K heatmaps, and K={args.etf:,} > {DENSE_MAX_K:,}: drop --plot")
+        approximate = args.dim is not None and args.dim < args.etf
+        frame = HAFrame.etf(args.etf, dim=args.dim, seed=args.seed, approximate=approximate)
+        label = f"simplex ETF, K={args.etf}"
+    else:
+        d, label = _load_frame_inputs(args)
+        K = d.num_classes if isinstance(d, Hierarchy) else len(d)
+        if args.plot and K > DENSE_MAX_K:
+            raise UserError(f"--plot draws K x K heatmaps, and K={K:,} > {DENSE_MAX_K:,}: drop --plot")
+        approximate = args.dim is not None and args.dim < K  # dim < K: the Gaussian projection of the exact frame
+        if isinstance(d, Hierarchy):
+            frame = HAFrame.from_hierarchy(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed,
+                                           approximate=approximate)
+        else:
+            if args.dim is not None:
+                _check_frame_fits(K, args.dim, "--dim")
+            frame = HAFrame.from_distances(d, args.gamma, s_min=args.s_min, dim=args.dim, seed=args.seed,
+                                           approximate=approximate)
+    diag = frame.diagnostics()
+    print(f"frame: {label}")
+    for k, v in diag.items():
+        for name, value in (v.items() if isinstance(v, dict) else [(k, v)]):
+            print(f"  {name:24s} {value:.6g}" if isinstance(value, float) else f"  {name:24s} {value}")
+    if args.out:
+        out = Path(args.out)
+        if out.parent and not out.parent.exists():
+            raise UserError(f"output folder does not exist: {out.parent}")
+        _save_frame(frame, out)
+        print(f"wrote {out}")
+    if args.plot:
+        from .plots import plot_frame
+
+        plot_frame(frame, Path(args.plot), label)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _check_plot_path(plot: Optional[str]) -> None:
+    """Refuse a --plot that cannot be drawn (no matplotlib, a folder, a missing folder) before any work."""
+    from .plots import matplotlib_available
+
+    if not plot:
+        return
+    if not matplotlib_available():
+        raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib, or drop --plot")
+    path = Path(plot)
+    if path.is_dir():
+        raise UserError(f"--plot {quote(path)} is a folder: name the PNG file to write")
+    if path.parent and not path.parent.exists():
+        raise UserError(f"output folder does not exist: {path.parent}")
+
+
+def _save_frame(frame, out: Path) -> None:
+    """``frame.save`` atomically (a temp file beside ``out``, renamed); an unwritable path is a UserError."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: an OS error stays an OSError, not torch's RuntimeError
+            frame.save(f)
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write --out {quote(out)}: {exc.strerror or exc}") from None
+
+
+def _config_from_args(args):
+    """The TrainConfig of --config (a JSON object) with the flags given on top; validated."""
+    from .train import TrainConfig
+
+    base = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            base = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}); a config is a "
+                            "JSON object of TrainConfig fields") from None
+        except RecursionError:
+            raise UserError(f"{path}: nested too deeply for Python's JSON parser; a config is a flat JSON object "
+                            "of TrainConfig fields") from None
+        if not isinstance(base, dict):
+            raise UserError(f"{path}: expected a JSON object of TrainConfig fields")
+        base.pop("out", None) if args.out is not None else None
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            base[f.name] = v
+    try:
+        cfg = TrainConfig.from_dict(base)
+    except TypeError as exc:
+        raise UserError(str(exc)) from None
+    cfg.validate()
+    return cfg
+
+
+def cmd_train(args) -> int:
+    """``haframe train``: one run, or one per seed with --seeds; prints the test metrics."""
+    from .train import run_seeds, train
+
+    cfg = _config_from_args(args)
+    if args.seeds:
+        res = run_seeds(cfg, args.seeds, verbose=True)
+        print(f"wrote {Path(cfg.out) / 'summary.json'}")
+        return 0
+    res = train(cfg)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0
+    if not res.get("finished", True):
+        print(f"stopped after epoch {res['stopped_after_epoch']}; resume with --resume --out {cfg.out}")
+        return 0
+    _print_metrics(res["method"], res["test"], res.get("test_crm"))
+    _print_neural_collapse(res.get("neural_collapse"))
+    print(f"best epoch {res['best_epoch']} ({res['best_val']['metric']} {res['best_val']['value']:.4f}); "
+          f"wrote {Path(cfg.out) / 'results.json'}")
+    return 0
+
+
+def _print_neural_collapse(nc: Optional[dict]) -> None:
+    """The neural-collapse measures of a run on one line, where it has them."""
+    if nc:
+        print("neural collapse: " + ", ".join(f"{k} {v:.4g}" for k, v in nc.items() if isinstance(v, (int, float))))
+
+
+def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
+    """The test metrics as a table row (and a row after CRM re-ranking)."""
+    ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("hierdist@"))
+    cols = [c for c in ("top1", "mistake_severity") if c in m] + [f"hierdist@{k}" for k in ks]
+    print("method".ljust(22) + "".join(c.rjust(18) for c in cols))
+    print(name.ljust(22) + "".join(f"{m[c]:18.4f}" for c in cols))
+    if crm:
+        print((name + " + CRM").ljust(22) + "".join(f"{crm.get(c, float('nan')):18.4f}" for c in cols))
+
+
+def cmd_eval(args) -> int:
+    """``haframe eval``: a checkpoint's metrics on one split of its dataset."""
+    from .train import evaluate_checkpoint
+
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    check_device(args.device)
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {quote(args.json)} is a folder: name the file to write")
+    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                              batch_size=args.batch_size, device=args.device, crm=not args.no_crm)
+    _print_metrics(res["method"], res["metrics"], res.get("crm"))
+    _print_neural_collapse(res.get("neural_collapse"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """``haframe demo``: the methods side by side on synthetic data."""
+    from .demo import demo
+
+    demo(args.out, epochs=args.epochs, seed=args.seed, methods=args.methods, plot=not args.no_plot,
+         verbose=True, progress=args.progress)
+    return 0
+
+
+def cmd_hierarchy(args) -> int:
+    """``haframe hierarchy``: describe a hierarchy, and write its edges with --out."""
+    from .report import format_summary, hierarchy_summary, load_for_report
+
+    h, label = load_for_report(args.hierarchy, args.classes, args.wordnet_ids, args.wordnet)
+    if args.distance_convention:
+        h = h.with_convention(args.distance_convention)
+    print("\n".join(format_summary(hierarchy_summary(h, args.gamma), label)))
+    if args.out:
+        out = Path(args.out)
+        if out.parent and not out.parent.is_dir():
+            raise UserError(f"output folder does not exist: {out.parent}")
+        try:
+            h.to_edges(out)
+        except OSError as exc:  # a folder, /proc, a full disk: the path and the reason, one line
+            raise UserError(f"cannot write --out {quote(out)}: {exc.strerror or exc}") from None
+        print(f"wrote {out}")
+    return 0
