@@ -291,3 +291,54 @@ def test_synthetic_eval_samples_draw_classes_uniformly():
     assert torch.equal(plain.inputs, train.inputs)  # eval_samples leaves the train split alone
     with pytest.raises(DataError, match="eval_samples must be >= 1"):
         SyntheticHierarchical(h, split="val", eval_samples=0)
+
+
+# ----------------------------------------------------------------------------- package layout
+PUBLIC_NAMES = {"DataError", "ArrayDataset", "SyntheticHierarchical", "CIFAR100", "CifarUnpickler", "load_cifar_pickle",
+                "ImageFolderDataset", "image_folder", "load_features", "FeaturesDataset", "check_labels",
+                "make_datasets", "DATASETS", "random_crop_flip", "CIFAR100_MEAN", "CIFAR100_STD"}
+
+
+def test_the_data_package_exports_the_same_public_names():
+    import haframe_ext.data as data
+
+    assert set(data.__all__) == PUBLIC_NAMES
+    assert all(hasattr(data, name) for name in PUBLIC_NAMES)
+    assert data.DATASETS == ("synthetic", "cifar100", "imagefolder", "features")
+
+
+def test_frames_and_checkpoints_do_not_import_the_datasets():
+    import subprocess
+    import sys
+
+    code = ("import sys, haframe_ext.frame, haframe_ext.checkpoint, haframe_ext.safe_load; "
+            "print(sorted(m for m in sys.modules if m.startswith('haframe_ext.data')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("content,unsafe,fragment", [
+    ("evil", True, "it asks for the global posix.system"),
+    ("text", False, "KeyError"),
+    ("empty", False, ""),
+])
+def test_describe_torch_load_error_says_unsafe_or_damaged_without_torch_advice(tmp_path, content, unsafe, fragment):
+    from haframe_ext.safe_load import describe_torch_load_error
+
+    path = tmp_path / "f.pt"
+    if content == "evil":
+        torch.save({"x": _Evil()}, path)
+    elif content == "text":
+        path.write_text("hello")
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(Exception) as info:
+        torch.load(path, weights_only=True)
+    reason, is_unsafe = describe_torch_load_error(info.value)
+    assert is_unsafe is unsafe and fragment in reason and "\n" not in reason
+    assert "weights_only" not in reason and "False" not in reason
