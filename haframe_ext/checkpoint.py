@@ -24,7 +24,8 @@ import torch
 from .safe_load import describe_torch_load_error
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "FolderInUseError", "atomic_save",
-           "claim_folder", "load_checkpoint", "release_folder"]
+           "atomic_write_text", "claim_folder", "load_checkpoint", "release_folder", "rng_state", "rotate_save",
+           "seal_checkpoint", "set_rng_state", "state_mismatch"]
 
 CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -159,7 +160,8 @@ def atomic_save(obj, path) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
@@ -173,7 +175,7 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# temp files of _write_tmp / _atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
+# temp files of _write_tmp / atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
 _TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$")
 
 
@@ -208,7 +210,7 @@ def _remove_stale_temps(out: Path) -> List[Path]:
     return removed
 
 
-def _rotate_save(obj, out: Path) -> None:
+def rotate_save(obj, out: Path) -> None:
     """Write ``last.pt`` atomically, keeping the previous one as ``prev.pt`` (and removing temp files a
     killed earlier write left behind)."""
     _remove_stale_temps(out)
@@ -248,12 +250,12 @@ def _digest(obj) -> str:
     return h.hexdigest()
 
 
-def _seal(payload: Dict[str, Any]) -> Dict[str, Any]:
+def seal_checkpoint(payload: Dict[str, Any]) -> Dict[str, Any]:
     """The payload plus its content digest (checked by load_checkpoint)."""
     return dict(payload, digest=_digest(payload))
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
     """torch / CUDA / numpy / python RNG states as tensors and numbers (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, pystate, gauss = random.getstate()
@@ -267,7 +269,8 @@ def _rng_state() -> Dict[str, Any]:
     }
 
 
-def _set_rng_state(s: Dict[str, Any]) -> None:
+def set_rng_state(s: Dict[str, Any]) -> None:
+    """Restore the RNG states that :func:`rng_state` returned."""
     torch.set_rng_state(s["torch"])
     if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -278,6 +281,16 @@ def _set_rng_state(s: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
+def state_mismatch(model: torch.nn.Module, state: Dict[str, Any], exc: BaseException) -> str:
+    """Why a state dict does not load: the first tensor whose shape differs (sizes named), else the error's line."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape):
+            return (f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in this model: a different "
+                    "number of classes, feature dimension or layer size")
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 _CKPT_KEYS = ("format", "version", "epoch", "config", "model", "optimizer", "scheduler", "loss", "rng", "best")
 
 

@@ -1,4 +1,5 @@
-"""Process groups and sharding under torchrun: :class:`_Dist`, :class:`GlobalBatchSampler` and the cross-rank gathers."""
+"""Process groups and sharding under torchrun: :class:`DistContext`, :class:`GlobalBatchSampler` and the cross-rank
+gathers."""
 
 from __future__ import annotations
 
@@ -10,19 +11,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import _rng_state
+from .checkpoint import rng_state
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
-__all__ = ["DistributedError", "GlobalBatchSampler"]
+__all__ = ["DistContext", "DistributedError", "GlobalBatchSampler", "derive_seed", "gather_rng", "gather_rows",
+           "is_comm_error"]
 
 
 class DistributedError(RuntimeError):
     """A collective operation failed or timed out (usually: another rank died)."""
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from ``parts`` (seed, epoch, rank, stream), the same on every platform."""
     h = hashlib.sha256(("haframe:" + ":".join(str(int(p)) for p in parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -52,7 +55,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield start, size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch + 1, 10 ** 6))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch + 1, 10 ** 6))
         perm = torch.randperm(self.n, generator=g).tolist()
         for start, size in self._chunks():
             q, r = divmod(size, self.world)
@@ -63,7 +66,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return sum(1 for _ in self._chunks())
 
 
-class _Dist:
+class DistContext:
     """Rank/world/device of this process; a no-op when not under torchrun."""
 
     def __init__(self, config: TrainConfig):
@@ -133,7 +136,8 @@ class _Dist:
                 dist.destroy_process_group()
 
 
-def _is_comm_error(exc: BaseException) -> bool:
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a collective (a dead or stuck peer) rather than from this process's own work."""
     import torch.distributed as dist
 
     if isinstance(exc, getattr(dist, "DistError", ())) or isinstance(exc, getattr(dist, "DistBackendError", ())):
@@ -142,7 +146,8 @@ def _is_comm_error(exc: BaseException) -> bool:
     return any(s in msg for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "process group"))
 
 
-def _gather_rows(F: torch.Tensor, Y: torch.Tensor, dctx: _Dist):
+def gather_rows(F: torch.Tensor, Y: torch.Tensor, dctx: DistContext):
+    """Every rank's rows, in rank order, on every rank. F: (n_rank, d) features, Y: (n_rank,) labels."""
     import torch.distributed as dist
 
     n = torch.tensor([F.shape[0]], device=dctx.device)
@@ -162,8 +167,9 @@ def _gather_rows(F: torch.Tensor, Y: torch.Tensor, dctx: _Dist):
     return Fs, Ys
 
 
-def _gather_rng(dctx: _Dist):
-    state = _rng_state()
+def gather_rng(dctx: DistContext):
+    """Every rank's RNG states, in rank order (a list of one state without torchrun)."""
+    state = rng_state()
     if not dctx.enabled:
         return [state]
     import torch.distributed as dist

@@ -17,6 +17,10 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _shown(module: str) -> str:
+    return module or "__init__"
+
+
 def _modules() -> Dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -117,10 +121,10 @@ def test_import_graph_has_no_cycle():
 
 def test_no_private_names_across_modules():
     modules = _modules()
-    bad = [f"{importer} (line {line}) imports {name} from {target or 'haframe_ext'}"
+    bad = [f"{_shown(importer)} (line {line}) imports {name} from {_shown(target)}"
            for importer, target, name, line in _imports(modules)
            if name.startswith("_") and not (name.startswith("__") and name.endswith("__")) and target != importer]
-    bad += [f"{importer} (line {line}) imports {name or 'the module'} from the private module {target}"
+    bad += [f"{_shown(importer)} (line {line}) imports {name or 'the module'} from the private module {target}"
             for importer, target, name, line in _imports(modules)
             if any(part.startswith("_") and not part.startswith("__") for part in target.split("."))]
     assert not bad, ("haframe_ext modules import private names of other modules (make the name public where it is "

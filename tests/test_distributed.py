@@ -12,7 +12,7 @@ on one rank's half of the data 0.26), per-epoch train loss within 3 % relative, 
 equal a single-process evaluation of the same checkpoint.
 
 Faults. The trainer has no fault-injection switch, so a wrapper script (written to tmp_path) patches
-``haframe_ext.train._compute_loss`` to make rank 1 ``os._exit(1)`` (or sleep) at its second step and then
+``haframe_ext.loop.compute_loss`` to make rank 1 ``os._exit(1)`` (or sleep) at its second step and then
 calls ``haframe_ext.cli.main``.
 """
 
@@ -147,11 +147,11 @@ def test_a_second_job_into_the_same_out_is_refused_on_every_rank(runs, tmp_path)
 # ----------------------------------------------------------------------------- a rank that dies or hangs
 FAULT = textwrap.dedent('''
     import os, sys, time
-    import haframe_ext.train as T
+    import haframe_ext.loop as L
     from haframe_ext import cli
 
     mode, rank = os.environ["HF_FAULT"], int(os.environ.get("RANK", "0"))
-    real = T._compute_loss
+    real = L.compute_loss
     calls = {"n": 0}
 
     def hook(*args):
@@ -162,7 +162,7 @@ FAULT = textwrap.dedent('''
             time.sleep(3600)                    # "hang"
         return real(*args)
 
-    T._compute_loss = hook
+    L.compute_loss = hook
     sys.exit(cli.main(sys.argv[1:]))
 ''')
 

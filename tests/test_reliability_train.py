@@ -29,8 +29,11 @@ import pytest
 import torch
 
 import haframe_ext
+import haframe_ext.loop as L
 import haframe_ext.train as T
+from haframe_ext.checkpoint import CHECKPOINT_FORMAT, FolderInUseError, seal_checkpoint
 from haframe_ext.data import DataError
+from haframe_ext.runlog import RUN_FILES, epoch_line
 from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +75,12 @@ FAULT = textwrap.dedent('''
     from pathlib import Path
     import torch
     import haframe_ext.checkpoint as C
-    import haframe_ext.train as T
+    import haframe_ext.loop as L
     from haframe_ext import cli
 
     mode, out, marker = os.environ["HF_FAULT"], Path(os.environ["HF_OUT"]), Path(os.environ["HF_MARKER"])
     calls = {"after_ckpt": 0, "all": 0, "write_last": 0}
-    real_loss, real_write, real_replace = T._compute_loss, C._write_tmp, os.replace
+    real_loss, real_write, real_replace = L.compute_loss, C._write_tmp, os.replace
 
     def loss_hook(criterion, features, logits, target):
         calls["all"] += 1
@@ -106,7 +109,7 @@ FAULT = textwrap.dedent('''
         if mode == "kill_between_renames" and Path(dst).name == "prev.pt":
             os.kill(os.getpid(), signal.SIGKILL)                       # last.pt -> prev.pt done, tmp not renamed
 
-    T._compute_loss, C._write_tmp, os.replace = loss_hook, write_hook, replace_hook
+    L.compute_loss, C._write_tmp, os.replace = loss_hook, write_hook, replace_hook
     sys.exit(cli.main(sys.argv[1:]))
 ''' % STEPS_PER_EPOCH)
 
@@ -227,7 +230,7 @@ def _damage(kind: str, last: Path, tmp: Path):
         ck = torch.load(last, weights_only=True)
         ck.pop("digest")
         ck.pop("optimizer")
-        torch.save(T._seal(ck), last)
+        torch.save(seal_checkpoint(ck), last)
     else:
         raise AssertionError(kind)
 
@@ -370,7 +373,7 @@ def test_every_file_the_trainer_writes_loads_with_weights_only(two_epochs, tmp_p
 def test_malicious_checkpoint_is_refused_and_never_executed(two_epochs, tmp_path, where):
     cfg, out = two_epochs
     marker = tmp_path / "PWNED"
-    evil = {"format": T.CHECKPOINT_FORMAT, "version": 1, "epoch": 2, "payload": _Evil(marker)}
+    evil = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": 2, "payload": _Evil(marker)}
     path = out / "last.pt" if where == "last.pt" else tmp_path / "evil.pt"
     torch.save(evil, path)
     with pytest.raises(CheckpointError, match=r"not a safe checkpoint \(refused by weights_only loading: "
@@ -544,10 +547,10 @@ def test_a_second_trainer_into_a_claimed_out_is_refused_and_a_killed_ones_claim_
     out = Path(cfg.out)
     holder = _hold_lock(out)
     try:
-        with pytest.raises(T.FolderInUseError, match=rf"output folder {out} is in use by another training run "
+        with pytest.raises(FolderInUseError, match=rf"output folder {out} is in use by another training run "
                                                      rf"\(process {holder} on .*\): wait for it"):
             train(cfg)
-        assert not any((out / n).exists() for n in T.RUN_FILES)  # the refused trainer wrote nothing
+        assert not any((out / n).exists() for n in RUN_FILES)  # the refused trainer wrote nothing
     finally:
         os.kill(holder, signal.SIGKILL)
         os.waitpid(holder, 0)
@@ -624,7 +627,7 @@ def test_a_model_that_does_not_match_a_checkpoint_names_the_tensor_and_both_shap
     ck = load_checkpoint(Path(cfg.out) / "last.pt")
     ck["config"]["feature_dim"] = 16  # get past the config comparison to the state itself
     ck.pop("digest")
-    torch.save(T._seal(ck), Path(cfg.out) / "last.pt")
+    torch.save(seal_checkpoint(ck), Path(cfg.out) / "last.pt")
     with pytest.raises(CheckpointError, match=r"is \[8, 8\] in the checkpoint but \[8, 16\] in this model"):
         train(other)
 
@@ -673,7 +676,7 @@ def test_best_epoch_is_the_validation_peak_not_the_last_epoch(tmp_path, monkeypa
     """The mutation-test gap: the validation metric peaks before the last epoch (scripted, so the test does not
     depend on training dynamics); best_epoch, the epoch and weights in best.pt and the best value agree with
     metrics.jsonl; with resume, across a stop after epoch 2."""
-    real = T._evaluate
+    real = L.evaluate
     calls = {"val": 0}
 
     def scripted(*args, **kwargs):
@@ -683,7 +686,7 @@ def test_best_epoch_is_the_validation_peak_not_the_last_epoch(tmp_path, monkeypa
             calls["val"] += 1
         return res
 
-    monkeypatch.setattr(T, "_evaluate", scripted)
+    monkeypatch.setattr(L, "evaluate", scripted)
     cfg = _round2_config(tmp_path, select_metric=metric, stop_after_epochs=2 if resume else None)
     res = train(cfg)
     if resume:
@@ -740,9 +743,9 @@ def test_fixed_frame_training_steps_form_logits_only_in_the_fused_op(tmp_path, m
 def test_the_epoch_line_states_top1_in_percent_for_train_and_val():
     """Issue 12: one unit per quantity (it printed 'acc 0.009 | val top1 1.0000')."""
     cfg = TrainConfig(method="cross-entropy", epochs=3)
-    line = T._epoch_line(cfg, 2, 1.23456, 0.9, {"top1": 1.0, "hierdist@1": 2.5})
+    line = epoch_line(cfg, 2, 1.23456, 0.9, {"top1": 1.0, "hierdist@1": 2.5})
     assert line == "[cross-entropy] epoch 2/3 loss 1.2346 train top1 0.90% | val top1 1.00% hierdist@1 2.500"
-    line = T._epoch_line(TrainConfig(epochs=3), 1, 1.0, None, {"top1": 50.0, "hierdist@1": 1.0})
+    line = epoch_line(TrainConfig(epochs=3), 1, 1.0, None, {"top1": 50.0, "hierdist@1": 1.0})
     assert line == "[haframe] epoch 1/3 loss 1.0000 | val top1 50.00% hierdist@1 1.000"
 
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import haframe_ext.loop as L
 import haframe_ext.train as T
 from _torchrun import run_torchrun
+from haframe_ext.checkpoint import seal_checkpoint
+from haframe_ext.demo import demo
 from haframe_ext.train import (CheckpointError, TrainConfig, TrainingDivergedError, evaluate_checkpoint,
                                load_checkpoint, run_seeds, train)
 
@@ -122,6 +125,41 @@ def test_resume_of_a_finished_run_is_not_refused(tmp_path, toy_tree):
     assert res["epochs"] == 1
 
 
+# ----------------------------------------------------------------------------- a user error and its --out folder
+@pytest.mark.parametrize("bad", [{"hierarchy": "no-such-tree"}, {"dataset": "cifar100", "data_root": "nowhere"}])
+def test_a_user_error_removes_the_out_folder_it_created(tmp_path, toy_tree, bad):
+    """Issue 12: a run refused after claiming --out (unknown hierarchy, missing data) leaves no folder behind,
+    down to the parents it created; a folder that existed stays, with what was in it."""
+    new = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(ValueError):
+        train(tiny(tmp_path, toy_tree, out=str(new), **bad))
+    assert not (tmp_path / "new").exists()
+    found = tmp_path / "found"
+    found.mkdir()
+    (found / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):
+        train(tiny(tmp_path, toy_tree, out=str(found), **bad))
+    assert [p.name for p in found.iterdir()] == ["notes.txt"]  # the lock file is gone too
+    with pytest.raises(ValueError):
+        run_seeds(tiny(tmp_path, toy_tree, out=str(new), **bad), [0, 1], verbose=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_user_error_after_a_checkpoint_keeps_the_folder(tmp_path, toy_tree, monkeypatch):
+    """A folder this run created is kept once it holds a checkpoint (the final test's data fails here)."""
+    real = L.evaluate
+
+    def failing_test(*args, **kwargs):
+        if kwargs.get("collect"):
+            raise ValueError("test split unreadable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(L, "evaluate", failing_test)
+    with pytest.raises(ValueError, match="test split unreadable"):
+        train(tiny(tmp_path, toy_tree, out=str(tmp_path / "new" / "run"), epochs=1))
+    assert load_checkpoint(tmp_path / "new" / "run" / "last.pt")["epoch"] == 1
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_is_bit_exact(tmp_path, toy_tree):
     full = train(tiny(tmp_path / "a", toy_tree, epochs=3))
@@ -185,14 +223,14 @@ def test_checkpoint_errors(tmp_path):
 # ----------------------------------------------------------------------------- NaN stop
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_tree, monkeypatch):
     calls = {"n": 0}
-    real = T._compute_loss
+    real = L.compute_loss
 
     def poisoned(criterion, features, logits, target):
         calls["n"] += 1
         loss = real(criterion, features, logits, target)
         return loss * float("nan") if calls["n"] > 7 else loss  # 6 steps per epoch: NaN in epoch 2
 
-    monkeypatch.setattr(T, "_compute_loss", poisoned)
+    monkeypatch.setattr(L, "compute_loss", poisoned)
     cfg = tiny(tmp_path, toy_tree, epochs=3)
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at epoch 2.*last good checkpoint"):
         train(cfg)
@@ -207,7 +245,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_tree, monke
 def _nan_gradient_hook(monkeypatch, at_call):
     """Make the loss of call ``at_call`` finite with a NaN gradient (d sqrt(x)/dx at 0 is Inf, times 0)."""
     calls = {"n": 0}
-    real = T._compute_loss
+    real = L.compute_loss
 
     def poisoned(criterion, features, logits, target):
         calls["n"] += 1
@@ -216,7 +254,7 @@ def _nan_gradient_hook(monkeypatch, at_call):
             loss = loss + 0.0 * torch.sqrt((features * 0).sum())
         return loss
 
-    monkeypatch.setattr(T, "_compute_loss", poisoned)
+    monkeypatch.setattr(L, "compute_loss", poisoned)
 
 
 def test_nan_gradient_stops_before_the_update(tmp_path, toy_tree, monkeypatch):
@@ -239,8 +277,8 @@ def test_nan_gradient_stops_before_the_update(tmp_path, toy_tree, monkeypatch):
 def test_a_non_finite_model_is_never_checkpointed(tmp_path, toy_tree, monkeypatch):
     """Second line of defence: with the gradient check disabled, NaN weights at the end of epoch 2 are not
     written; last.pt stays the finite epoch-1 checkpoint (and prev.pt is not rotated)."""
-    real_loss = T._compute_loss
-    monkeypatch.setattr(T, "_grad_norm", lambda model: torch.zeros(()))
+    real_loss = L.compute_loss
+    monkeypatch.setattr(L, "grad_norm", lambda model: torch.zeros(()))
     _nan_gradient_hook(monkeypatch, at_call=2 * 6)  # the last step of epoch 2
     with pytest.raises(TrainingDivergedError, match=r"model state became non-finite \(NaN or Inf\) during epoch 2 "
                                                     r"\(.+\): training stopped without writing its checkpoint; "
@@ -250,7 +288,7 @@ def test_a_non_finite_model_is_never_checkpointed(tmp_path, toy_tree, monkeypatc
     assert load_checkpoint(out / "last.pt")["epoch"] == 1 and not (out / "prev.pt").exists()
     assert load_checkpoint(out / "best.pt", kind="best")["epoch"] == 1
     # in epoch 1: nothing is written, and the message says so
-    monkeypatch.setattr(T, "_compute_loss", real_loss)
+    monkeypatch.setattr(L, "compute_loss", real_loss)
     _nan_gradient_hook(monkeypatch, at_call=6)
     with pytest.raises(TrainingDivergedError, match="during epoch 1 .*no checkpoint had been written yet"):
         train(tiny(tmp_path, toy_tree, epochs=3, out=str(tmp_path / "run1")))
@@ -266,7 +304,7 @@ def test_with_a_grad_scaler_a_nan_gradient_is_left_to_the_scaler(tmp_path, toy_t
         torch.amp.GradScaler("cpu")
     except Exception as exc:  # pragma: no cover - depends on the torch build
         pytest.skip(f"no CPU GradScaler: {exc}")
-    monkeypatch.setattr(T, "_autocast_factory", lambda config, device: (None, torch.amp.GradScaler("cpu")))
+    monkeypatch.setattr(L, "autocast_factory", lambda config, device: (None, torch.amp.GradScaler("cpu")))
     _nan_gradient_hook(monkeypatch, at_call=6 + 3)  # epoch 2, step 3
     res = train(tiny(tmp_path, toy_tree, epochs=2))
     assert res["epochs"] == 2
@@ -282,7 +320,7 @@ def test_resume_refuses_a_checkpoint_with_non_finite_weights(tmp_path, toy_tree)
     ck.pop("digest")
     k = next(k for k, v in ck["model"].items() if v.is_floating_point())
     ck["model"][k] = ck["model"][k].clone().fill_(float("nan"))
-    torch.save(T._seal(ck), last)  # a well-sealed file (e.g. written by an older version) holding NaN weights
+    torch.save(seal_checkpoint(ck), last)  # a well-sealed file (e.g. written by an older version) holding NaN weights
     with pytest.raises(CheckpointError, match=f"holds non-finite weights \\({k} has NaN or Inf\\)"):
         train(tiny(tmp_path, toy_tree, epochs=2, resume=True))
 
@@ -421,8 +459,8 @@ def test_torchrun_two_processes_gloo(tmp_path, toy_tree):
 # ----------------------------------------------------------------------------- the demo's main effect
 def test_demo_main_effect(tmp_path):
     """haframe ranks hierarchy-aware (lower HierDist@5/@20) at the same top-1 as cross-entropy."""
-    res = T.demo(tmp_path / "demo", epochs=30, seed=0, methods=("cross-entropy", "haframe"), plot=True,
-                 verbose=False, n_per_class=30, eval_per_class=20, hidden=128)
+    res = demo(tmp_path / "demo", epochs=30, seed=0, methods=("cross-entropy", "haframe"), plot=True,
+               verbose=False, n_per_class=30, eval_per_class=20, hidden=128)
     ce, hf = res["cross-entropy"], res["haframe"]
     assert 40.0 <= ce["top1"] <= 80.0
     assert abs(hf["top1"] - ce["top1"]) <= 3.0
@@ -498,7 +536,6 @@ UNBALANCED = "root\tA\nroot\tB\nA\ta1\nA\ta2\nB\tb1\nB\tB2\nB2\tb2\nB2\tb3\n"  #
 
 
 def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_path):
-    from haframe_ext.checkpoint import _seal
 
     tree = tmp_path / "u.tsv"
     tree.write_text(UNBALANCED)
@@ -514,7 +551,7 @@ def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_pat
     # a checkpoint from before conventions were named: its (height) distances are kept
     legacy = {k: v for k, v in ck.items() if k != "digest"}
     legacy["config"] = {k: v for k, v in ck["config"].items() if k != "distance_convention"}
-    torch.save(_seal(legacy), last)
+    torch.save(seal_checkpoint(legacy), last)
     with pytest.raises(CheckpointError, match="trained with 'height' distances"):
         train(TrainConfig.from_dict(dict(cfg, distance_convention="published", resume=True)))
     assert T.checkpoint_convention(legacy["config"]) == "height"
