@@ -10,9 +10,11 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from .config import TrainConfig, distances_for, load_hierarchy
 from .models import check_method
 from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available, tree_order
-from .train import TrainConfig, _clean, _distances_for, _json_default, load_hierarchy, train
+from .runlog import clean_json, json_default
+from .train import train
 
 __all__ = ["DEMO_METHODS", "DEMO_COLUMNS", "demo_config", "demo", "tree_order"]
 
@@ -83,9 +85,9 @@ def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
         if verbose:
             print(f"[demo] {m}: top-1 {results[m].get('top1', float('nan')):.4f}, "
                   f"hierdist@5 {results[m].get('hierdist@5', float('nan')):.3f}, {secs:.1f} s", flush=True)
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=2, default=_json_default) + "\n")
+    (out / "results.json").write_text(json.dumps(clean_json(results), indent=2, default=json_default) + "\n")
     if crm:
-        (out / "results_crm.json").write_text(json.dumps(_clean(crm), indent=2, default=_json_default) + "\n")
+        (out / "results_crm.json").write_text(json.dumps(clean_json(crm), indent=2, default=json_default) + "\n")
     table = _demo_table(results)
     if verbose:
         print(f"\ntest metrics on {DEMO_DATA}:")
@@ -111,5 +113,5 @@ def _frame_similarity(cfg: TrainConfig) -> np.ndarray:
     from .frame import HAFrame
 
     h = load_hierarchy(cfg.hierarchy, cfg.classes)
-    fr = HAFrame.from_distances(_distances_for(cfg, h), cfg.gamma, s_min=cfg.s_min)
+    fr = HAFrame.from_distances(distances_for(cfg, h), cfg.gamma, s_min=cfg.s_min)
     return fr.similarity.double().cpu().numpy()
