@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from haframe_ext import ops
-from test_ops import make as make_inputs
+from helpers import make_inputs
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulator")
 
@@ -33,7 +33,7 @@ def emulator():
 
 
 def make(B, K, d, dtype, seed=0):
-    """test_ops' inputs (unit-row frame, one ignored row) on the CPU, plus a zero feature row when B > 4."""
+    """The shared loss inputs (unit-row frame, one ignored row) on the CPU, plus a zero feature row when B > 4."""
     h, w, y = make_inputs(B, K, d, dtype, "cpu", seed)
     if B > 4:
         h[3] = 0

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import haframe_ext as hx
 from haframe_ext import ops
+from helpers import make_inputs, reference_loss_and_grad
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -30,22 +30,10 @@ SHAPES = [
 
 def make(B, K, d, dtype, device, seed=0, scale=3.0):
     """Features of norm ~scale, unit-row weights (a frame-like matrix), labels with one ignored row."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
-    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1)
-    y = torch.randint(0, K, (B,), generator=g)
-    if B > 2:
-        y[1] = -100
-    return h.to(dtype).to(device), w.to(dtype).to(device), y.to(device)
+    return make_inputs(B, K, d, dtype, device, seed, scale)
 
 
-def reference(h, w, y, alpha=0.4, reduction="none", ignore_index=-100, grad_out=None):
-    """Float64 reference loss and feature gradient on the same (rounded) inputs."""
-    h64 = h.detach().double().cpu().requires_grad_()
-    loss = ops.reference_loss(h64, w.double().cpu(), y.cpu(), alpha, reduction, ignore_index)
-    go = torch.ones_like(loss) if grad_out is None else grad_out.double().cpu()
-    loss.backward(go)
-    return loss.detach(), h64.grad
+reference = reference_loss_and_grad
 
 
 def fused(h, w, y, alpha=0.4, reduction="none", ignore_index=-100, grad_out=None, route="auto"):

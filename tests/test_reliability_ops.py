@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import haframe_ext as hx
 from haframe_ext import HAFrame, HierarchyError, ops
+from helpers import make_inputs
 
 pytestmark = pytest.mark.skipif(not hx.native_available(), reason="compiled extension not built")
 BACKENDS = ["native", "reference"]
@@ -43,11 +44,8 @@ def OP(h, w, y, S, M, alpha=0.4, ignore_index=-100, reduction=0, need_grad=True)
 
 
 def make(B=4, K=5, d=6, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(max(d, 1)))
-    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1)
-    y = torch.randint(0, K, (B,), generator=g)
-    return h.to(dtype), w.to(dtype), y
+    """The shared loss inputs without an ignored row."""
+    return make_inputs(B, K, d, dtype, "cpu", seed, scale, ignore_row=False)
 
 
 def loss_and_grad(h, w, y, backend, alpha=0.4, reduction="none", ignore_index=-100, **kw):
