@@ -1,6 +1,6 @@
 """haframe_ext: hierarchy-aware classification with fixed HAFrame classifiers (Liang & Davis, ICCV 2023)."""
 
-from ._native import native_available, native_error
+from .native import native_available, native_error
 from . import hierarchy, frame, metrics, ops, nn
 from .hierarchy import Hierarchy, HierarchyError
 from .frame import HAFrame

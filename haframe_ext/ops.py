@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._native import native_available
+from .native import native_available
 from .sizes import DENSE_MAX_K
 
 __all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "as_alpha",
@@ -296,7 +296,7 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     if backend not in ("auto", "native", "reference"):
         raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
     if backend == "native" and not _NATIVE:
-        from ._native import native_error
+        from .native import native_error
         raise RuntimeError(f"backend='native' but the compiled extension is unavailable: {native_error()}")
     use_native = backend != "reference" and _NATIVE
     compiling = torch.compiler.is_compiling()
