@@ -59,16 +59,8 @@ def _ragged_message(x, exc: Exception) -> str:
             f"({exc}); expected K rows of K numbers")
 
 
-def read_distance_matrix(x) -> np.ndarray:
-    """Validate class distances and return them as a new [K, K] array, int64 if all integer-valued else float64.
-
-    Accepts a numpy array (or nested list), a torch tensor, or a path to a ``.npy``
-    (loaded without pickle) or ``.csv`` (comma-separated, optional header line) file.  Float
-    matrices may be asymmetric or off the zero diagonal by rounding (1e-12 of the largest
-    distance); they are then symmetrised and the diagonal set to 0.  Integer-valued floats
-    become int64 only up to 2**53 (where float64 integers are exact); larger ones stay float64.
-    Unsigned integers above the int64 maximum are refused rather than wrapped.
-    """
+def _as_array(x) -> np.ndarray:
+    """The raw array of a .npy/.csv path, a torch tensor or an array-like (validated by the caller)."""
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
         ext = os.path.splitext(path)[1].lower()
@@ -94,7 +86,20 @@ def read_distance_matrix(x) -> np.ndarray:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:  # ragged nested lists: "inhomogeneous shape"
             raise HierarchyError(_ragged_message(x, exc)) from None
+    return arr
 
+
+def read_distance_matrix(x) -> np.ndarray:
+    """Validate class distances and return them as a new [K, K] array, int64 if all integer-valued else float64.
+
+    Accepts a numpy array (or nested list), a torch tensor, or a path to a ``.npy``
+    (loaded without pickle) or ``.csv`` (comma-separated, optional header line) file.  Float
+    matrices may be asymmetric or off the zero diagonal by rounding (1e-12 of the largest
+    distance); they are then symmetrised and the diagonal set to 0.  Integer-valued floats
+    become int64 only up to 2**53 (where float64 integers are exact); larger ones stay float64.
+    Unsigned integers above the int64 maximum are refused rather than wrapped.
+    """
+    arr = _as_array(x)
     if arr.dtype.kind not in "iuf":
         raise HierarchyError(f"distance matrix must be numeric (integers or floats), got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:

@@ -24,7 +24,7 @@ import sys
 from typing import Iterable, Mapping
 
 __all__ = ["HierarchyError", "EdgeSet", "parse_edges", "parse_classes", "parse_nested", "read_text", "quote", "listed",
-           "check_name", "numbered_lines"]
+           "check_name", "numbered_lines", "write_text"]
 
 _MAX_LISTED = 8  # names listed in one error message before "..."
 _MAX_QUOTED = 80  # characters of one quoted input kept in an error message
@@ -255,3 +255,12 @@ def parse_nested(obj) -> tuple["EdgeSet", str]:
                 f"got {type(sub).__name__}")
 
     return edges, label
+
+
+def write_text(path, text: str) -> None:
+    """Write text to a path (UTF-8, '\\n' line ends) or to an open text file."""
+    if hasattr(path, "write"):
+        path.write(text)
+    else:
+        with open(path, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)

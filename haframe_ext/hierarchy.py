@@ -30,7 +30,8 @@ from typing import Mapping
 import numpy as np
 
 from .distance_matrix import read_distance_matrix
-from .edges import EdgeSet, HierarchyError, listed, parse_classes, parse_edges, parse_nested, quote, read_text
+from .edges import (EdgeSet, HierarchyError, listed, parse_classes, parse_edges, parse_nested, quote, read_text,
+                    write_text)
 
 __all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "BUILTIN_NAMES", "CONVENTIONS"]
 
@@ -422,21 +423,12 @@ class Hierarchy:
     # ------------------------------------------------------------------ output
     def to_edges(self, path) -> None:
         """Write the tree as a tab-separated 'parent<TAB>child' edge list (breadth-first) to a path or text file."""
-        text = "".join(f"{self._order[self._parent_idx[i]]}\t{self._order[i]}\n" for i in range(1, len(self._order)))
-        self._write(path, text)
+        write_text(path, "".join(f"{self._order[self._parent_idx[i]]}\t{self._order[i]}\n"
+                                 for i in range(1, len(self._order))))
 
     def to_classes(self, path) -> None:
         """Write the class names in label order, one per line, to a path or text file."""
-        self._write(path, "".join(f"{c}\n" for c in self._classes))
-
-    @staticmethod
-    def _write(path, text: str) -> None:
-        """Write text to a path (UTF-8) or to an open text file."""
-        if hasattr(path, "write"):
-            path.write(text)
-        else:
-            with open(path, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
+        write_text(path, "".join(f"{c}\n" for c in self._classes))
 
     def __len__(self) -> int:
         return self.num_classes
