@@ -1,4 +1,4 @@
-"""Class hierarchies (trees whose leaves are the classes), their tree distances, and distance-matrix input.
+"""Class hierarchies: trees whose leaves are the classes, and their class distances under a convention.
 
 A hierarchy is a rooted tree.  The classes are its leaves, in label order.
 
