@@ -12,6 +12,7 @@ import torch
 
 from haframe_ext.cli import main
 from haframe_ext.frame import HAFrame
+import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["frame", "train", "eval", "demo", "bench", "hierarchy"]
@@ -21,9 +22,7 @@ TOY_EDGES = "".join(f"{p}\t{c}\n" for p, c in [
 
 def run_cli(*args, timeout=120):
     """Run the CLI as a separate process, the way a user does."""
-    env = dict(os.environ, HAFRAME_DISABLE_NATIVE="1")
-    return subprocess.run([sys.executable, "-m", "haframe_ext.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=str(REPO))
+    return helpers.run_cli(*args, timeout=timeout, env=dict(os.environ, HAFRAME_DISABLE_NATIVE="1"), cwd=str(REPO))
 
 
 def assert_user_error(rc, err, *fragments):
@@ -159,11 +158,6 @@ def test_bench_in_process(capsys):
 
 
 # ----------------------------------------------------------------------------- reliability fixes (bugs 10, 11, smaller)
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("true",))
-
-
 def _no_torch_advice(line):
     assert "weights_only` set to `False`" not in line and "weights_only=False" not in line, line
     assert "will likely succeed" not in line, line
@@ -213,7 +207,7 @@ def test_unreadable_features_file_is_one_line_without_torch_advice(tmp_path, cap
     elif content == "empty":
         train_pt.write_bytes(b"")
     else:
-        torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8) % 4, "x": _Evil()}, train_pt)
+        torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8) % 4, "x": helpers.HostileGlobal("true")}, train_pt)
     torch.save({"features": torch.randn(4, 3), "labels": torch.arange(4)}, feats / "test.pt")
     rc = main(["train", "--hierarchy", str(edges), "--dataset", "features", "--data-root", str(feats),
                "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress"])
@@ -225,7 +219,7 @@ def test_unreadable_features_file_is_one_line_without_torch_advice(tmp_path, cap
 
 
 def test_eval_of_a_malicious_checkpoint_says_not_safe(tmp_path, capsys):
-    torch.save({"format": "haframe_ext.checkpoint", "x": _Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": "haframe_ext.checkpoint", "x": helpers.HostileGlobal("true")}, tmp_path / "evil.pt")
     rc = main(["eval", "--checkpoint", str(tmp_path / "evil.pt")])
     err = capsys.readouterr().err
     assert_user_error(rc, err, "evil.pt is not a safe checkpoint (refused by weights_only loading: it asks for the "
@@ -244,7 +238,7 @@ def test_haframe_load_of_a_bad_file_is_a_hierarchy_error(tmp_path):
 
     (tmp_path / "text.pt").write_text("hello")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(300))
-    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    torch.save({"w": helpers.HostileGlobal("true")}, tmp_path / "evil.pt")
     HAFrame.etf(4).save(tmp_path / "f.pt")
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "f.pt").read_bytes()[:-50])
     for name in ("text.pt", "random.pt", "trunc.pt"):

@@ -1,7 +1,6 @@
 """Tests for haframe_ext.data: synthetic hierarchical data, CIFAR-100 files with the restricted
 unpickler, ImageFolder trees and feature files."""
 
-import os
 import pickle
 
 import numpy as np
@@ -12,6 +11,7 @@ from haframe_ext.data import (CIFAR100, CifarUnpickler, DataError, FeaturesDatas
                               SyntheticHierarchical, check_labels, load_cifar_pickle, load_features,
                               make_datasets, random_crop_flip)
 from haframe_ext.hierarchy import Hierarchy
+from helpers import HostileGlobal
 
 TOY_EDGES = """root\tA
 root\tB
@@ -138,9 +138,9 @@ def test_make_datasets_cifar(tmp_path):
     assert sets["kind"] == "image"
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch pwned-by-pickle",))
+def _Evil():
+    """A pickle that would create a marker file (refused, never run)."""
+    return HostileGlobal("touch pwned-by-pickle")
 
 
 def test_restricted_unpickler_refuses_code(tmp_path, monkeypatch):
@@ -315,11 +315,6 @@ def test_frames_and_checkpoints_do_not_import_the_datasets():
             "print(sorted(m for m in sys.modules if m.startswith('haframe_ext.data')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("true",))
 
 
 @pytest.mark.parametrize("content,unsafe,fragment", [

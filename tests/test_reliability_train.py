@@ -35,6 +35,7 @@ from haframe_ext.checkpoint import CHECKPOINT_FORMAT, FolderInUseError, seal_che
 from haframe_ext.data import DataError
 from haframe_ext.runlog import RUN_FILES, epoch_line
 from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
+from helpers import HostileGlobal, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = Path(haframe_ext.__file__).resolve().parent
@@ -65,8 +66,7 @@ def write_inputs(folder: Path) -> Path:
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "haframe_ext.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env(), timeout=timeout, cwd=str(REPO))
+    return run_cli(*args, timeout=timeout, env=env(), cwd=str(REPO))
 
 
 FAULT = textwrap.dedent('''
@@ -342,14 +342,9 @@ def test_nan_gradient_at_the_end_of_an_epoch_never_reaches_a_checkpoint(tmp_path
 
 
 # ----------------------------------------------------------------------------- safe loading
-class _Evil:
-    """Unpickling this runs a shell command that creates a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+def _Evil(marker):
+    """Unpickling this would run a shell command that creates a marker file."""
+    return HostileGlobal(f"touch {marker}")
 
 
 def test_every_file_the_trainer_writes_loads_with_weights_only(two_epochs, tmp_path):

@@ -13,6 +13,7 @@ import torch
 import haframe_ext.loop as L
 import haframe_ext.train as T
 from _torchrun import run_torchrun
+from helpers import HostileGlobal
 from haframe_ext.checkpoint import seal_checkpoint
 from haframe_ext.demo import demo
 from haframe_ext.train import (CheckpointError, TrainConfig, TrainingDivergedError, evaluate_checkpoint,
@@ -376,11 +377,7 @@ def test_bad_backbone_and_eval_ks_are_config_errors(tmp_path, toy_tree):
 
 
 def test_unreadable_and_unsafe_checkpoints_are_told_apart_without_torch_advice(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("true",))
-
-    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    torch.save({"x": HostileGlobal("true")}, tmp_path / "evil.pt")
     (tmp_path / "text.pt").write_text("hello")
     (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 3)
     torch.save({"x": torch.zeros(3)}, tmp_path / "good.pt")
