@@ -88,6 +88,8 @@ CPU_SHAPES: Dict[str, Shape] = {
     "cifar": Shape("cifar", 64, 100, 100),
     "inat": Shape("inat", 256, 1010, 1010),
     "large": Shape("large", 1024, 10000, 512),
+    # many classes: a 4 MiB block would hold 10 rows, so the CPU op runs 64 MiB blocks one at a time
+    "k100k": Shape("k100k", 256, 100000, 512),
 }
 
 GPU_SHAPES: Dict[str, Shape] = {
