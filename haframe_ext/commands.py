@@ -248,10 +248,10 @@ def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
     """The test metrics as a table row (and a row after CRM re-ranking)."""
     ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("hierdist@"))
     cols = [c for c in ("top1", "mistake_severity") if c in m] + [f"hierdist@{k}" for k in ks]
-    print("method".ljust(22) + "".join(c.rjust(18) for c in cols))
-    print(name.ljust(22) + "".join(f"{m[c]:18.4f}" for c in cols))
-    if crm:
-        print((name + " + CRM").ljust(22) + "".join(f"{crm.get(c, float('nan')):18.4f}" for c in cols))
+    from .metrics import format_table
+
+    rows = {name: m, **({name + " + CRM": crm} if crm else {})}
+    print(format_table(rows, cols, digits=4))
 
 
 def cmd_eval(args) -> int:

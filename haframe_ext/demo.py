@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, distances_for, load_hierarchy
+from .metrics import format_table
 from .models import check_method
 from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available, tree_order
 from .runlog import clean_json, json_default
@@ -36,12 +37,8 @@ def demo_config(method: str, out, epochs: int = 30, seed: int = 0, **overrides) 
 
 
 def _demo_table(results: Dict[str, Dict[str, Any]]) -> str:
-    head = "method".ljust(16) + "".join(c.rjust(18) for c in DEMO_COLUMNS) + "seconds".rjust(10)
-    lines = [head, "-" * len(head)]
-    for m, r in results.items():
-        lines.append(m.ljust(16) + "".join(f"{float(r.get(c, float('nan'))):18.4f}" for c in DEMO_COLUMNS)
-                     + f"{r.get('seconds', 0.0):10.1f}")
-    return "\n".join(lines)
+    """The demo's results, one row per method (metrics.format_table)."""
+    return format_table(results, list(DEMO_COLUMNS) + ["seconds"], digits=4)
 
 
 def demo(out="haframe-demo", epochs: int = 30, seed: int = 0, methods: Sequence[str] = DEMO_METHODS, *,
