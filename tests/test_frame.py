@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, reject, settings, strategies as st
 
 from haframe_ext.frame import HAFrame, etf_similarity, exact_s_min, grid_s_min, similarity_matrix
 from haframe_ext.hierarchy import Hierarchy, HierarchyError
+from helpers import trees
 
 # (builtin, gamma, exact s_min, the paper code's grid s_min), from hierarchies/README.md
 CASES = [
@@ -280,3 +281,69 @@ def test_every_frame_build_is_finite_unit_and_exact(name):
     assert torch.isfinite(W).all()
     torch.testing.assert_close(W.norm(dim=1), torch.ones(len(W), dtype=W.dtype), rtol=0, atol=1e-12)
     assert f.gram_error() < 1e-9
+
+
+# ----------------------------------------------------------------------------- inadmissible s_min, bad gamma, K = 1
+def _frame_or_lapack_bug(*args, **kw):
+    """HAFrame.from_distances, rejecting the example (hypothesis) when it hits the LAPACK failure pinned below."""
+    try:
+        return HAFrame.from_distances(*args, **kw)
+    except np.linalg.LinAlgError:
+        reject()  # known bug, see test_user_s_min_on_flat_hierarchy_never_raises_linalg_error
+
+
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.filter_too_much])
+@given(trees(max_k=30, styles=("plain",)), st.floats(0.5, 5.0), st.floats(0.01, 0.5))
+def test_inadmissible_s_min_names_the_exact_bound(tree, gamma, delta):
+    parent_of, classes = tree
+    d = Hierarchy.from_parents(parent_of, classes).distances()
+    assume(d.shape[0] >= 2 and d.max() > 0)
+    exact = exact_s_min(d, gamma)
+    assume(exact > -1.0 + 1e-6)  # a clipped bound of -1 is not the PSD boundary
+    s = exact - delta
+    with pytest.raises(ValueError) as info:
+        _frame_or_lapack_bug(d, gamma, s_min=s)
+    msg = str(info.value)
+    assert type(info.value) is ValueError
+    assert f"s_min={s}" in msg and "not positive semi-definite" in msg
+    assert f"{exact:.6f}" in msg, msg
+    # just above the bound is accepted and gives an exact frame
+    f = _frame_or_lapack_bug(d, gamma, s_min=exact + 1e-7, dtype=torch.float64)
+    assert f.gram_error() < 1e-6
+
+
+# (K, gamma, s_min): flat (star) hierarchies with admissible or inadmissible user-given s_min values for
+# which scipy.linalg.eigh(..., subset_by_index=[K-1, K-1]) (LAPACK dsyevr) fails on this machine's
+# OpenBLAS/LAPACK with "Internal Error." (a highly degenerate spectrum).
+_LAPACK_CASES = [(13, 3.5, "exact+1e-7"), (13, 3.5, -0.3170657975292831), (16, 1.0, -0.6874417206606149),
+                 (14, 3.0, -0.13234921160596794)]
+
+
+def test_user_s_min_on_flat_hierarchy_never_raises_linalg_error():
+    escaped = []
+    for K, gamma, s in _LAPACK_CASES:
+        d = np.ones((K, K), dtype=np.int64) - np.eye(K, dtype=np.int64)
+        s = exact_s_min(d, gamma) + 1e-7 if s == "exact+1e-7" else s
+        try:
+            HAFrame.from_distances(d, gamma, s_min=s)
+        except np.linalg.LinAlgError as exc:
+            escaped.append((K, gamma, s, str(exc)))
+        except ValueError as exc:
+            assert "not positive semi-definite" in str(exc)
+    assert not escaped, escaped
+
+
+@pytest.mark.parametrize("s_min,key", [
+    (float("nan"), "finite"), (float("inf"), "finite"), (1.0, "< 1"), (2.0, "< 1"), ("tight", "'exact', 'grid'"),
+])
+def test_s_min_values_that_are_not_numbers_in_range(s_min, key):
+    d = np.array([[0, 1, 2], [1, 0, 2], [2, 2, 0]])
+    with pytest.raises(ValueError) as info:
+        HAFrame.from_distances(d, 1.0, s_min=s_min)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_gamma(gamma):
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        HAFrame.from_distances(np.array([[0, 1], [1, 0]]), gamma)

@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from haframe_ext import HAFrame
 from haframe_ext.hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
+from helpers import FAST, trees
+from helpers import edge_text as _edge_text
+from helpers import node_name as _name
+from helpers import raises_hierarchy_error as _raises
+from helpers import tree_parents as _build
 
 DATA = resources.files("haframe_ext").joinpath("_hierarchies")
 PUBLISHED = Path(__file__).parent / "data"  # the published distance matrices, test data only
@@ -306,3 +312,260 @@ def test_distance_file_errors(tmp_path):
     (tmp_path / "d.txt").write_text("0,1\n1,0\n")
     with pytest.raises(HierarchyError, match="unknown extension '.txt'"):
         as_distance_matrix(tmp_path / "d.txt")
+
+
+# ----------------------------------------------------------------------------- random valid trees against a brute force
+# RELIABILITY.md sections 1 and 2: trees drawn by helpers.trees (K up to 2000) against an ancestor walk and the
+# "split" construction written here, independent of the package (the LCA of two leaves is the node where their
+# paths split, so every pair of leaves under two different children of a node v is at distance height(v)).
+def _children(parent_of):
+    kids: dict[str, list[str]] = {}
+    for c, p in parent_of.items():
+        kids.setdefault(p, []).append(c)
+        kids.setdefault(c, [])
+    return kids
+
+
+def _root(parent_of):
+    (root,) = {p for p in parent_of.values() if p not in parent_of}
+    return root
+
+
+def _heights(parent_of):
+    """Longest downward path to a leaf, for every node (iterative post-order)."""
+    kids = _children(parent_of)
+    height: dict[str, int] = {}
+    stack = [(_root(parent_of), False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            height[node] = max((height[c] + 1 for c in kids[node]), default=0)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids[node])
+    return height
+
+
+def _chain(parent_of, node):
+    """node, its parent, ..., the root."""
+    out = [node]
+    while out[-1] in parent_of:
+        out.append(parent_of[out[-1]])
+    return out
+
+
+def brute_lca_height(parent_of, heights, a, b):
+    """Height of LCA(a, b) by walking a's ancestors until one is also an ancestor of b."""
+    up_b = set(_chain(parent_of, b))
+    for node in _chain(parent_of, a):
+        if node in up_b:
+            return heights[node]
+    raise AssertionError("no common ancestor")
+
+
+def brute_split_distances(parent_of, classes, heights):
+    """Full [K, K] LCA heights by the split construction (independent of the package)."""
+    kids = _children(parent_of)
+    col = {c: i for i, c in enumerate(classes)}
+    leaves_under: dict[str, list[int]] = {}
+    stack = [(_root(parent_of), False)]
+    D = np.full((len(classes), len(classes)), -1, dtype=np.int64)
+    while stack:
+        node, done = stack.pop()
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids[node])
+            continue
+        if not kids[node]:
+            leaves_under[node] = [col[node]]
+            continue
+        groups = [leaves_under.pop(c) for c in kids[node]]
+        if len(groups) <= 6:  # pairs of child subtrees
+            for x in range(len(groups)):
+                for y in range(x + 1, len(groups)):
+                    gx, gy = np.array(groups[x]), np.array(groups[y])
+                    D[np.ix_(gx, gy)] = heights[node]
+                    D[np.ix_(gy, gx)] = heights[node]
+        else:  # many children: one masked block write (leaves in different child subtrees)
+            idx = np.array([i for g in groups for i in g])
+            gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+            block = D[np.ix_(idx, idx)]
+            block[gid[:, None] != gid[None, :]] = heights[node]
+            D[np.ix_(idx, idx)] = block
+        leaves_under[node] = [i for g in groups for i in g]
+    np.fill_diagonal(D, 0)
+    assert (D >= 0).all()
+    return D
+
+
+def _published_levels(parent_of, classes):
+    """Per node, the distance it gives as an LCA under the published convention: D - depth (0 at leaves)."""
+    depth = {n: len(_chain(parent_of, n)) - 1 for n in set(parent_of) | set(parent_of.values())}
+    inner = set(parent_of.values())
+    D = max(depth[c] for c in classes)
+    return {n: (D - depth[n]) if n in inner else 0 for n in depth}
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(trees(), st.randoms(use_true_random=False))
+def test_distances_match_brute_force_lca_height(tree, rnd):
+    parent_of, classes = tree
+    h = Hierarchy.from_parents(parent_of, classes)
+    d = h.distances()
+    K = len(classes)
+    assert d.shape == (K, K) and d.dtype == np.int64 and h.classes == classes
+    heights = _heights(parent_of)
+    levels = _published_levels(parent_of, classes)
+    np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, levels))
+    dh = h.distances(convention="height")
+    np.testing.assert_array_equal(dh, brute_split_distances(parent_of, classes, heights))
+    # ancestor walk: every pair for small K, a random sample (plus the first row) for large K
+    if K <= 60:
+        pairs = [(i, j) for i in range(K) for j in range(K)]
+    else:
+        pairs = [(rnd.randrange(K), rnd.randrange(K)) for _ in range(400)] + [(0, j) for j in range(K)]
+    for i, j in pairs:
+        assert d[i, j] == brute_lca_height(parent_of, levels, classes[i], classes[j]), (i, j)
+        assert dh[i, j] == brute_lca_height(parent_of, heights, classes[i], classes[j]), (i, j)
+    assert h.height == heights[_root(parent_of)]
+
+
+@pytest.mark.parametrize("kind,K", [("balanced", 2000), ("star", 2000), ("random", 2000), ("caterpillar", 400),
+                                    ("random", 2), ("star", 2)])
+def test_extreme_sizes_match_brute_force(kind, K):
+    """The largest trees of each kind (and the smallest), deterministically, whatever hypothesis draws."""
+    rng = np.random.default_rng(K)
+    ids = _build(kind, K, rng)
+    parent_of = {_name(c, "spaces"): _name(p, "spaces") for c, p in ids.items()}
+    kids = set(parent_of.values())
+    classes = [c for c in parent_of if c not in kids]
+    h = Hierarchy.from_parents(parent_of, classes)
+    for convention, levels in (("published", _published_levels(parent_of, classes)),
+                               ("height", _heights(parent_of))):
+        d = h.distances(convention=convention)
+        np.testing.assert_array_equal(d, brute_split_distances(parent_of, classes, levels))
+        for i in range(0, len(classes), max(1, len(classes) // 50)):
+            for j in range(0, len(classes), max(1, len(classes) // 50)):
+                assert d[i, j] == brute_lca_height(parent_of, levels, classes[i], classes[j])
+
+
+@FAST
+@given(trees(max_k=150), st.randoms(use_true_random=False))
+def test_depth_lca_ancestors_are_consistent(tree, rnd):
+    parent_of, classes = tree
+    h = Hierarchy.from_parents(parent_of, classes)
+    heights = _heights(parent_of)
+    root = _root(parent_of)
+    assert h.root == root and h.parent(root) is None and h.depth(root) == 0 and h.ancestors(root) == []
+    assert sorted(h.nodes) == sorted(set(parent_of) | {root})
+    for node in h.nodes:
+        anc = h.ancestors(node)
+        assert anc == _chain(parent_of, node)[1:]
+        assert h.depth(node) == len(anc)
+        assert h.node_height(node) == heights[node]
+        assert h.is_leaf(node) == (node not in set(parent_of.values()))
+        if node != root:
+            assert h.parent(node) == parent_of[node] == anc[0] and anc[-1] == root
+            assert node in h.children(parent_of[node])
+    nodes = h.nodes
+    for _ in range(200):
+        a, b = rnd.choice(nodes), rnd.choice(nodes)
+        c = h.lca(a, b)
+        assert c == h.lca(b, a)
+        up_a, up_b = [a] + h.ancestors(a), [b] + h.ancestors(b)
+        assert c in up_a and c in up_b
+        # lowest: no child of c is an ancestor-or-self of both
+        assert not any(k in up_a and k in up_b for k in h.children(c))
+        assert h.depth(c) <= min(h.depth(a), h.depth(b))
+        assert h.lca(a, a) == a
+    d, dh = h.distances(), h.distances(convention="height")
+    D = max(h.depth(c) for c in classes)
+    for _ in range(100):
+        i, j = rnd.randrange(len(classes)), rnd.randrange(len(classes))
+        lca = h.lca(classes[i], classes[j])
+        assert dh[i, j] == h.node_height(lca)
+        assert d[i, j] == (0 if i == j else D - h.depth(lca)) == h.lca_height(lca)
+
+
+@FAST
+@given(trees(max_k=400))
+def test_to_edges_from_edges_round_trip(tree):
+    parent_of, classes = tree
+    h = Hierarchy.from_parents(parent_of, classes)
+    edges, cls = io.StringIO(), io.StringIO()
+    h.to_edges(edges)
+    h.to_classes(cls)
+    back = Hierarchy.from_edges(io.BytesIO(edges.getvalue().encode()), io.BytesIO(cls.getvalue().encode()))
+    assert back.classes == h.classes and back.root == h.root
+    assert sorted(back.nodes) == sorted(h.nodes)
+    assert all(back.parent(n) == h.parent(n) for n in h.nodes)
+    np.testing.assert_array_equal(back.distances(), h.distances())
+    # the default class order (sorted leaves) also survives the round trip
+    again = Hierarchy.from_edges(io.StringIO(edges.getvalue()))
+    assert again.classes == sorted(classes)
+
+
+def test_round_trip_through_files_with_very_long_and_numeric_names(tmp_path):
+    long_a, long_b = "a" * 100_000, "9" * 5_000  # a 100k-character name; a "huge number" is just a name
+    h = Hierarchy.from_parents({long_a: "root", long_b: "root", "1e400": long_a, "-0": long_a})
+    h.to_edges(tmp_path / "e.tsv")
+    h.to_classes(tmp_path / "c.txt")
+    back = Hierarchy.from_edges(tmp_path / "e.tsv", tmp_path / "c.txt")
+    assert back.classes == h.classes == sorted(["1e400", "-0", long_b])
+    np.testing.assert_array_equal(back.distances(), [[0, 1, 2], [1, 0, 2], [2, 2, 0]])
+
+
+def test_two_leaf_and_single_class_trees():
+    h = Hierarchy.from_edges(io.StringIO("r a\nr b\n"))
+    np.testing.assert_array_equal(h.distances(), [[0, 1], [1, 0]])
+    one = Hierarchy.from_edges(io.StringIO("r a\n"))  # K=1 is a tree; a frame for it is refused below
+    np.testing.assert_array_equal(one.distances(), [[0]])
+    with pytest.raises(HierarchyError, match="at least 2 classes"):
+        HAFrame.from_hierarchy(one, gamma=1.0)
+
+
+
+# ----------------------------------------------------------------------------- malformed trees and class lists
+# Every case: exactly HierarchyError with a message naming the problem.
+@FAST
+@given(trees(max_k=200, styles=("plain", "spaces")), st.data())
+def test_cycle_is_reported(tree, data):
+    parent_of, _ = tree
+    root = _root(parent_of)
+    node = data.draw(st.sampled_from(sorted(parent_of)))
+    bad = dict(parent_of)
+    bad[root] = node  # the root gets a descendant as parent: a cycle through the root
+    msg = _raises(lambda: Hierarchy.from_edges(io.StringIO(_edge_text(bad))), "cycle")
+    assert repr(root) in msg
+    # a separate 3-cycle next to a valid tree is found as well
+    extra = _edge_text(parent_of) + "x1\tx2\nx2\tx3\nx3\tx1\n"
+    _raises(lambda: Hierarchy.from_edges(io.StringIO(extra)), "cycle", "'x1'")
+    _raises(lambda: Hierarchy.from_parents({**parent_of, "self": "self"}), "self-loop")
+
+
+@FAST
+@given(trees(max_k=200), st.integers(1, 4))
+def test_several_roots_is_reported(tree, extra):
+    parent_of, _ = tree
+    text = _edge_text(parent_of) + "".join(f"other root {i}\tstray leaf {i}\n" for i in range(extra))
+    _raises(lambda: Hierarchy.from_edges(io.StringIO(text)), f"{extra + 1} roots", "exactly one")
+
+
+@FAST
+@given(trees(max_k=200, styles=("plain", "spaces", "unicode")), st.data())
+def test_bad_class_lists_are_reported(tree, data):
+    parent_of, classes = tree
+    text = _edge_text(parent_of)
+    internal = sorted(set(parent_of.values()))
+
+    def load(cls_lines):
+        return lambda: Hierarchy.from_edges(io.StringIO(text), io.StringIO("".join(f"{c}\n" for c in cls_lines)))
+
+    i = data.draw(st.integers(0, len(classes) - 1))
+    _raises(load(classes + ["no such class"]), "unknown class", "'no such class'")
+    _raises(load(classes[: i + 1] + [classes[i]] + classes[i + 1:]), "duplicate class", repr(classes[i]))
+    node = data.draw(st.sampled_from(internal))
+    _raises(load(classes[:i] + [node] + classes[i + 1:]), "not a leaf", repr(node))
+    _raises(load(classes[:i] + classes[i + 1:]), "not in the class list", repr(classes[i]))
+    for empty in ["", "\n\n", "   \n\t\n"]:
+        _raises(lambda: Hierarchy.from_edges(io.StringIO(text), io.StringIO(empty)), "class list is empty")
