@@ -112,8 +112,6 @@ def cmd_frame(args) -> int:
     if args.etf is not None:
         if args.etf < 2:
             raise UserError(f"--etf needs K >= 2 classes, got {args.etf}")
-        if args.dim is not None:
-            _check_frame_fits(args.etf, args.dim, "--dim")
         if args.plot and args.etf > DENSE_MAX_K:
             raise UserError(f"--plot draws K x K heatmaps, and K={args.etf:,} > {DENSE_MAX_K:,}: drop --plot")
         approximate = args.dim is not None and args.dim < args.etf

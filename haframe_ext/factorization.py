@@ -29,12 +29,16 @@ def check_dim(dim, K: int) -> int:
     if isinstance(dim, bool) or int(dim) != dim or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     dim = int(dim)
-    need = 8 * K * min(dim, max(K, 1)) + 4 * K * dim  # float64 factor + the float32 weight
+    r = min(dim, K)
+    # the float64 factor [K, r]; the rotation [dim, r] with its QR's copies (3); the float64 rows [K, dim] and
+    # their copy in the diagnostics (2); the float32 weight
+    need = 8 * K * r + 24 * dim * r + 20 * K * dim
     avail = available_memory()
     if avail is not None and need > avail:
+        fits = max(1, int(0.8 * avail - 8 * K * r) // (24 * r + 20 * K))  # with a margin for the rest
         raise MemoryError(
             f"a frame of K={K} classes in dim={dim} needs about {need / 2**30:.1f} GiB, but about "
-            f"{avail / 2**30:.1f} GiB is available; choose dim <= {max(1, avail // (12 * K))}")
+            f"{avail / 2**30:.1f} GiB is available; choose dim <= {fits}")
     return dim
 
 

@@ -67,7 +67,8 @@ def measure(W: np.ndarray, targets, exact_margin: float, tree, method: str, seed
     else:
         i, j, cos = sampled_pairs(W, tree, seed)
         err = np.abs(cos - targets(i, j))
-        max_cos, scope = float(cos.max()), f"{len(i)} tree-neighbour and random pairs"
+        kind = "tree-neighbour and random" if tree is not None else "sampled"
+        max_cos, scope = float(cos.max()), f"{len(i)} {kind} pairs"
         twins = int(len(np.unique(np.concatenate([i[cos > NEAR_TWIN], j[cos > NEAR_TWIN]]))))
     if twins:
         warnings.warn(

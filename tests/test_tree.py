@@ -196,3 +196,12 @@ def test_neural_collapse_samples_classes_of_a_large_frame():
     sampled = neural_collapse(f.weight[labels], labels, f.weight, f, max_classes=100)
     assert sampled["angular_collapse_classes"] == 100
     assert sampled["angular_collapse_avg"] < 1e-6  # the features sit on the frame
+
+
+def test_cli_builds_a_projected_etf_above_the_dense_limit(capsys):
+    """frame --etf K --dim d with K above DENSE_MAX_K needs K x d, not K x K (the CLI refused it)."""
+    from haframe_ext.cli import main
+
+    assert main(["frame", "--etf", str(DENSE_MAX_K + 100), "--dim", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "projection" in out and "sampled pairs" in out
