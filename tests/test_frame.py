@@ -347,3 +347,10 @@ def test_s_min_values_that_are_not_numbers_in_range(s_min, key):
 def test_bad_gamma(gamma):
     with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
         HAFrame.from_distances(np.array([[0, 1], [1, 0]]), gamma)
+
+
+def test_single_class_frames_are_refused_by_the_frame_builders():
+    with pytest.raises(ValueError, match="K >= 2"):
+        HAFrame.etf(1)
+    with pytest.raises(HierarchyError, match="at least 2 classes"):
+        HAFrame.from_distances([[0]], gamma=1.0)
