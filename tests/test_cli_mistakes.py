@@ -1,5 +1,6 @@
-"""Every user mistake at the command line: exactly one line on stderr (``haframe: error: ...``), no traceback,
-exit code 2 — checked by running the console module in child processes, the way a user does.
+"""Tests for haframe_ext.cli and haframe_ext.commands: every user mistake at the command line gives exactly
+one line on stderr (``haframe: error: ...``), no traceback, exit code 2 — checked by running the
+console module in child processes, the way a user does.
 
 A fresh ``python -m haframe_ext.cli`` costs ~3 s of CPU (importing torch), too much for 66 cases on two cores,
 so every case runs in a *forked* child of one "fork server" process that imported torch and the package once:
