@@ -1,10 +1,13 @@
-"""The package's import graph, read with ``ast``: no cycle among haframe_ext modules, no private names across them."""
+"""The package's source, read with ``ast``: no import cycle among haframe_ext modules, no private names across
+them, and no loading of user files that could unpickle code."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
+
+import haframe_ext
 
 PACKAGE = Path(__file__).resolve().parents[1] / "haframe_ext"
 
@@ -143,3 +146,33 @@ def test_the_reader_sees_every_import(tmp_path):
     assert found == {("", "a", "run"), ("a", "b", ""), ("a", "data.images", "_load"), ("b", "a", ""),
                      ("b", "", "__version__"), ("data.images", "b", "thing")}
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}, "d": {"d"}}) == [["a", "b"], ["d"]]
+
+
+
+PKG = Path(haframe_ext.__file__).resolve().parent
+
+
+def test_package_source_never_unpickles_user_files():
+    """Static guard: every torch.load passes weights_only=True, every np.load allow_pickle=False, and no
+    pickle.load/loads/Unpickler is used except the restricted CifarUnpickler."""
+    problems = []
+    for path in sorted(PKG.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            kw = {k.arg: k.value for k in node.keywords}
+            where = f"{path.name}:{node.lineno}"
+            if owner == "torch" and node.func.attr == "load":
+                v = kw.get("weights_only")
+                if not (isinstance(v, ast.Constant) and v.value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            if owner == "np" and node.func.attr == "load":
+                v = kw.get("allow_pickle")
+                if not (isinstance(v, ast.Constant) and v.value is False):
+                    problems.append(f"{where}: np.load without allow_pickle=False")
+            if owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler"):
+                problems.append(f"{where}: pickle.{node.func.attr}")
+    assert not problems, problems
+

@@ -2,6 +2,8 @@
 unpickler, ImageFolder trees and feature files."""
 
 import pickle
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from haframe_ext.data import (CIFAR100, CifarUnpickler, DataError, FeaturesDatas
                               SyntheticHierarchical, check_labels, load_cifar_pickle, load_features,
                               make_datasets, random_crop_flip)
 from haframe_ext.hierarchy import Hierarchy
-from helpers import HostileGlobal
+from helpers import cli
+from helpers import hostile_touch as _Evil
 
 TOY_EDGES = """root\tA
 root\tB
@@ -136,11 +139,6 @@ def test_make_datasets_cifar(tmp_path):
     sets = make_datasets("cifar100", Hierarchy.builtin("cifar100"), data_root=str(root))
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (100, 5000, 100)
     assert sets["kind"] == "image"
-
-
-def _Evil():
-    """A pickle that would create a marker file (refused, never run)."""
-    return HostileGlobal("touch pwned-by-pickle")
 
 
 def test_restricted_unpickler_refuses_code(tmp_path, monkeypatch):
@@ -337,3 +335,103 @@ def test_describe_torch_load_error_says_unsafe_or_damaged_without_torch_advice(t
     reason, is_unsafe = describe_torch_load_error(info.value)
     assert is_unsafe is unsafe and fragment in reason and "\n" not in reason
     assert "weights_only" not in reason and "False" not in reason
+
+
+
+# ----------------------------------------------------------------------------- malicious pickles (RELIABILITY.md section 17)
+def _fake_cifar(root: Path):
+    """A valid tiny cifar-100-python folder (1 image per class per split)."""
+    from haframe_ext.hierarchy import Hierarchy
+
+    root.mkdir(parents=True)
+    names = Hierarchy.builtin("cifar100").classes
+    rng = np.random.default_rng(0)
+
+    def blob(n):
+        labels = [c for _ in range(n) for c in range(100)]
+        return {b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels], b"batch_label": b"x",
+                b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"filenames": [b"f"] * len(labels)}
+
+    for name, obj in (("train", blob(2)), ("test", blob(1)),
+                      ("meta", {b"fine_label_names": [n.encode() for n in names]})):
+        with open(root / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+
+class _EvilPopen:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", self.marker],))
+
+
+class _EvilExec:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+        return (builtins.exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+class _ReconstructNonArray:
+    """An allowed reconstructor (numpy's _reconstruct) asked to build something that is not an ndarray."""
+
+    def __reduce__(self):
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+        return (_reconstruct, (np.dtype, (0,), b"b"))
+
+
+@pytest.mark.parametrize("attack", ["os.system-p0", "os.system-p2", "os.system-p5", "subprocess.Popen", "exec",
+                                    "nested-in-list", "in-meta", "reconstruct-non-ndarray"])
+def test_cifar_loader_refuses_malicious_pickles_without_side_effects(tmp_path, attack):
+    from haframe_ext.data import CIFAR100
+
+    root = tmp_path / "cifar-100-python"
+    _fake_cifar(root)
+    marker = tmp_path / "PWNED"
+    target = root / ("meta" if attack == "in-meta" else "train")
+    proto = {"os.system-p0": 0, "os.system-p5": 5}.get(attack, 2)
+    payload = {"os.system-p0": _Evil(marker), "os.system-p2": _Evil(marker), "os.system-p5": _Evil(marker),
+               "subprocess.Popen": _EvilPopen(marker), "exec": _EvilExec(marker),
+               "nested-in-list": [1, [2, {"x": _Evil(marker)}]], "in-meta": _Evil(marker)}.get(attack)
+    if attack == "reconstruct-non-ndarray":
+        payload = _ReconstructNonArray()
+    with open(target, "wb") as f:
+        pickle.dump({b"data": payload, b"fine_labels": [0]}, f, protocol=proto)
+    with pytest.raises(DataError, match="refusing to load global|only plain numpy arrays"):
+        CIFAR100(root, "train")
+    assert not marker.exists()
+
+
+def test_cifar_malicious_pickle_through_the_cli_is_one_line_and_inert(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    _fake_cifar(root)
+    marker = tmp_path / "PWNED"
+    with open(root / "train", "wb") as f:
+        pickle.dump({b"data": _Evil(marker)}, f, protocol=2)
+    r = cli("train", "--dataset", "cifar100", "--data-root", root, "--hierarchy", "cifar100", "--epochs", "1",
+            "--backbone", "small-cnn", "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "refusing to load global posix.system" in lines[0] and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_features_files_with_pickled_code_are_refused_without_side_effects(tmp_path):
+    from haframe_ext.data import load_features
+
+    marker = tmp_path / "PWNED"
+    torch.save({"features": torch.zeros(4, 3), "labels": torch.zeros(4, dtype=torch.long), "x": _Evil(marker)},
+               tmp_path / "train.pt")
+    with pytest.raises(DataError, match="not a readable features file"):
+        load_features(tmp_path / "train.pt", 8)
+    np.save(tmp_path / "obj.npy", np.array([_Evil(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError):
+        load_features(tmp_path / "obj.npy", 8)
+    assert not marker.exists()
+

@@ -13,7 +13,8 @@ import torch
 import haframe_ext.loop as L
 import haframe_ext.train as T
 from _torchrun import run_torchrun
-from helpers import HostileGlobal
+from helpers import HostileGlobal, assert_same_run, cli, start_fault, write_inputs
+from helpers import toy_train_config as _round2_config
 from haframe_ext.checkpoint import seal_checkpoint
 from haframe_ext.demo import demo
 from haframe_ext.train import (CheckpointError, TrainConfig, TrainingDivergedError, evaluate_checkpoint,
@@ -555,3 +556,147 @@ def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_pat
     assert T.checkpoint_convention({"hierarchy": "tiered_imagenet_h"}) == "published"  # was the published matrix
     res = train(TrainConfig.from_dict(dict(cfg, resume=True, stop_after_epochs=None)))
     assert res["config"]["distance_convention"] == "height" and res["frame"]["convention"] == "height"
+
+
+
+# ----------------------------------------------------------------------------- NaN loss and divergence (RELIABILITY.md section 16)
+def test_nan_loss_in_epoch_2_stops_with_one_clear_line_and_keeps_the_good_checkpoint(tmp_path, baseline):
+    cfg = write_inputs(tmp_path)
+    out = tmp_path / "run"
+    proc = start_fault(tmp_path, "nan_epoch2", out, cfg)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("haframe: error: loss became nan at epoch 2, step 1: training stopped;")
+    assert f"the last good checkpoint {out / 'last.pt'} (epoch 1) is kept" in lines[0]
+    assert "--grad-clip" in lines[0]
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and not (out / "prev.pt").exists() and not (out / "results.json").exists()
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert any(json.loads(l).get("event") == "diverged" for l in (out / "metrics.jsonl").read_text().splitlines())
+    # the kept checkpoint really is the good one: resuming from it reproduces the uninterrupted run
+    r = cli("train", "--config", cfg, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, baseline)
+
+
+def test_natural_divergence_in_epoch_1_says_no_checkpoint_was_written(tmp_path):
+    cfg = write_inputs(tmp_path)
+    r = cli("train", "--config", cfg, "--out", tmp_path / "run", "--lr", "1e30")
+    assert r.returncode == 1, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "loss became" in lines[0] and "at epoch 1" in lines[0] and "no checkpoint had been written yet" in lines[0]
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_gradient_at_the_end_of_an_epoch_never_reaches_a_checkpoint(tmp_path):
+    cfg = write_inputs(tmp_path)
+    out = tmp_path / "run"
+    proc = start_fault(tmp_path, "nan_grad_end_of_epoch2", out, cfg)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    for name in ("last.pt", "prev.pt", "best.pt"):
+        if (out / name).exists():
+            ck = torch.load(out / name, weights_only=True)
+            assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()), name
+
+
+
+# ----------------------------------------------------------------------------- seeds, the best epoch, the training step (RELIABILITY.md section 21)
+def test_duplicate_seeds_are_refused_before_any_training(tmp_path):
+    """Issue 14 item 6: --seeds 0 0 would count one run twice (with --resume) or fail after the first trained."""
+    cfg = _round2_config(tmp_path, epochs=1)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"seed\(s\) 0 listed more than once"):
+            T.run_seeds(dataclasses_replace(cfg, resume=resume), [0, 1, 0], verbose=False)
+    assert not (Path(cfg.out) / "seed0").exists()
+
+
+def test_a_later_seed_folder_holding_a_run_is_refused_before_the_first_seed_trains(tmp_path):
+    """The class of item 6: every seed's folder is checked up front, so no finished seed run is lost to it."""
+    cfg = _round2_config(tmp_path, epochs=1)
+    train(dataclasses_replace(cfg, seed=1, out=str(Path(cfg.out) / "seed1")))
+    with pytest.raises(ValueError, match=r"seed1 already holds a run"):
+        T.run_seeds(cfg, [0, 1], verbose=False)
+    assert not (Path(cfg.out) / "seed0" / "last.pt").exists()
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.parametrize("metric,values,best", [("top1", [20.0, 60.0, 40.0], 2),
+                                                 ("mistake_severity", [1.5, 0.5, 0.9], 2),
+                                                 ("top1", [50.0, 10.0, 30.0], 1)])
+@pytest.mark.parametrize("resume", [False, True])
+def test_best_epoch_is_the_validation_peak_not_the_last_epoch(tmp_path, monkeypatch, metric, values, best, resume):
+    """The mutation-test gap: the validation metric peaks before the last epoch (scripted, so the test does not
+    depend on training dynamics); best_epoch, the epoch and weights in best.pt and the best value agree with
+    metrics.jsonl; with resume, across a stop after epoch 2."""
+    real = L.evaluate
+    calls = {"val": 0}
+
+    def scripted(*args, **kwargs):
+        res = real(*args, **kwargs)
+        if not kwargs.get("collect"):  # the per-epoch validation (the test evaluation collects features)
+            res = dict(res, **{metric: values[calls["val"]]})
+            calls["val"] += 1
+        return res
+
+    monkeypatch.setattr(L, "evaluate", scripted)
+    cfg = _round2_config(tmp_path, select_metric=metric, stop_after_epochs=2 if resume else None)
+    res = train(cfg)
+    if resume:
+        res = train(dataclasses_replace(cfg, stop_after_epochs=None, resume=True))
+    out = Path(cfg.out)
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in log if "train_loss" in r]
+    assert [r["val"][metric] for r in log] == values
+    pick = max if metric.startswith("top") else min
+    peak = pick(log, key=lambda r: r["val"][metric])
+    assert peak["epoch"] == best
+    so_far = [max(range(1, e + 1), key=lambda i: values[i - 1] * (1 if pick is max else -1)) for e in (1, 2, 3)]
+    assert [r["best_epoch"] for r in log] == so_far
+    assert res["best_epoch"] == best and res["best_val"] == {"metric": metric, "value": values[best - 1]}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["best_epoch"] == best and saved["best_val"]["value"] == values[best - 1]
+    bk = load_checkpoint(out / "best.pt", kind="best")
+    assert bk["epoch"] == best and bk["val"][metric] == values[best - 1]
+    last = load_checkpoint(out / "last.pt")
+    assert last["best"] == {"metric": metric, "value": values[best - 1], "epoch": best}
+    # best.pt holds the weights of the best epoch: epoch 2's are also in prev.pt (last.pt is epoch 3)
+    same_as = {2: out / "prev.pt", 3: out / "last.pt"}.get(best)
+    if same_as is not None:
+        ref = load_checkpoint(same_as)
+        assert all(torch.equal(bk["model"][k], ref["model"][k]) for k in bk["model"])
+    else:
+        assert not all(torch.equal(bk["model"][k], last["model"][k]) for k in bk["model"])
+
+
+@pytest.mark.parametrize("method", ["haframe", "etf", "haframe-ce", "cross-entropy"])
+def test_fixed_frame_training_steps_form_logits_only_in_the_fused_op(tmp_path, monkeypatch, method):
+    """Issue 11 item 5: the training step of a fixed-frame method never calls the classifier (the fused loss forms
+    the B x K logits once); train_top1 is then null, and a percent (like val top1) for a learned classifier."""
+    from haframe_ext.nn import FixedFrameClassifier
+
+    with_grad = {"n": 0}
+    real = FixedFrameClassifier.forward
+
+    def counting(self, h):
+        with_grad["n"] += torch.is_grad_enabled()
+        return real(self, h)
+
+    monkeypatch.setattr(FixedFrameClassifier, "forward", counting)
+    cfg = _round2_config(tmp_path, method=method, epochs=1)
+    train(cfg)
+    assert with_grad["n"] == 0
+    rec = next(json.loads(l) for l in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines())
+    if method == "cross-entropy":
+        assert 0.0 <= rec["train_top1"] <= 100.0 and rec["train_top1"] > 1.0  # a percent, not a fraction
+    else:
+        assert rec["train_top1"] is None
+

@@ -1,0 +1,116 @@
+"""Tests for haframe_ext.resume: SIGKILL mid-epoch or mid-checkpoint then --resume, bit for bit on CPU; the
+fallback to prev.pt; resume compares the class list and tree by content (RELIABILITY.md sections 14, 15 and 21).
+
+Killed runs go through helpers.FAULT; ``baseline`` (one uninterrupted run) and ``two_epochs`` come from
+conftest.py.  Extends tests/test_train.py, which covers the cooperative ``stop_after_epochs`` resume.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
+from helpers import EPOCHS, TOY_EDGES, assert_same_run, cli, start_fault, wait_for, write_inputs
+from helpers import damage_checkpoint as _damage
+from helpers import toy_train_config as _round2_config
+
+
+# ----------------------------------------------------------------------------- SIGKILL, damage, then resume
+@pytest.mark.parametrize("mode", ["stall_epoch2", "kill_in_write", "kill_between_renames"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, baseline, mode):
+    """Killed (SIGKILL) mid-epoch 2 (after 2 of its 6 steps), inside epoch 2's checkpoint write (temp file
+    complete, not renamed), or between its two renames (last.pt -> prev.pt done, no last.pt); ``--resume``
+    then ends with the uninterrupted run's weights and metrics, bit for bit."""
+    cfg = write_inputs(tmp_path)
+    out = tmp_path / "run"
+    proc = start_fault(tmp_path, mode, out, cfg)
+    if mode == "stall_epoch2":
+        wait_for(tmp_path / "marker", proc)
+        assert load_checkpoint(out / "last.pt")["epoch"] == 1  # the process is in epoch 2, past its 2nd step
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=90)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    if mode == "kill_in_write":
+        assert load_checkpoint(out / "last.pt")["epoch"] == 1 and any(out.glob(".last.pt.tmp-*"))
+    if mode == "kill_between_renames":
+        assert not (out / "last.pt").exists() and load_checkpoint(out / "prev.pt")["epoch"] == 1
+    assert not (out / "results.json").exists()
+
+    r = cli("train", "--config", cfg, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    if mode == "kill_between_renames":
+        assert "resuming from" in r.stderr and "prev.pt" in r.stderr  # the fallback is announced
+    assert_same_run(out, baseline)
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in log if "train_loss" in rec] == list(range(1, EPOCHS + 1))  # no duplicate epoch
+
+
+def test_resume_from_prev_after_corruption_is_bit_exact_through_the_cli(two_epochs, baseline):
+    cfg, out = two_epochs
+    cfg_file = Path(cfg.hierarchy).parent / "cfg.json"
+    _damage("truncated_tail", out / "last.pt", out)
+    r = cli("train", "--config", cfg_file, "--out", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("haframe: error: checkpoint") and "Traceback" not in r.stderr
+    assert "corrupted or truncated" in lines[0] and "--resume-from" in lines[0] and "prev.pt" in lines[0]
+    r = cli("train", "--config", cfg_file, "--out", out, "--resume-from", out / "prev.pt")
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, baseline)
+
+
+def test_when_last_and_prev_are_both_damaged_prev_is_not_called_intact(two_epochs):
+    """Issue 14 item 15."""
+    cfg, out = two_epochs
+    _damage("truncated_tail", out / "last.pt", out)
+    _damage("random_bytes", out / "prev.pt", out)
+    with pytest.raises(CheckpointError) as info:
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+    msg = str(info.value)
+    assert "intact" not in msg and "--resume-from" not in msg, msg
+    assert f"the previous checkpoint {out / 'prev.pt'} is damaged too" in msg and "--overwrite" in msg, msg
+
+
+
+# ----------------------------------------------------------------------------- resume compares the inputs by content
+def _classes_file(folder: Path, names) -> str:
+    p = folder / "classes.txt"
+    p.write_text("\n".join(names) + "\n")
+    return str(p)
+
+
+def test_resume_compares_the_class_list_and_tree_by_content_not_by_path(tmp_path):
+    """Issue 14 item 4: a reordered --classes file or an edited tree at the same path is refused; an identical
+    copy of the tree at another path resumes."""
+    names = [f"c{i}" for i in range(8)]
+    cfg = _round2_config(tmp_path, classes=_classes_file(tmp_path, names), stop_after_epochs=1)
+    train(cfg)
+    resume = dict(cfg.to_dict(), stop_after_epochs=None, resume=True)
+    _classes_file(tmp_path, [names[1], names[0]] + names[2:])  # same path, two labels swapped
+    with pytest.raises(CheckpointError, match="same class names in another label order"):
+        train(TrainConfig.from_dict(resume))
+    _classes_file(tmp_path, names)
+    edited = TOY_EDGES.replace("A1\tc1\n", "B2\tc1\n")  # same leaves, c1 moved to another subtree
+    (tmp_path / "toy.tsv").write_text(edited)
+    with pytest.raises(CheckpointError, match="class distances .* differ from the checkpoint's"):
+        train(TrainConfig.from_dict(resume))
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES)
+    copy = tmp_path / "elsewhere" / "same_tree.tsv"
+    copy.parent.mkdir()
+    copy.write_text(TOY_EDGES)
+    res = train(TrainConfig.from_dict(dict(resume, hierarchy=str(copy))))
+    assert res["epochs"] == EPOCHS and load_checkpoint(Path(cfg.out) / "last.pt")["epoch"] == EPOCHS
+
+
+def test_resume_with_another_number_of_classes_names_both_sizes(tmp_path):
+    """Issue 14 item 16: not torch's 'Error(s) in loading state_dict', but the two class counts."""
+    cfg = _round2_config(tmp_path, stop_after_epochs=1)
+    train(cfg)
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES.replace("B\tB2\n", "").replace("B2\tc6\nB2\tc7\n", ""))  # 6 at the path
+    with pytest.raises(CheckpointError, match=r"trained on 8 classes and this run's hierarchy .* has 6"):
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+
