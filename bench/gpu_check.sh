@@ -50,13 +50,13 @@ if [[ " $SKIP " != *" tests "* ]]; then
   stamp "tests (CUDA and CPU) of the fused op"
   # the fused op's CUDA parity/error tests, its hostile-value tests and the modules that call it;
   # TESTS=all runs the whole suite (about 2 minutes more)
-  tests="tests/test_ops.py tests/test_reliability_ops.py tests/test_nn.py"
+  tests="tests/test_ops.py tests/test_ops_inputs.py tests/test_nn.py"
   [ "${TESTS:-}" = all ] && tests=tests
   # every output and work buffer of the CUDA op starts as NaN (HAFRAME_DEBUG_POISON): unwritten rows show up
   HAFRAME_DEBUG_POISON=1 timeout 300 $PY -m pytest $tests -q -p no:cacheprovider --timeout 120 --tb=short > "$OUT/tests.log" 2>&1
   tail -30 "$OUT/tests.log"
   stamp "CUDA tests of the op on the tuned path (HAFRAME_CUDA_TUNED=1)"
-  HAFRAME_CUDA_TUNED=1 HAFRAME_DEBUG_POISON=1 timeout 200 $PY -m pytest tests/test_ops.py tests/test_reliability_ops.py -q -k cuda \
+  HAFRAME_CUDA_TUNED=1 HAFRAME_DEBUG_POISON=1 timeout 200 $PY -m pytest tests/test_ops.py tests/test_ops_inputs.py -q -k cuda \
     -p no:cacheprovider --timeout 120 --tb=short >> "$OUT/tests.log" 2>&1
   tail -15 "$OUT/tests.log"
 fi

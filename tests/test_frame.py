@@ -1,4 +1,5 @@
-"""Tests for haframe_ext.frame: similarity, exact and grid s_min, factorization, ETF, save/load."""
+"""Tests for haframe_ext.frame: similarity, exact and grid s_min, factorization, ETF, save/load; inadmissible s_min,
+bad gamma and K = 1 (RELIABILITY.md sections 4 and 9)."""
 
 import functools
 import math

@@ -1,10 +1,11 @@
 """Tests for haframe_ext.ops under hostile input: a clear error or a documented, tested result, never a crash.
 
-Extends tests/test_ops.py (a file of its own only to keep each under ~900 lines; test_ops.py covers the basic shape/label/alpha errors, zero-norm and NaN rows on the
-gather route, and parity over fixed shapes) with: every integer label dtype and out-of-range value of both
-signs, the raw ``torch.ops.haframe_ext.fused_loss`` with wrong similarity/gram/target, meta-device
-mismatches, empty batches with backward, d = 0, K = 1, the M route on zero/NaN rows, features scaled far
-up (the logsumexp must not overflow), bf16 extremes, and a hypothesis parity check in float64.
+Extends tests/test_ops.py (a file of its own only to keep each under ~900 lines; test_ops.py covers the basic
+shape/label/alpha errors, zero-norm and NaN rows on the gather route, and parity over fixed shapes) with:
+every integer label dtype and out-of-range value of both signs, the raw ``torch.ops.haframe_ext.fused_loss``
+with wrong similarity/gram/target, meta-device mismatches, empty batches with backward, d = 0, K = 1, the M
+route on zero/NaN rows, features scaled far up (the logsumexp must not overflow), bf16 extremes, and a
+hypothesis parity check in float64.
 Documented results pinned here (see RELIABILITY.md):
 
 * a row with NaN/Inf gives a NaN loss for that row; an *ignored* row with NaN gives 0 and a zero gradient

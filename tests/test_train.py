@@ -1,5 +1,6 @@
 """Tests for haframe_ext.train: a tiny run, checkpoints, exact resume, corrupted checkpoints, NaN stop,
-multi-seed summaries, checkpoint evaluation, torchrun, and the demo's main effect."""
+multi-seed summaries, checkpoint evaluation, torchrun, and the demo's main effect; NaN loss and divergence through
+the CLI, repeated seeds, the best epoch and the fixed-frame step (RELIABILITY.md sections 16 and 21)."""
 
 import json
 import os
