@@ -24,7 +24,7 @@ import torch
 from .safe_load import describe_torch_load_error
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "FolderInUseError", "atomic_save",
-           "atomic_write_text", "claim_folder", "load_checkpoint", "release_folder", "rng_state", "rotate_save",
+           "atomic_write", "atomic_write_text", "claim_folder", "load_checkpoint", "release_folder", "rng_state", "rotate_save",
            "seal_checkpoint", "set_rng_state", "state_mismatch"]
 
 CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
@@ -138,18 +138,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_tmp(obj, path: Path) -> Path:
+def _temp_file(path: Path, mode: str, write) -> Path:
+    """Write a temp file beside ``path`` with ``write(file)``, flushed and fsynced; return its path.
+
+    A full disk or an interrupt leaves no partial temp file behind.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:  # a full disk, an interrupt: no partial temp file is left behind
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _write_tmp(obj, path: Path) -> Path:
+    """``torch.save(obj)`` into a temp file beside ``path`` (see _temp_file)."""
+    return _temp_file(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_save(obj, path) -> None:
@@ -160,19 +169,15 @@ def atomic_save(obj, path) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Write ``path`` atomically with ``write(file)``: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    os.replace(_temp_file(path, mode, write), path)
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk, an interrupt: no partial temp file is left behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 # temp files of _write_tmp / atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"

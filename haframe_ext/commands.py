@@ -167,16 +167,11 @@ def _check_plot_path(plot: Optional[str]) -> None:
 
 def _save_frame(frame, out: Path) -> None:
     """``frame.save`` atomically (a temp file beside ``out``, renamed); an unwritable path is a UserError."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: an OS error stays an OSError, not torch's RuntimeError
-            frame.save(f)
-        os.replace(tmp, out)
+    from .checkpoint import atomic_write
+
+    try:  # into a file object: an OS error stays an OSError, not torch's RuntimeError
+        atomic_write(out, frame.save)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise UserError(f"cannot write --out {quote(out)}: {exc.strerror or exc}") from None
 
 
