@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .hierarchy import Hierarchy
+from .sizes import available_memory
 
 __all__ = ["UserError", "quote", "check_device", "memory_message", "cmd_frame", "cmd_train", "cmd_eval", "cmd_demo",
            "cmd_hierarchy"]
@@ -36,21 +37,6 @@ def check_device(device: str) -> None:
         raise UserError(f"--device {device} but CUDA is not available: use --device cpu or auto")
 
 
-def _available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _gib(n: float) -> str:
     """Bytes as GiB with one decimal."""
     return f"{n / 2 ** 30:,.1f} GiB"
@@ -63,7 +49,7 @@ _DENSE_FRAME_COPIES = 4
 def _check_frame_fits(K: int, dim: int, flag: str) -> None:
     """Refuse a --dim whose dense frame cannot fit in memory, saying what was asked and what fits (a K too large
     for any dim is left to the frame builder's own rule and to the out-of-memory handler of :func:`main`)."""
-    avail = _available_memory()
+    avail = available_memory()
     need = _DENSE_FRAME_COPIES * 8 * (K * K + K * dim)
     if avail is None or need <= avail:
         return
@@ -75,7 +61,7 @@ def _check_frame_fits(K: int, dim: int, flag: str) -> None:
 
 def memory_message(exc: BaseException) -> str:
     """One line for an allocation that failed: the size asked for (numpy and torch say it) and what is available."""
-    avail = _available_memory()
+    avail = available_memory()
     asked = " ".join(str(exc).split())[:300] or "an allocation failed"
     have = f"; {_gib(avail)} of memory is available" if avail is not None and "available" not in asked else ""
     return (f"out of memory: {asked}{have}. Use a smaller hierarchy or --dim / --feature-dim, or a machine with more "

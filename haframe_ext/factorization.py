@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error", "normalise_rows", "rotate", "project",
-           "available_memory"]
+from .sizes import available_memory
+
+__all__ = ["random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error", "normalise_rows", "rotate", "project"]
 
 
 def random_orthonormal(dim: int, r: int, seed: int) -> np.ndarray:
@@ -40,18 +41,6 @@ def check_dim(dim, K: int) -> int:
             f"a frame of K={K} classes in dim={dim} needs about {need / 2**30:.1f} GiB, but about "
             f"{avail / 2**30:.1f} GiB is available; choose dim <= {fits}")
     return dim
-
-
-def available_memory():
-    """Bytes of memory available to this process (None when unknown)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def dim_error(dim: int, K: int, exact_dim: int) -> ValueError:
