@@ -251,10 +251,6 @@ class HAFrame:
         tree = None if self.hierarchy is None else self.hierarchy.tree
         self.approximation = measure(W, self._pair_targets, self._exact_margin(), tree, method, seed)
 
-    def _dense_similarity(self) -> np.ndarray:
-        """S as a dense float64 [K, K] (small K only)."""
-        return self.similarity_rows(np.arange(self.num_classes)).numpy()
-
     def gram_error(self) -> float:
         """max |W W^T - S|: over every pair up to DENSE_MAX_K classes, else over sampled pairs (float64)."""
         W = self.weight.detach().cpu().double().numpy()
