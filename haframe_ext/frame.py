@@ -157,10 +157,9 @@ class HAFrame:
             raise dim_error(dim, K, K)
         else:
             W = tree.projected_frame(g, s, dim, seed)
-        dense = K <= DENSE_MAX_K
-        S = similarity_matrix(h.distances(), g, s) if dense else None
-        frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g,
-                    distances=h.distances() if dense else None, hierarchy=h)
+        d = h.distances() if K <= DENSE_MAX_K else None  # [K, K], kept only up to DENSE_MAX_K classes
+        S = None if d is None else similarity_matrix(d, g, s)
+        frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g, distances=d, hierarchy=h)
         if dim < K:
             frame._measure(W, "projection", seed)
         return frame
