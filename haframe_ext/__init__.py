@@ -5,11 +5,14 @@ from . import hierarchy, frame, metrics, ops, nn
 from .hierarchy import Hierarchy, HierarchyError
 from .frame import HAFrame
 from .ops import haframe_loss
+from .hier_losses import (hxe_loss, soft_label_loss, linear_hierarchical_loss, HXELoss, SoftLabelLoss,
+                          LinearHierarchicalLoss)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Hierarchy", "HierarchyError", "HAFrame", "haframe_loss",
+    "hxe_loss", "soft_label_loss", "linear_hierarchical_loss", "HXELoss", "SoftLabelLoss", "LinearHierarchicalLoss",
     "hierarchy", "frame", "metrics", "ops", "nn",
     "native_available", "native_error", "__version__",
 ]
