@@ -350,3 +350,44 @@ def toy_train_config(folder: Path, **kw) -> TrainConfig:
     base = dict(toy_config(folder), out=str(folder / "run"))
     base.update(kw)
     return TrainConfig.from_dict(base)
+
+
+# ----------------------------------------------------------------------------- independent float64 references
+def brute_tree_distances(h, convention: str) -> np.ndarray:
+    """d [K, K] float64 of a Hierarchy whose classes are leaves, by walking parent links (no library distance code):
+    'published' D - depth(LCA) with D the deepest class's depth, 'height' the longest path down from the LCA."""
+    parent = {n: h.parent(n) for n in h.nodes}
+    up = {}  # node -> [node, parent, ..., root]
+    for n in parent:
+        path, v = [], n
+        while v is not None:
+            path.append(v)
+            v = parent[v]
+        up[n] = path
+    height = dict.fromkeys(parent, 0)
+    for n in sorted(parent, key=lambda v: -len(up[v])):  # deepest first: children before parents
+        if parent[n] is not None:
+            height[parent[n]] = max(height[parent[n]], height[n] + 1)
+    classes = list(h.classes)
+    assert all(height[c] == 0 for c in classes), "brute_tree_distances needs classes at leaves"
+    D = max(len(up[c]) - 1 for c in classes)
+    K = len(classes)
+    d = np.zeros((K, K))
+    for a in range(K):
+        anc = set(up[classes[a]])
+        for b in range(a + 1, K):
+            lca = next(v for v in up[classes[b]] if v in anc)
+            d[a, b] = d[b, a] = height[lca] if convention == "height" else D - (len(up[lca]) - 1)
+    return d
+
+
+def brute_similarity(d: np.ndarray, gamma: float):
+    """(S [K, K], s_min) in float64 from distances d: E = exp(-gamma d / d_max), s_min = -1 / (1^T E^-1 1 - 1)
+    clipped to >= -1 by a dense solve, S = (1 - s_min) E + s_min with a unit diagonal."""
+    E = np.exp(-gamma * d / d.max())
+    ones = np.ones(len(d))
+    q = float(ones @ np.linalg.solve(E, ones))
+    s = max(-1.0 / (q - 1.0), -1.0)
+    S = (1.0 - s) * E + s
+    np.fill_diagonal(S, 1.0)
+    return S, s
