@@ -164,14 +164,15 @@ def test_metrics_through_the_tree_equal_dense():
     target = torch.randint(0, 1500, (300,), generator=g)
     target[:60] = logits[:60].argmax(1)
     tree = evaluate(logits, target, h, ks=(1, 5, 20), crm=True)
-    dense = evaluate(logits, target, h.distances(), ks=(1, 5, 20), crm=True)
-    assert tree == pytest.approx(dense, rel=1e-12)
+    dense = evaluate(logits, target, h.distances(), ks=(1, 5, 20), crm=True)  # no tree: fewer keys
+    dense = {k: v for k, v in dense.items() if not isinstance(v, list)}
+    assert {k: tree[k] for k in dense} == pytest.approx(dense, rel=1e-12)
     probs = torch.softmax(logits, 1)
     torch.testing.assert_close(crm(probs, h), crm(probs, h.distances()), rtol=1e-12, atol=1e-12)
     ev = StreamingEvaluator(h, crm=True)
     for a in range(0, 300, 128):
         ev.update(logits[a:a + 128], target[a:a + 128])
-    assert ev.compute() == pytest.approx(dense, rel=1e-12)
+    assert {k: v for k, v in ev.compute().items() if k in dense} == pytest.approx(dense, rel=1e-12)
 
 
 def test_crm_with_huge_distances_does_not_overflow():
