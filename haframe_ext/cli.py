@@ -18,7 +18,8 @@ import warnings
 from typing import Optional, Sequence
 
 from .commands import UserError, cmd_demo, cmd_eval, cmd_frame, cmd_hierarchy, cmd_train, memory_message, quote
-from .hierarchy import BUILTIN_NAMES, CONVENTIONS, HierarchyError
+from .hierarchy import BUILTIN_NAMES, CONVENTIONS, INTERNAL_CLASSES, HierarchyError
+from .wordnet import PARENT_RULES
 from .quick_bench import cmd_bench
 
 PROG = "haframe"
@@ -301,6 +302,13 @@ def _add_hierarchy(sub) -> None:
     hy.add_argument("--wordnet-ids", dest="wordnet_ids", metavar="F",
                     help="build the tree of these WordNet noun ids (n########, one per line) from WordNet")
     hy.add_argument("--wordnet", metavar="DIR", help="folder holding WordNet's data.noun (default: searched)")
+    hy.add_argument("--wordnet-parent", dest="wordnet_parent", choices=PARENT_RULES, default=PARENT_RULES[0],
+                    help="which hypernym a synset with several keeps: the first listed (default, as the published "
+                         "trees) or the deepest (longest path to the top)")
+    hy.add_argument("--internal-classes", dest="internal_classes", choices=INTERNAL_CLASSES,
+                    default=INTERNAL_CLASSES[0],
+                    help="a class at an inner node: 'leaf' (default) hangs it as a leaf below its node, renamed "
+                         "'<class>:node'; 'error' refuses it")
     hy.add_argument("--out", type=_path, metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
     hy.add_argument("--gamma", type=_positive_float, default=None, help="also print the exact s_min at this gamma")
     hy.add_argument("--distance-convention", dest="distance_convention", choices=CONVENTIONS,

@@ -265,7 +265,8 @@ def cmd_hierarchy(args) -> int:
     """``haframe hierarchy``: describe a hierarchy, and write its edges with --out."""
     from .report import format_summary, hierarchy_summary, load_for_report
 
-    h, label = load_for_report(args.hierarchy, args.classes, args.wordnet_ids, args.wordnet)
+    h, label = load_for_report(args.hierarchy, args.classes, args.wordnet_ids, args.wordnet,
+                               wordnet_parent=args.wordnet_parent, internal_classes=args.internal_classes)
     if args.distance_convention:
         h = h.with_convention(args.distance_convention)
     print("\n".join(format_summary(hierarchy_summary(h, args.gamma), label)))

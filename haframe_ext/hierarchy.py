@@ -17,6 +17,17 @@ leaf.  The two agree on balanced trees and differ on unbalanced ones::
     root -> A -> a1, a2;  root -> B -> b1, B2 -> b2, b3     (D = 3)
     published: d[a1, a2] = 3 - 1 = 2     height: d[a1, a2] = 1   (A's longest path down)
 
+**Classes at inner nodes.**  Label sets such as ImageNet-21k label images at several levels, so a
+class may be an inner node of the tree (a genus above its species).  By default
+(``internal_classes="leaf"``) such a class c becomes a leaf named c, the first child of the inner
+node it stood for, and that node is renamed ``c:node`` (:func:`inner_node_name`); a derived name
+that is already a node of the tree (a class or not) is refused.  So c is one step below its old
+node, and under the published convention its distance to its descendants is ``D - depth(node)``.
+Everything downstream (frames, metrics, checkpoints, ``to_edges``) sees the resulting tree, in
+which every class is a leaf, so ``from_edges(written, classes)`` rebuilds it with the same digest.
+``internal_classes="error"`` refuses such a class instead.  Two spellings of one class name (the
+same text in composed and decomposed Unicode) are refused like a duplicate.
+
 File formats and name rules: :mod:`haframe_ext.edges`; distance-matrix input:
 :mod:`haframe_ext.distance_matrix`.
 """
@@ -24,6 +35,7 @@ File formats and name rules: :mod:`haframe_ext.edges`; distance-matrix input:
 from __future__ import annotations
 
 import io
+import unicodedata
 from importlib import resources
 from typing import Mapping
 
@@ -33,10 +45,52 @@ from .distance_matrix import read_distance_matrix
 from .edges import (EdgeSet, HierarchyError, listed, parse_classes, parse_edges, parse_nested, quote, read_text,
                     write_text)
 
-__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "BUILTIN_NAMES", "CONVENTIONS"]
+__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "inner_node_name", "BUILTIN_NAMES", "CONVENTIONS",
+           "INTERNAL_CLASSES", "INNER_SUFFIX"]
 
 BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
 CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
+INTERNAL_CLASSES = ("leaf", "error")  # what a class at an inner node becomes (module docstring); the first is the default
+INNER_SUFFIX = ":node"  # appended to a class's name to name the inner node it stood for
+
+
+def _check_internal_classes(policy) -> str:
+    """Return a valid internal_classes policy, or raise naming the valid ones."""
+    if policy not in INTERNAL_CLASSES:
+        raise HierarchyError(f"unknown internal_classes {quote(policy)}; valid: {', '.join(INTERNAL_CLASSES)} "
+                             "('leaf' gives a class at an inner node a leaf of its own)")
+    return policy
+
+
+def inner_node_name(cls: str) -> str:
+    """The derived name of the inner node that class cls stood for, once cls hangs below it as a leaf."""
+    return cls + INNER_SUFFIX
+
+
+def _children_of(nodes, parent_of: Mapping[str, str]) -> dict[str, list[str]]:
+    """node -> its children, in the order of their edges, for every node in nodes."""
+    children: dict[str, list[str]] = {n: [] for n in nodes}
+    for child, parent in parent_of.items():
+        children[parent].append(child)
+    return children
+
+
+def _lift_inner_classes(parent_of: Mapping[str, str], root: str, inner: list, where_of: dict,
+                        children: Mapping) -> tuple[dict[str, str], str]:
+    """(parent_of, root) with each inner-node class c a leaf, first child of its node renamed c:node."""
+    renamed = {c: inner_node_name(c) for c in inner}
+    for c, node in renamed.items():
+        if node in children:
+            what = (f"class {quote(node)} ({where_of[node]})" if node in where_of
+                    else f"node {quote(node)} of the hierarchy")
+            raise HierarchyError(
+                f"{where_of[c]}: class {quote(c)} is an inner node, which is renamed {quote(node)} so that the "
+                f"class can be a leaf below it, but {what} has that name already; rename that node, "
+                "or pass internal_classes='error' and give the class a leaf yourself")
+    out = {c: node for c, node in renamed.items()}  # first: each class is the first child of its node
+    for child, parent in parent_of.items():
+        out[renamed.get(child, child)] = renamed.get(parent, parent)
+    return out, renamed.get(root, root)
 
 
 def _check_convention(convention) -> str:
@@ -52,38 +106,51 @@ def _check_convention(convention) -> str:
 class Hierarchy:
     """A rooted tree whose leaves are the classes, with LCA-height distances between classes."""
 
-    def __init__(self, parent_of: Mapping[str, str], classes=None) -> None:
+    def __init__(self, parent_of: Mapping[str, str], classes=None, *, internal_classes: str = "leaf") -> None:
         """Build from a child -> parent mapping; same as ``Hierarchy.from_parents``."""
         edges = EdgeSet()
         for child, parent in parent_of.items():
             edges.add(parent, child, f"entry {quote(child)}: {quote(parent)}")
-        self._build(edges, classes, label="parent mapping")
+        self._build(edges, classes, "parent mapping", internal_classes)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_parents(cls, parent_of: Mapping[str, str], classes=None) -> "Hierarchy":
-        """Build from a mapping child -> parent (classes: list/path/file, default the sorted leaves)."""
-        return cls(parent_of, classes)
+    def from_parents(cls, parent_of: Mapping[str, str], classes=None, *,
+                     internal_classes: str = "leaf") -> "Hierarchy":
+        """Build from a mapping child -> parent (classes: list/path/file, default the sorted leaves).
+
+        internal_classes: 'leaf' (a class at an inner node gets a leaf of its own, module docstring)
+        or 'error' (refuse it); the same for every constructor.
+        """
+        return cls(parent_of, classes, internal_classes=internal_classes)
 
     @classmethod
-    def from_edges(cls, source, classes=None) -> "Hierarchy":
+    def from_edges(cls, source, classes=None, *, internal_classes: str = "leaf") -> "Hierarchy":
         """Build from an edge-list path or open file (classes: list/path/file, default the sorted leaves)."""
         text, label = read_text(source, "edge list")
-        return cls._new(parse_edges(text, label), classes, label)
+        return cls._new(parse_edges(text, label), classes, label, internal_classes)
 
     @classmethod
-    def from_nested(cls, obj, classes=None) -> "Hierarchy":
+    def from_nested(cls, obj, classes=None, *, internal_classes: str = "leaf") -> "Hierarchy":
         """Build from nested dicts {name: {child: ...}} (leaf: {}, None or a name in a list), JSON text or path."""
         edges, label = parse_nested(obj)
-        return cls._new(edges, classes, label)
+        return cls._new(edges, classes, label, internal_classes)
 
     @classmethod
-    def from_wordnet(cls, wnids, wordnet=None, *, collapse: bool = True) -> "Hierarchy":
-        """Build the tree of WordNet noun ids ``n########`` from WordNet's data.noun (rule: haframe_ext.wordnet)."""
+    def from_wordnet(cls, wnids, wordnet=None, *, collapse: bool = True, parent: str = "first",
+                     internal_classes: str = "leaf") -> "Hierarchy":
+        """Build the tree of WordNet noun ids ``n########`` from WordNet's data.noun (rules: haframe_ext.wordnet).
+
+        parent: which hypernym a synset with several keeps, 'first' (listed first, as the published
+        trees do) or 'deepest' (the one with the longest hypernym path to the top).
+        """
         from .wordnet import wordnet_edges  # imported when used: reading WordNet is rarely needed
 
-        edges, ids, label = wordnet_edges(wnids, wordnet, collapse=collapse)
-        return cls._new(edges, ids, label)
+        edges, ids, label, info = wordnet_edges(wnids, wordnet, collapse=collapse, parent=parent,
+                                                internal_classes=_check_internal_classes(internal_classes))
+        h = cls._new(edges, ids, label, internal_classes)
+        h._wordnet_info = info
+        return h
 
     @classmethod
     def builtin(cls, name: str) -> "Hierarchy":
@@ -130,15 +197,16 @@ class Hierarchy:
         return h
 
     @classmethod
-    def _new(cls, edges: EdgeSet, classes, label: str) -> "Hierarchy":
+    def _new(cls, edges: EdgeSet, classes, label: str, internal_classes: str = "leaf") -> "Hierarchy":
         """Create an instance from collected edges without going through __init__."""
         self = cls.__new__(cls)
-        self._build(edges, classes, label)
+        self._build(edges, classes, label, internal_classes)
         return self
 
     # ------------------------------------------------------------------ validation and indexing
-    def _build(self, edges: EdgeSet, classes, label: str) -> None:
-        """Validate the tree and the classes, then index nodes, depths and heights."""
+    def _build(self, edges: EdgeSet, classes, label: str, internal_classes: str = "leaf") -> None:
+        """Validate the tree and the classes, give inner-node classes their leaves, then index the nodes."""
+        internal_classes = _check_internal_classes(internal_classes)
         parent_of = edges.parent_of
         if not parent_of:
             raise HierarchyError(f"{label}: the hierarchy is empty (no edges); give at least one 'parent child' edge")
@@ -148,10 +216,19 @@ class Hierarchy:
             raise HierarchyError(
                 f"{label}: the hierarchy has {len(roots)} roots ({listed(roots)}); a tree needs exactly one, "
                 "so add a common parent above them")
-        children: dict[str, list[str]] = {n: [] for n in edges.nodes}
-        for child, parent in parent_of.items():
-            children[parent].append(child)
-        order = [roots[0]]  # breadth-first
+        root = roots[0]
+        children = _children_of(edges.nodes, parent_of)
+        inner: list[str] = []
+        if classes is None:
+            names = sorted(n for n in edges.nodes if not children[n])
+        else:
+            names, wheres = parse_classes(classes)
+            self._check_classes(names, wheres, children, internal_classes)
+            inner = [c for c in names if children[c]]
+            if inner:
+                parent_of, root = _lift_inner_classes(parent_of, root, inner, dict(zip(names, wheres)), children)
+                children = _children_of([root, *parent_of], parent_of)
+        order = [root]  # breadth-first
         for node in order:
             order.extend(children[node])
         index = {n: i for i, n in enumerate(order)}
@@ -164,15 +241,10 @@ class Hierarchy:
             idx = np.flatnonzero(depth == lvl)
             np.maximum.at(height, parent_idx[idx], height[idx] + 1)
 
-        leaves = [n for n in order if not children[n]]
-        if classes is None:
-            names, wheres = sorted(leaves), None
-        else:
-            names, wheres = parse_classes(classes)
-            self._check_classes(names, wheres, children, leaves)
-
         self._name = None
-        self._root = roots[0]
+        self._inner_classes = inner
+        self._wordnet_info = None
+        self._root = root
         self._children = children
         self._parent_of = dict(parent_of)
         self._order = order
@@ -207,25 +279,31 @@ class Hierarchy:
                 state[n] = 2
 
     @staticmethod
-    def _check_classes(names, wheres, children, leaves) -> None:
-        """Raise on duplicate, unknown or internal-node classes and on leaves missing from the classes."""
+    def _check_classes(names, wheres, children, internal_classes: str) -> None:
+        """Raise on duplicate, unknown or (under 'error') inner-node classes and on leaves missing from the classes."""
         if not names:
             raise HierarchyError("the class list is empty; give one class (a leaf name) per line")
         seen: dict[str, str] = {}
+        spelled: dict[str, str] = {}  # NFC form -> the name first seen with it
         for name, where in zip(names, wheres):
             if not isinstance(name, str):
                 raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {quote(name)}")
             if name in seen:
                 raise HierarchyError(f"{where}: duplicate class {quote(name)} (first at {seen[name]}); list each class once")
             seen[name] = where
+            first = spelled.setdefault(unicodedata.normalize("NFC", name), name)
+            if first != name:  # two code-point sequences that display as one name
+                raise HierarchyError(
+                    f"{where}: class {quote(name)} is class {quote(first)} ({seen[first]}) spelled with other "
+                    "Unicode code points (composed and decomposed accents); list each class once, spelled one way")
             if name not in children:
                 raise HierarchyError(
                     f"{where}: unknown class {quote(name)}, not a node of the hierarchy; check the spelling")
-            if children[name]:
+            if children[name] and internal_classes == "error":
                 raise HierarchyError(
                     f"{where}: class {quote(name)} is not a leaf (it has children {listed(children[name])}); "
-                    "classes must be the leaves of the tree")
-        missing = [leaf for leaf in leaves if leaf not in seen]
+                    "classes must be the leaves of the tree (internal_classes='leaf' gives it a leaf of its own)")
+        missing = [n for n, kids in children.items() if not kids and n not in seen]
         if missing:
             raise HierarchyError(
                 f"{len(missing)} leaves are not in the class list ({listed(missing)}); every leaf must be "
@@ -243,6 +321,16 @@ class Hierarchy:
     def classes(self) -> list[str]:
         """The class names in label order (a copy)."""
         return list(self._classes)
+
+    @property
+    def inner_classes(self) -> list[str]:
+        """The classes that were inner nodes of the input, in label order; each is now a leaf below its node."""
+        return list(self._inner_classes)
+
+    @property
+    def wordnet_info(self):
+        """For a tree built by from_wordnet, what the build chose (haframe_ext.wordnet); else None."""
+        return None if self._wordnet_info is None else dict(self._wordnet_info)
 
     @property
     def num_classes(self) -> int:

@@ -15,7 +15,8 @@ from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, HierarchyError
 __all__ = ["load_for_report", "hierarchy_summary", "format_summary", "convention_changes"]
 
 
-def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None) -> tuple[Hierarchy, str]:
+def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None, *, wordnet_parent="first",
+                    internal_classes="leaf") -> tuple[Hierarchy, str]:
     """(hierarchy, label) from a builtin name or edge-list file, or from WordNet ids (a file)."""
     if wordnet_ids is not None:
         if spec is not None or classes is not None:
@@ -23,7 +24,8 @@ def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None) -> 
                                  "give it without a hierarchy FILE|NAME and without --classes")
         if not os.path.isfile(wordnet_ids):
             raise HierarchyError(f"WordNet id file not found: {quote(wordnet_ids)}")
-        return Hierarchy.from_wordnet(wordnet_ids, wordnet), f"WordNet ids {os.path.basename(wordnet_ids)}"
+        h = Hierarchy.from_wordnet(wordnet_ids, wordnet, parent=wordnet_parent, internal_classes=internal_classes)
+        return h, f"WordNet ids {os.path.basename(wordnet_ids)}"
     if spec is None:
         raise HierarchyError("give a hierarchy (a builtin name or an edge-list file) or --wordnet-ids F")
     if classes is not None and not os.path.isfile(classes):
@@ -38,7 +40,7 @@ def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None) -> 
     if not os.path.isfile(spec):
         raise HierarchyError(f"unknown hierarchy {quote(spec)}: not a builtin name "
                              f"({', '.join(BUILTIN_NAMES)}) nor an existing edge-list file")
-    return Hierarchy.from_edges(spec, classes), os.path.basename(spec)
+    return Hierarchy.from_edges(spec, classes, internal_classes=internal_classes), os.path.basename(spec)
 
 
 def _node_arrays(h: Hierarchy):
@@ -90,7 +92,10 @@ def hierarchy_summary(h: Hierarchy, gamma=None) -> dict:
         "pairs": K * (K - 1) // 2,
         "pairs_changed": int(pairs[levels[CONVENTIONS[0]] != levels[CONVENTIONS[1]]].sum()),
         "d_max": int(levels[h.convention][pairs > 0].max(initial=0)),  # 0 for a single class
+        "inner_classes": len(h.inner_classes),
     }
+    if h.wordnet_info is not None:
+        out.update({f"wordnet_{k}": v for k, v in h.wordnet_info.items()})
     if gamma is not None:
         out["gamma"] = float(gamma)
         out["s_min"] = float(exact_s_min(h, gamma))
@@ -110,7 +115,12 @@ def format_summary(s: dict, label: str) -> list[str]:
         ("convention", f"{s['convention']} (d = {formula})"),
         (f"pairs '{s['other_convention']}' changes", f"{s['pairs_changed']} of {s['pairs']} ({share:.2f}%)"),
         ("d_max", s["d_max"]),
+        ("classes at inner nodes", f"{s['inner_classes']}" + (" (each a leaf below its node, renamed "
+                                                               "'<class>:node')" if s["inner_classes"] else "")),
     ]
+    if "wordnet_parent" in s:
+        rows.append(("several WordNet hypernyms", f"{s['wordnet_several_hypernyms']} of the "
+                     f"{s['wordnet_synsets']} synsets on the paths (kept: the {s['wordnet_parent']} one)"))
     if "s_min" in s:
         rows.append((f"s_min (gamma {s['gamma']:g})", f"{s['s_min']:.6f} (exact)"))
     return [f"hierarchy: {label}"] + [f"  {k:26s} {v}" for k, v in rows]

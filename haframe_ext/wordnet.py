@@ -10,15 +10,29 @@ header.  An ImageNet class id is ``n`` followed by the synset's 8-digit offset. 
 those that Debian's ``wordnet-base`` installs under ``/usr/share/wordnet`` and that nltk keeps
 under ``nltk_data/corpora/wordnet`` (a folder, or nltk's ``wordnet.zip``).
 
-**The tree.**  WordNet is a graph: a synset may list several hypernyms.  Each synset keeps its
-FIRST listed hypernym (pointer ``@``); a synset without one (an instance, such as a person or a
-place) keeps its first instance hypernym (``@i``).  Following these parents from every class id
-up to the top gives a tree.  Single-child chains are then collapsed by default (as in the
-published ImageNet isa trees): a node that is not a class and has one child is removed and its
-child joined to its parent; ``collapse=False`` keeps them.  A class id that is an ancestor of
-another class id is an error naming both (the classes must be the leaves).  On the 1,000
-ImageNet-1k ids this rule gives a tree of 1,371 edges, the size of the published ImageNet-1k
-isa tree.  Node names are the ids ``n########``.
+**The ids.**  A class id is ``n`` and the 8-digit offset (``n02084071``); ``N02084071`` and
+WordNet's offset-pos form ``02084071-n`` are read as the same id, and the classes are named
+``n########`` whichever way they were written.  An id given twice, in any spelling, is refused.
+
+**The tree.**  WordNet is a graph: a synset may list several hypernyms (pointer ``@``); a synset
+without one (an instance, such as a person or a place) has instance hypernyms (``@i``) instead.
+Each synset keeps one of them, by the rule ``parent``:
+
+- ``"first"`` (default): the first one listed, as the published ImageNet trees do;
+- ``"deepest"``: the one with the longest hypernym path up to the top (the first such on a tie),
+  so the class sits at its most specific depth.
+
+Either way every id above a class in the tree is one of its WordNet ancestors.  Following these
+parents from every class id up to the top gives a tree; ``Hierarchy.wordnet_info`` says which rule
+was used, how many synsets are on the classes' paths and how many of those had several hypernyms.
+Single-child chains are then collapsed by default (as in the published ImageNet isa trees): a node
+that is not a class and has one child is removed and its child joined to its parent;
+``collapse=False`` keeps them.  A class id that is an ancestor of another class id (ImageNet-21k
+labels images at several levels: about 4,500 of its 21,843 classes) becomes a leaf of its own below
+its node, renamed ``n########:node`` (``internal_classes="leaf"``, see :mod:`haframe_ext.hierarchy`);
+``internal_classes="error"`` refuses it, naming both ids.  On the 1,000 ImageNet-1k ids these rules
+give a tree of 1,371 edges, the size of the published ImageNet-1k isa tree.  Node names are the
+ids ``n########``.
 """
 
 from __future__ import annotations
@@ -30,9 +44,10 @@ import zipfile
 
 from .edges import EdgeSet, HierarchyError, parse_classes, quote
 
-__all__ = ["wordnet_edges", "find_wordnet", "read_synsets", "wordnet_search_paths"]
+__all__ = ["wordnet_edges", "find_wordnet", "read_synsets", "wordnet_search_paths", "PARENT_RULES"]
 
-_WNID = re.compile(r"n\d{8}\Z")
+_WNID = re.compile(r"[nN](\d{8})\Z|(\d{8})-[nN]\Z")  # n02084071, N02084071, 02084071-n
+PARENT_RULES = ("first", "deepest")  # which hypernym a synset keeps (module docstring); the first is the default
 _INSTALL = ("install it with 'apt-get install wordnet-base' (Debian/Ubuntu), or with "
             "python -c \"import nltk; nltk.download('wordnet')\", or pass wordnet=<folder holding data.noun>")
 
@@ -127,7 +142,7 @@ class _Synsets:
         self._parsed: dict[int, tuple] = {}
 
     def get(self, offset: int):
-        """(words, parent offset or None) of a synset, or None when the file has no such synset."""
+        """(words, hypernym offsets in file order) of a synset, or None when the file has no such synset."""
         if offset in self._parsed:
             return self._parsed[offset]
         raw = self.lines.get(offset)
@@ -137,7 +152,7 @@ class _Synsets:
         return out
 
     def _parse(self, offset: int, raw: bytes):
-        """Parse one synset line into (words, first hypernym offset or None)."""
+        """Parse one synset line into (words, its '@' hypernyms, or its '@i' ones when it has no '@')."""
         line = raw.decode("utf-8", errors="replace")
         fields = line.split(" | ", 1)[0].split()
         try:
@@ -154,10 +169,10 @@ class _Synsets:
                 "'offset lex_filenum ss_type w_cnt word lex_id ... p_cnt [ptr ...] | gloss'") from None
         hyper = [(sym, int(off)) for sym, off, pos in zip(ptrs[0::4], ptrs[1::4], ptrs[2::4])
                  if sym in ("@", "@i") and pos == "n" and off.isdigit()]
-        first = next((off for sym, off in hyper if sym == "@"), None)  # the first hypernym ...
-        if first is None:
-            first = next((off for sym, off in hyper if sym == "@i"), None)  # ... or the first instance hypernym
-        return words, first
+        parents = [off for sym, off in hyper if sym == "@"]  # the hypernyms ...
+        if not parents:
+            parents = [off for sym, off in hyper if sym == "@i"]  # ... or else the instance hypernyms
+        return words, list(dict.fromkeys(parents))
 
 
 def read_synsets(wordnet=None) -> _Synsets:
@@ -173,79 +188,149 @@ def _name(synsets: _Synsets, offset: int) -> str:
     return f"n{offset:08d}" + (f" ({got[0][0]})" if got and got[0] else "")
 
 
-def wordnet_edges(wnids, wordnet=None, *, collapse: bool = True) -> tuple[EdgeSet, list, str]:
-    """(edges, class ids, label) of the tree of WordNet noun ids (module docstring), for ``Hierarchy.from_wordnet``.
+def wordnet_edges(wnids, wordnet=None, *, collapse: bool = True, parent: str = "first",
+                  internal_classes: str = "leaf") -> tuple[EdgeSet, list, str, dict]:
+    """(edges, class ids, label, info) of the tree of WordNet noun ids (module docstring), for ``from_wordnet``.
 
-    wnids: ids ``n########`` as a list, or a path / open file with one id per line.
+    wnids: ids as a list, or a path / open file with one id per line (spellings: module docstring).
     wordnet: a folder holding data.noun, a data.noun path or nltk's wordnet.zip (default: searched).
     collapse: remove non-class nodes with one child (default True).
+    parent: 'first' or 'deepest', which hypernym a synset with several keeps (module docstring).
+    internal_classes: 'error' refuses a class id above another one; 'leaf' leaves it to the Hierarchy.
+    info: {'parent': the rule, 'synsets': synsets on the classes' paths to the top,
+    'several_hypernyms': how many of those had more than one hypernym to choose from}.
     """
-    ids, wheres = parse_classes(wnids, "WordNet id")
-    if len(ids) < 2:
-        raise HierarchyError(f"from_wordnet needs at least 2 class ids, got {len(ids)}")
-    offsets, seen = [], {}
-    for wnid, where in zip(ids, wheres):
-        if not isinstance(wnid, str) or not _WNID.match(wnid):
-            raise HierarchyError(
-                f"{where}: {quote(wnid)} is not a WordNet noun id; expected 'n' and the 8-digit synset "
-                "offset, such as n01440764")
-        if wnid in seen:
-            raise HierarchyError(f"{where}: duplicate id {wnid!r} (first at {seen[wnid]}); list each class once")
-        seen[wnid] = where
-        offsets.append(int(wnid[1:]))
+    if parent not in PARENT_RULES:
+        raise HierarchyError(f"unknown WordNet parent rule {quote(parent)}; valid: {', '.join(PARENT_RULES)} "
+                             "('first' keeps the first listed hypernym, as the published trees do)")
+    ids, offsets, wheres = _read_ids(wnids)
     synsets = read_synsets(wordnet)
-
-    parent: dict[int, int] = {}  # chosen hypernym of every synset on a path to the top
-    for off, where in zip(offsets, wheres):
+    hypernyms = _hypernyms_above(synsets, offsets, wheres)
+    up = _longest_paths_up(synsets, hypernyms)  # also refuses a cycle, which would never reach a top
+    if parent == "deepest":
+        choose = {n: max(hs, key=lambda h: up[h]) if hs else None for n, hs in hypernyms.items()}  # first of ties
+    else:
+        choose = {n: hs[0] if hs else None for n, hs in hypernyms.items()}
+    parent_of: dict[int, int] = {}  # chosen hypernym of every synset on a class's path to the top
+    for off in offsets:
         node = off
-        path = []
-        while node is not None and node not in parent:
-            got = synsets.get(node)
-            if got is None:
-                hint = "" if node == off else f", the hypernym of {_name(synsets, path[-1])}"
-                raise HierarchyError(
-                    f"{where}: n{node:08d}{hint} is not a noun synset of {synsets.label}; check the id "
-                    "(ImageNet ids are WordNet 3.0 noun offsets)")
-            path.append(node)
-            parent[node] = got[1]
-            node = got[1]
-        if node is not None and node in path:  # earlier walks all end at a top, so a cycle shows here
-            raise HierarchyError(
-                f"{synsets.label}: the hypernyms above {_name(synsets, off)} form a cycle through "
-                f"{_name(synsets, node)}; the database is damaged, reinstall WordNet")
-
-    is_class = set(offsets)
-    n_children: dict[int, int] = {}
-    for child, p in parent.items():
-        if p is not None:
-            n_children[p] = n_children.get(p, 0) + 1
-    for off in offsets:  # a class may not sit above another class
-        p = parent[off]
-        while p is not None:
-            if p in is_class:
-                raise HierarchyError(
-                    f"class id {_name(synsets, p)} is an ancestor of class id {_name(synsets, off)} in "
-                    "WordNet; classes must be leaves, so remove one of them (or build the tree with "
-                    "Hierarchy.from_edges and give the ancestor a separate leaf)")
-            p = parent[p]
-
-    keep = (lambda n: True) if not collapse else (lambda n: n in is_class or n_children.get(n, 0) >= 2)
-    edges = EdgeSet()
-    for node in parent:
-        if not keep(node):
-            continue
-        p = parent[node]
-        while p is not None and not keep(p):
-            p = parent[p]
-        if p is not None:
-            edges.add(f"n{p:08d}", f"n{node:08d}", f"{synsets.label}, n{node:08d}")
-    roots = {_top(parent, off) for off in offsets}
+        while node is not None and node not in parent_of:
+            parent_of[node] = choose[node]
+            node = choose[node]
+    info = {"parent": parent, "synsets": len(parent_of),
+            "several_hypernyms": sum(len(hypernyms[n]) > 1 for n in parent_of)}
+    roots = {_top(parent_of, off) for off in offsets}
     if len(roots) > 1:
         raise HierarchyError(
             f"the class ids reach {len(roots)} different tops in {synsets.label} "
             f"({', '.join(_name(synsets, r) for r in sorted(roots)[:8])}); a tree needs one: "
             "the database lacks the hypernyms that join them")
-    return edges, ids, f"WordNet hierarchy of {len(ids)} ids"
+    if internal_classes == "error":
+        _refuse_classes_above_classes(synsets, parent_of, offsets)
+    return _tree_edges(synsets, parent_of, set(offsets), collapse), ids, f"WordNet hierarchy of {len(ids)} ids", info
+
+
+def _read_ids(wnids) -> tuple[list[str], list[int], list[str]]:
+    """(canonical ids n########, synset offsets, where each came from), refusing bad and repeated ids."""
+    raw, wheres = parse_classes(wnids, "WordNet id")
+    if len(raw) < 2:
+        raise HierarchyError(f"from_wordnet needs at least 2 class ids, got {len(raw)}")
+    ids, offsets, seen = [], [], {}
+    for wnid, where in zip(raw, wheres):
+        m = _WNID.match(wnid.strip()) if isinstance(wnid, str) else None
+        if m is None:
+            raise HierarchyError(
+                f"{where}: {quote(wnid)} is not a WordNet noun id; expected 'n' and the 8-digit synset "
+                "offset, such as n01440764 (or 01440764-n)")
+        off = int(m.group(1) or m.group(2))
+        if off in seen:
+            first, first_where = seen[off]
+            same = (f"duplicate id {quote(wnid)}" if first == wnid
+                    else f"{quote(wnid)} is the id {quote(first)} spelled another way, a duplicate")
+            raise HierarchyError(f"{where}: {same} (first at {first_where}); list each class once")
+        seen[off] = (wnid, where)
+        ids.append(f"n{off:08d}")
+        offsets.append(off)
+    return ids, offsets, wheres
+
+
+def _hypernyms_above(synsets: _Synsets, offsets: list, wheres: list) -> dict[int, list]:
+    """synset -> its hypernyms, for every synset above the classes through any hypernym (the ancestor closure)."""
+    hypernyms: dict[int, list] = {}
+    for off, where in zip(offsets, wheres):
+        stack = [(off, None)]  # (synset, the synset that named it as a hypernym)
+        while stack:
+            node, child = stack.pop()
+            if node in hypernyms:
+                continue
+            got = synsets.get(node)
+            if got is None:
+                hint = "" if child is None else f", the hypernym of {_name(synsets, child)}"
+                raise HierarchyError(
+                    f"{where}: n{node:08d}{hint} is not a noun synset of {synsets.label}; check the id "
+                    "(ImageNet ids are WordNet 3.0 noun offsets)")
+            hypernyms[node] = got[1]
+            stack.extend((h, node) for h in got[1])
+    return hypernyms
+
+
+def _longest_paths_up(synsets: _Synsets, hypernyms: dict) -> dict[int, int]:
+    """synset -> the number of edges on its longest hypernym path to a top; raise on a cycle."""
+    up: dict[int, int] = {}
+    for start in hypernyms:
+        stack, on_path = [start], set()
+        while stack:
+            node = stack[-1]
+            if node in up:
+                stack.pop()
+                continue
+            todo = [h for h in hypernyms[node] if h not in up]
+            if node not in on_path and todo:  # first visit: its hypernyms go first
+                on_path.add(node)
+                cycle = next((h for h in todo if h in on_path), None)
+                if cycle is not None:
+                    raise HierarchyError(
+                        f"{synsets.label}: the hypernyms above {_name(synsets, node)} form a cycle through "
+                        f"{_name(synsets, cycle)}; the database is damaged, reinstall WordNet")
+                stack.extend(todo)
+                continue
+            up[node] = 1 + max((up[h] for h in hypernyms[node]), default=-1)
+            on_path.discard(node)
+            stack.pop()
+    return up
+
+
+def _refuse_classes_above_classes(synsets: _Synsets, parent_of: dict, offsets: list) -> None:
+    """Raise naming the first class id found above another class id on the chosen paths."""
+    is_class = set(offsets)
+    for off in offsets:
+        p = parent_of[off]
+        while p is not None:
+            if p in is_class:
+                raise HierarchyError(
+                    f"class id {_name(synsets, p)} is an ancestor of class id {_name(synsets, off)} in "
+                    "WordNet; classes must be leaves under internal_classes='error' (the default 'leaf' "
+                    "gives the ancestor a leaf of its own), or remove one of them")
+            p = parent_of[p]
+
+
+def _tree_edges(synsets: _Synsets, parent_of: dict, is_class: set, collapse: bool) -> EdgeSet:
+    """The edges of the chosen tree, single-child chains of non-class synsets removed when collapse is set."""
+    n_children: dict[int, int] = {}
+    for p in parent_of.values():
+        if p is not None:
+            n_children[p] = n_children.get(p, 0) + 1
+    keep = (lambda n: True) if not collapse else (lambda n: n in is_class or n_children.get(n, 0) >= 2)
+    edges = EdgeSet()
+    for node in parent_of:
+        if not keep(node):
+            continue
+        p = parent_of[node]
+        while p is not None and not keep(p):
+            p = parent_of[p]
+        if p is not None:
+            edges.add(f"n{p:08d}", f"n{node:08d}", f"{synsets.label}, n{node:08d}")
+    return edges
 
 
 def _top(parent: dict, node: int) -> int:

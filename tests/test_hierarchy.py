@@ -230,13 +230,16 @@ def test_binary_garbage(tmp_path, data, match):
 @pytest.mark.parametrize("classes,match", [
     ("a1\na2\nb1\na1\nb2\nb3\n", r"line 4: duplicate class 'a1' \(first at .*line 1\)"),
     ("a1\na2\nb1\nb2\nb3\nzz\n", r"line 6: unknown class 'zz', not a node"),
-    ("a1\na2\nb1\nB2\n", r"line 4: class 'B2' is not a leaf \(it has children 'b2', 'b3'\)"),
+    ("a1\na2\nb1\nB2\n", r"2 leaves are not in the class list \('b2', 'b3'\)"),
     ("a1\na2\nb1\nb2\n", r"1 leaves are not in the class list \('b3'\)"),
     ("\n", r"class list is empty"),
 ])
-def test_class_errors(classes, match):
+@pytest.mark.parametrize("policy", ["leaf", "error"])
+def test_class_errors(classes, match, policy):
+    if policy == "error" and "B2" in classes:
+        match = r"line 4: class 'B2' is not a leaf \(it has children 'b2', 'b3'\)"
     with pytest.raises(HierarchyError, match=match):
-        Hierarchy.from_edges(io.StringIO(TOY_EDGES), io.StringIO(classes))
+        Hierarchy.from_edges(io.StringIO(TOY_EDGES), io.StringIO(classes), internal_classes=policy)
 
 
 def test_class_list_errors_name_the_index():
@@ -561,13 +564,146 @@ def test_bad_class_lists_are_reported(tree, data):
     internal = sorted(set(parent_of.values()))
 
     def load(cls_lines):
-        return lambda: Hierarchy.from_edges(io.StringIO(text), io.StringIO("".join(f"{c}\n" for c in cls_lines)))
+        return lambda: Hierarchy.from_edges(io.StringIO(text), io.StringIO("".join(f"{c}\n" for c in cls_lines)),
+                                            internal_classes="error")
 
     i = data.draw(st.integers(0, len(classes) - 1))
     _raises(load(classes + ["no such class"]), "unknown class", "'no such class'")
     _raises(load(classes[: i + 1] + [classes[i]] + classes[i + 1:]), "duplicate class", repr(classes[i]))
     node = data.draw(st.sampled_from(internal))
-    _raises(load(classes[:i] + [node] + classes[i + 1:]), "not a leaf", repr(node))
+    _raises(load(classes + [node]), "not a leaf", repr(node))
     _raises(load(classes[:i] + classes[i + 1:]), "not in the class list", repr(classes[i]))
     for empty in ["", "\n\n", "   \n\t\n"]:
         _raises(lambda: Hierarchy.from_edges(io.StringIO(text), io.StringIO(empty)), "class list is empty")
+
+
+# ----------------------------------------------------------------------------- classes at inner nodes
+# A class c at an inner node becomes a leaf, the first child of its node, which is renamed c:node; so with
+# ancestors counted from the node itself, d[i, j] = level(LCA(i, j)) on the ORIGINAL tree for every i != j.
+BUNDLED_DIGESTS = {  # Hierarchy.builtin(name).distance_digest(): lifting inner classes must leave these alone
+    "cifar100": "4da583c627a77e96cde9725e6a7b3fab6f1c8a7dc88dcb49e5439625e999c0de",
+    "fgvc_aircraft": "f8860e7014551ad6cfb59d8041a2d7d89f3319e4ea97440d7e517d7b7b243621",
+    "inat19": "9ae9918455776bc513e680078d6cc41aae4a6c90dd9f537113ef109f4a22465b",
+    "tiered_imagenet_h": "86aba95a29068311300f185cc31c66bda1cc8f308cb2597b1bcaa1112014e704",
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_bundled_digests_are_unchanged(name):
+    h = Hierarchy.builtin(name)
+    assert h.distance_digest() == BUNDLED_DIGESTS[name] and h.inner_classes == []
+
+
+@pytest.mark.parametrize("classes", [
+    ["a1", "B2", "a2", "b1", "b2", "b3"],  # one inner class
+    ["root", "a1", "a2", "b1", "b2", "b3"],  # the root is a class
+    ["B", "B2", "a1", "a2", "b1", "b2", "b3", "A", "root"],  # nested: B above B2, and every inner node
+])
+def test_inner_classes_on_the_toy_tree(classes):
+    h = Hierarchy.from_edges(io.StringIO(TOY_EDGES), classes)
+    inner = [c for c in classes if c in ("root", "A", "B", "B2")]
+    assert h.inner_classes == inner and h.classes == classes
+    for c in inner:
+        node = c + ":node"
+        assert h.is_leaf(c) and h.parent(c) == node and h.children(node)[0] == c
+    assert all(h.is_leaf(c) for c in classes) and h.max_depth == 3  # D is the deepest original leaf
+    d, col = h.distances(), {c: i for i, c in enumerate(classes)}
+    depth = {"root": 0, "A": 1, "B": 1, "B2": 2}
+    for c in inner:  # one step below the node it stood for: D - depth(node) to every descendant
+        for x in TOY_CLASSES:
+            if x in h.nodes and c in [a.removesuffix(":node") for a in h.ancestors(x)]:
+                assert d[col[c], col[x]] == d[col[x], col[c]] == 3 - depth[c]
+
+
+def test_inner_class_formats_agree():
+    nested = {"root": {"A": ["a1", "a2"], "B": {"b1": None, "B2": {"b2": {}, "b3": {}}}}}
+    parents = {"A": "root", "B": "root", "a1": "A", "a2": "A", "b1": "B", "B2": "B", "b2": "B2", "b3": "B2"}
+    classes = ["B2", *TOY_CLASSES]
+    built = [Hierarchy.from_edges(io.StringIO(TOY_EDGES), classes), Hierarchy.from_nested(nested, classes),
+             Hierarchy.from_parents(parents, classes), Hierarchy(parents, classes)]
+    assert len({h.distance_digest() for h in built}) == 1 and len({tuple(h.nodes) for h in built}) == 1
+    np.testing.assert_array_equal(built[0].distances()[0], [0, 3, 3, 2, 1, 1])
+
+
+@pytest.mark.parametrize("extra_edges,classes,keys", [  # B2:node a listed class; B2:node an inner node
+    ("root B2:node\n", ["B2", "B2:node", *TOY_CLASSES], ["class 'B2:node' (classes[1])", "classes[0]: class 'B2'"]),
+    ("root B2:node\nB2:node x\n", [*TOY_CLASSES, "x", "B2"], ["classes[6]", "node 'B2:node' of the hierarchy"]),
+])
+def test_a_derived_name_that_is_taken_is_refused(extra_edges, classes, keys):
+    _raises(lambda: Hierarchy.from_edges(io.StringIO(TOY_EDGES + extra_edges), classes),
+            "is an inner node, which is renamed 'B2:node'", "has that name already", *keys)
+
+
+def test_internal_classes_error_and_bad_policy():
+    _raises(lambda: Hierarchy.from_edges(io.StringIO(TOY_EDGES), ["B2", *TOY_CLASSES], internal_classes="error"),
+            "class 'B2' is not a leaf", "internal_classes='leaf'")
+    for bad in ("leaves", None, 1):
+        _raises(lambda: Hierarchy.from_parents({"a": "r", "b": "r"}, internal_classes=bad),
+                "unknown internal_classes", "valid: leaf, error")
+
+
+@pytest.mark.parametrize("first,second", [("caf\u00e9", "cafe\u0301"), ("\u212b", "\u00c5")])  # NFC vs NFD, Angstrom
+def test_one_class_in_two_spellings_is_refused(first, second):
+    parents = {first: "r", second: "r", "x": "r"}
+    _raises(lambda: Hierarchy.from_parents(parents, [first, "x", second]), "classes[2]",
+            "spelled with other Unicode code points", "(classes[0])")
+
+
+def _with_inner_classes(tree, data):
+    """(parent_of, classes) of a helpers.trees tree with some inner nodes added to the classes at random places."""
+    parent_of, classes = tree
+    inner = sorted(set(parent_of.values()))
+    chosen = data.draw(st.lists(st.sampled_from(inner), unique=True, max_size=min(len(inner), 12)))
+    classes = list(classes)
+    for c in chosen:
+        classes.insert(data.draw(st.integers(0, len(classes))), c)
+    return parent_of, classes
+
+
+@FAST
+@given(trees(max_k=120, styles=("plain", "spaces", "unicode")), st.data())
+def test_random_trees_with_inner_classes(tree, data):
+    parent_of, classes = _with_inner_classes(tree, data)
+    h = Hierarchy.from_parents(parent_of, classes)
+    inner = [c for c in classes if c in set(parent_of.values())]
+    assert h.classes == classes and h.inner_classes == inner
+    assert len(h.nodes) == len(set(parent_of) | set(parent_of.values())) + len(inner)
+    t = h.tree  # the public arrays the losses and metrics read: every class is a leaf, parents come first
+    assert np.bincount(t.parent[1:], minlength=t.num_nodes)[t.class_idx].max() == 0
+    assert (t.parent[1:] < np.arange(1, t.num_nodes)).all() and (t.level[t.class_idx] == 0).all()
+    K = len(classes)
+    pairs = [(i, j) for i in range(K) for j in range(K) if i != j]
+    if len(pairs) > 800:
+        pairs = data.draw(st.permutations(pairs))[:800]
+    for convention, levels in (("published", _published_levels(parent_of, [c for c in classes if c not in inner])),
+                               ("height", _heights(parent_of))):
+        d = h.distances(convention)
+        assert (np.diag(d) == 0).all()
+        for i, j in pairs:  # on the original tree, counting a node as its own ancestor
+            assert d[i, j] == brute_lca_height(parent_of, levels, classes[i], classes[j]), (convention, i, j)
+        np.testing.assert_array_equal(h.with_convention(convention).tree.pair_distances(
+            np.array([i for i, _ in pairs], dtype=np.int64), np.array([j for _, j in pairs], dtype=np.int64)),
+            [d[i, j] for i, j in pairs])
+    # the written tree (every class a leaf now) rebuilds the same hierarchy, and so does a frame's state
+    edges = io.StringIO()
+    h.to_edges(edges)
+    back = Hierarchy.from_edges(io.StringIO(edges.getvalue()), classes)
+    assert back.distance_digest() == h.distance_digest() and back.nodes == h.nodes and back.inner_classes == []
+    again = Hierarchy.from_parents({n: h.parent(n) for n in h.nodes[1:]}, classes)
+    assert again.distance_digest() == h.distance_digest()
+    if inner:
+        _raises(lambda: Hierarchy.from_parents(parent_of, classes, internal_classes="error"), "not a leaf")
+
+
+def test_frame_of_a_tree_with_inner_classes_round_trips(tmp_path):
+    h = Hierarchy.from_edges(io.StringIO(TOY_EDGES), ["B", "root", *TOY_CLASSES, "B2"])
+    frame = HAFrame.from_hierarchy(h, gamma=3.0)
+    d = h.distances()
+    E = np.exp(-3.0 * d / d.max())
+    S = (1 - frame.s_min) * E + frame.s_min
+    np.fill_diagonal(S, 1.0)
+    W = frame.weight.double().numpy()
+    np.testing.assert_allclose(W @ W.T, S, atol=1e-5)
+    frame.save(tmp_path / "f.pt")
+    back = HAFrame.load(tmp_path / "f.pt")
+    assert back.hierarchy.distance_digest() == h.distance_digest() and back.hierarchy.classes == h.classes

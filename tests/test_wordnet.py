@@ -152,6 +152,51 @@ def test_search_uses_nltk_data(tmp_path, monkeypatch):
         assert find_wordnet() == os.path.join(str(tmp_path), "corpora", "wordnet", "data.noun")
 
 
+@pytest.mark.parametrize("inner,node_parent,kids", [
+    ("n02084071", "n02075296", ["n02085620", "n02087551"]),  # dog: a branch point above Chihuahua and beagle
+    ("n02085374", "n02084071", ["n02085620"]),  # toy dog: a single-child chain, kept because it is a class
+    ("n00001740", None, ["n02075296", "n06359193"]),  # entity: the top itself
+])
+def test_a_class_at_an_inner_node_gets_a_leaf_below_its_node(tmp_path, inner, node_parent, kids):
+    ids = CLASSES[:3] + [inner] + CLASSES[3:]
+    h = Hierarchy.from_wordnet(ids, write_wordnet(tmp_path))
+    node = inner + ":node"
+    assert h.classes == ids and h.inner_classes == [inner]
+    assert h.parent(inner) == node and h.children(node) == [inner] + kids and h.parent(node) == node_parent
+    d, D = h.distances(), h.max_depth
+    np.testing.assert_array_equal(d, padded_lca(h))
+    for k in kids:  # one step below the node it stood for: D - depth(node) to everything under it
+        under = [c for c in h.classes if k == c or k in h.ancestors(c)]
+        assert all(d[3, ids.index(c)] == D - h.depth(node) for c in under)
+
+
+def test_two_hypernyms_first_and_deepest(tmp_path):
+    synsets = dict(SYNSETS)
+    synsets[2084071] = ("dog", [("@", 1317541), ("@", 2083346)])  # domestic animal (depth 4) before canine (5)
+    wn = write_wordnet(tmp_path, synsets)
+    first = Hierarchy.from_wordnet(CLASSES, wn, collapse=False)
+    deepest = Hierarchy.from_wordnet(CLASSES, wn, collapse=False, parent="deepest")
+    assert first.parent("n02084071") == "n01317541" and deepest.parent("n02084071") == "n02083346"
+    assert deepest.depth("n02085620") == first.depth("n02085620") + 1
+    for h, rule in ((first, "first"), (deepest, "deepest")):  # collapse=False: the tree's nodes are the synsets
+        assert h.wordnet_info == {"parent": rule, "synsets": len(h.nodes), "several_hypernyms": 1}
+    assert Hierarchy.from_wordnet(CLASSES, wn).wordnet_info["synsets"] == len(first.nodes)
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"parent": "longest"}, "unknown WordNet parent rule 'longest'; valid: first, deepest"),
+    ({"internal_classes": "leaves"}, "unknown internal_classes 'leaves'; valid: leaf, error"),
+])
+def test_bad_rules_are_named(tmp_path, kwargs, key):
+    with pytest.raises(HierarchyError, match=key.replace("(", r"\(")):
+        Hierarchy.from_wordnet(CLASSES, write_wordnet(tmp_path), **kwargs)
+
+
+def test_other_spellings_of_an_id_name_the_class_by_its_id(tmp_path):
+    h = Hierarchy.from_wordnet(["02085620-n", "N02088364", " n02123045 "], write_wordnet(tmp_path))
+    assert h.classes == ["n02085620", "n02088364", "n02123045"]
+
+
 # ----------------------------------------------------------------------------- mistakes
 def test_missing_wordnet_names_where_it_looked_and_how_to_install(tmp_path, monkeypatch):
     import haframe_ext.wordnet as wn
@@ -166,17 +211,21 @@ def test_missing_wordnet_names_where_it_looked_and_how_to_install(tmp_path, monk
         Hierarchy.from_wordnet(CLASSES, tmp_path / "nowhere")
 
 
-def test_a_class_above_another_class_names_both(tmp_path):
+def test_a_class_above_another_class_names_both_under_error(tmp_path):
     with pytest.raises(HierarchyError) as info:
-        Hierarchy.from_wordnet(["n02088364", "n02084071", "n02123045"], write_wordnet(tmp_path))
+        Hierarchy.from_wordnet(["n02088364", "n02084071", "n02123045"], write_wordnet(tmp_path),
+                               internal_classes="error")
     msg = str(info.value)
-    assert "n02084071 (dog) is an ancestor of class id n02088364 (beagle)" in msg
+    assert "n02084071 (dog) is an ancestor of class id n02088364 (beagle)" in msg and "'leaf'" in msg
 
 
 @pytest.mark.parametrize("ids,key", [
     (["n02085620", "02088364"], "is not a WordNet noun id"),
     (["n02085620", "n0208836x"], "is not a WordNet noun id"),
-    (["n02085620", "n02085620"], "duplicate id"),
+    (["n02085620", "n02085620"], "duplicate id 'n02085620' (first at classes[0])"),
+    (["n02085620", "n02088364", "02085620-n"], "classes[2]: '02085620-n' is the id 'n02085620' spelled another way"),
+    (["N02088364", "n02085620", "n02088364"], "'n02088364' is the id 'N02088364' spelled another way"),
+    (["n02085620", "n02085620-n"], "is not a WordNet noun id"),
     (["n02085620", "n09999999"], "n09999999 is not a noun synset"),
     (["n02085620"], "at least 2 class ids"),
     (["n02085620", "n" + "9" * 100_000], "(100001 characters)"),
@@ -261,6 +310,63 @@ def test_random_trees_round_trip_and_padded_lca(tmp_path_factory, tree, rnd):
     np.testing.assert_array_equal(collapsed.distances(), padded_lca(collapsed))
 
 
+@st.composite
+def random_dags(draw):
+    """(hypernym lists, class order) of a random WordNet-like graph: node i > 0 has 1-3 hypernyms before it."""
+    n = draw(st.integers(3, 40))
+    hyper = [[]] + [draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=min(3, i), unique=True))
+                    for i in range(1, n)]
+    classes = draw(st.lists(st.integers(1, n - 1), min_size=2, max_size=n - 1, unique=True))
+    return hyper, classes
+
+
+def _closure(hyper, i):
+    """Every ancestor of node i through any hypernym path."""
+    out, stack = set(), list(hyper[i])
+    while stack:
+        j = stack.pop()
+        if j not in out:
+            out.add(j)
+            stack.extend(hyper[j])
+    return out
+
+
+def _longest_up(hyper, i):
+    """Edges on the longest hypernym path from i to the top."""
+    return max((1 + _longest_up(hyper, j) for j in hyper[i]), default=0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(random_dags(), st.sampled_from(["first", "deepest"]), st.booleans())
+def test_random_graphs_keep_wordnet_ancestors(tmp_path_factory, dag, rule, collapse):
+    hyper, order = dag
+    off = {i: 1000 + 97 * i for i in range(len(hyper))}
+    name = {i: f"n{off[i]:08d}" for i in off}
+    folder = write_wordnet(tmp_path_factory.mktemp("wn"), {off[i]: (f"s{i}", [("@", off[j]) for j in hs])
+                                                           for i, hs in enumerate(hyper)})
+    ids = [name[i] for i in order]
+    h = Hierarchy.from_wordnet(ids, folder, parent=rule, collapse=collapse)
+    index = {v: k for k, v in name.items()}
+    ups = {c: [index[a.removesuffix(":node")] for a in h.ancestors(c)] for c in ids}  # as WordNet nodes
+    inner = [c for c in ids if any(index[c] in ups[x] for x in ids if x != c)]
+    assert h.inner_classes == inner
+    for c in ids:
+        assert all(a in _closure(hyper, index[c]) or a == index[c] for a in ups[c])  # WordNet ancestors only
+        i = index[c]
+        chosen = max(hyper[i], key=lambda j: _longest_up(hyper, j)) if rule == "deepest" else hyper[i][0]
+        if not collapse:
+            assert ups[c][0] == (i if c in inner else chosen)  # its own node, or the chosen hypernym
+            assert ups[c][int(c in inner)] == chosen  # and above its own node, the chosen hypernym
+            if rule == "deepest":
+                assert h.depth(c) == _longest_up(hyper, i) + (1 if c in inner else 0)
+    assert h.wordnet_info["several_hypernyms"] <= h.wordnet_info["synsets"]
+    np.testing.assert_array_equal(h.distances(), padded_lca(h))
+    edges = io.StringIO()
+    h.to_edges(edges)
+    assert Hierarchy.from_edges(io.StringIO(edges.getvalue()), ids).distance_digest() == h.distance_digest()
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_wordnet_ids_writes_the_edges(tmp_path, capsys):
     wn = write_wordnet(tmp_path / "wn")
@@ -272,6 +378,28 @@ def test_cli_wordnet_ids_writes_the_edges(tmp_path, capsys):
     assert "classes K                  6" in printed and "nodes                      10" in printed
     assert "leaf depths                1 to 4" in printed
     assert parent_map(Hierarchy.from_edges(out, classes=CLASSES)) == COLLAPSED
+    assert "classes at inner nodes     0\n" in printed
+    assert f"several WordNet hypernyms  1 of the {len(FULL) + 1} synsets on the paths (kept: the first one)" in printed
+
+
+def test_cli_inner_classes_and_the_deepest_rule(tmp_path, capsys):
+    synsets = dict(SYNSETS)
+    synsets[2084071] = ("dog", [("@", 1317541), ("@", 2083346)])
+    wn = write_wordnet(tmp_path / "wn", synsets)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(CLASSES + ["n02084071", "n02075296"]) + "\n")
+    out = tmp_path / "edges.tsv"
+    argv = ["hierarchy", "--wordnet-ids", str(ids), "--wordnet", wn, "--gamma", "3"]
+    assert cli.main(argv + ["--wordnet-parent", "deepest", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "classes at inner nodes     2 (each a leaf below its node, renamed '<class>:node')" in printed
+    assert "(kept: the deepest one)" in printed and "s_min (gamma 3)" in printed
+    h = Hierarchy.from_wordnet(ids, wn, parent="deepest")
+    assert Hierarchy.from_edges(out, h.classes).distance_digest() == h.distance_digest()
+    assert cli.main(argv + ["--internal-classes", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("haframe: error: class id n02") and "is an ancestor of class id" in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv,key", [
