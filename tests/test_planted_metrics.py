@@ -77,16 +77,15 @@ def test_streaming_batches_and_crm_equal_the_brute_force(K):
 
 # ----------------------------------------------------------------------------- merging evaluators
 def merge_pairs():
-    """(name, first distances, second distances): the same K and ks, different distances."""
-    h, d = tree_and_matrix(12, seed=5)
+    """(name, first distances, second distances): the same K, d_max and ks, different distances."""
+    h, d = tree_and_matrix(12, seed=9)  # d_max 3, d[2, 3] = 2
     edited = d.copy()
-    edited[2, 3] = edited[3, 2] = d[2, 3] + 1.0
+    edited[2, 3] = edited[3, 2] = 1.0
     unbalanced = Hierarchy.random(60, seed=1)
-    other, _ = tree_and_matrix(12, seed=6)
     return [("matrix, one entry changed", d, edited),
             ("two conventions of one tree", unbalanced, unbalanced.with_convention("height")),
-            ("two trees", h, other),
-            ("tree and a scaled copy of its matrix", d, 2.0 * d)]
+            ("two trees of one height", Hierarchy.random(12, seed=6), Hierarchy.random(12, seed=8)),
+            ("a matrix scaled by two factors", 0.5 * d, 0.25 * d)]
 
 
 @pytest.mark.parametrize("case", range(4))
