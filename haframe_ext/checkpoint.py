@@ -145,8 +145,15 @@ def _temp_file(path: Path, mode: str, write) -> Path:
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, mode) as f:
-            write(f)
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}  # the same bytes on every locale
+        with open(tmp, mode, **text) as f:
+            try:
+                write(f)
+            except RuntimeError as exc:  # torch's zip writer turns a failed write into "unexpected pos"
+                os_error = _os_error_in(exc)
+                if os_error is None:
+                    raise
+                raise OSError(os_error.errno, os_error.strerror or str(os_error), str(path)) from None
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -154,6 +161,17 @@ def _temp_file(path: Path, mode: str, write) -> Path:
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _os_error_in(exc: BaseException):
+    """The OSError (a full disk, say) that an exception was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _write_tmp(obj, path: Path) -> Path:
@@ -164,15 +182,24 @@ def _write_tmp(obj, path: Path) -> Path:
 def atomic_save(obj, path) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
     path = Path(path)
-    tmp = _write_tmp(obj, path)
-    os.replace(tmp, path)
+    _replace(_write_tmp(obj, path), path)
     _fsync_dir(path.parent)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)``; when that fails (``path`` is a folder, say) the temp file goes."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write(path, write, mode: str = "wb") -> None:
     """Write ``path`` atomically with ``write(file)``: temp file in the same folder, fsync, ``os.replace``."""
     path = Path(path)
-    os.replace(_temp_file(path, mode, write), path)
+    _replace(_temp_file(path, mode, write), path)
 
 
 def atomic_write_text(text: str, path: Path) -> None:

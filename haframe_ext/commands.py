@@ -235,6 +235,7 @@ def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
 
 def cmd_eval(args) -> int:
     """``haframe eval``: a checkpoint's metrics on one split of its dataset."""
+    from .checkpoint import atomic_write_text
     from .train import evaluate_checkpoint
 
     if not os.path.isfile(args.checkpoint):
@@ -247,7 +248,7 @@ def cmd_eval(args) -> int:
     _print_metrics(res["method"], res["metrics"], res.get("crm"))
     _print_neural_collapse(res.get("neural_collapse"))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write_text(json.dumps(res, indent=2) + "\n", Path(args.json))  # a full disk leaves no 0-byte file
         print(f"wrote {args.json}")
     return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -14,7 +13,7 @@ from .config import TrainConfig, distances_for, load_hierarchy
 from .metrics import format_table
 from .models import check_method
 from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available, tree_order
-from .runlog import clean_json, json_default
+from .runlog import clean_json, earlier_run, write_json
 from .train import train
 
 __all__ = ["DEMO_METHODS", "DEMO_COLUMNS", "demo_config", "demo", "tree_order"]
@@ -61,11 +60,32 @@ def demo(out="haframe-demo", epochs: int = 30, seed: int = 0, methods: Sequence[
         torch.set_num_threads(prev_threads)
 
 
+# marks a folder the demo writes: only there does it start its runs over (a training run elsewhere is never replaced)
+DEMO_MARK = ".haframe-demo"
+
+
+def _check_demo_folder(out: Path, methods: Sequence[str]) -> None:
+    """Refuse a demo folder that holds runs or results the demo did not write (they would be replaced)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"demo output {out} is an existing file, not a folder: choose another --out")
+    if (out / DEMO_MARK).exists():
+        return
+    taken = [out / n for n in ("results.json", "results_crm.json", "demo.png") if (out / n).exists()]
+    for folder in [out] + [out / m for m in methods]:
+        taken += [folder / n for n in earlier_run(folder) if folder / n not in taken]
+    if taken:
+        raise ValueError(f"demo output folder {out} holds files the demo did not write ({', '.join(map(str, taken[:3]))}"
+                         f"{', ...' if len(taken) > 3 else ''}): the demo starts its runs over, so choose another "
+                         "--out (a folder the demo wrote is marked by its .haframe-demo file)")
+
+
 def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for m in methods:
         check_method(m)
+    _check_demo_folder(out, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).touch()
     results: Dict[str, Dict[str, Any]] = {}
     crm: Dict[str, Dict[str, Any]] = {}
     frame_S = None
@@ -82,9 +102,9 @@ def _demo(out, epochs, seed, methods, plot, verbose, progress, **overrides):
         if verbose:
             print(f"[demo] {m}: top-1 {results[m].get('top1', float('nan')):.4f}, "
                   f"hierdist@5 {results[m].get('hierdist@5', float('nan')):.3f}, {secs:.1f} s", flush=True)
-    (out / "results.json").write_text(json.dumps(clean_json(results), indent=2, default=json_default) + "\n")
+    write_json(clean_json(results), out / "results.json")
     if crm:
-        (out / "results_crm.json").write_text(json.dumps(clean_json(crm), indent=2, default=json_default) + "\n")
+        write_json(clean_json(crm), out / "results_crm.json")
     table = _demo_table(results)
     if verbose:
         print(f"\ntest metrics on {DEMO_DATA}:")

@@ -258,9 +258,11 @@ def parse_nested(obj) -> tuple["EdgeSet", str]:
 
 
 def write_text(path, text: str) -> None:
-    """Write text to a path (UTF-8, '\\n' line ends) or to an open text file."""
+    """Write text to a path (UTF-8, '\\n' line ends; atomically, so a full disk keeps the old file) or to an open
+    text file."""
     if hasattr(path, "write"):
         path.write(text)
     else:
-        with open(path, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        from .checkpoint import atomic_write_text  # the package's one temp-file writer
+
+        atomic_write_text(text, path)

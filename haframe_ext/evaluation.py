@@ -4,6 +4,7 @@ neural-collapse diagnostics and :func:`evaluate_checkpoint`."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -15,6 +16,7 @@ from .checkpoint import CheckpointError, load_checkpoint, state_mismatch
 from .config import TrainConfig, build_from_config, checkpoint_convention
 from .distributed import DistContext, gather_rows
 from .nn import FixedFrameClassifier
+from .resume import check_inputs, inputs_digest
 from .runlog import clean_json
 
 __all__ = ["crm_part", "eval_loader", "evaluate", "evaluate_checkpoint", "neural_collapse", "plain_part", "valid_ks"]
@@ -108,6 +110,9 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid: train, val, test")
     built = build_from_config(config)
+    # the hierarchy is rebuilt from the paths in the config: its content must still be what the model learnt
+    check_inputs(ck.get("inputs"), inputs_digest(built["hierarchy"], built["distances"]), config, Path(checkpoint),
+                 "evaluate")
     model = built["model"]
     try:
         model.load_state_dict(ck["model"])

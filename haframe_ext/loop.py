@@ -363,7 +363,7 @@ def _save_epoch(run: _Run, epoch: int, val: Dict[str, Any], improved: bool, reco
             "config": config.to_dict(), "model": model.state_dict()}
     try:
         if improved:
-            atomic_save(seal_checkpoint(dict(head, kind="best", val=val)), run.out / "best.pt")
+            atomic_save(seal_checkpoint(dict(head, kind="best", val=val, inputs=run.inputs)), run.out / "best.pt")
         ck = dict(head, kind="training", optimizer=run.optimizer.state_dict(),
                   scheduler={"step": run.step, "total": run.total_steps},
                   scaler=run.scaler.state_dict() if run.scaler is not None else None,

@@ -8,6 +8,8 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
+from .checkpoint import atomic_write
+
 __all__ = ["MATPLOTLIB_MISSING", "matplotlib_available", "tree_order", "plot_frame", "demo_figure"]
 
 MATPLOTLIB_MISSING = "matplotlib is not installed (pip install matplotlib)"
@@ -62,7 +64,7 @@ def plot_frame(frame, path: Path, label: str) -> None:
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     fig.suptitle(f"HAFrame: {label}, K={frame.num_classes}, dim={frame.dim}, s_min={frame.s_min:.4f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))  # a full disk keeps the old file
     plt.close(fig)
 
 
@@ -100,5 +102,5 @@ def demo_figure(results: Dict[str, Dict[str, Any]], S: np.ndarray, path: Path, c
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Test metrics on {data}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))  # a full disk keeps the old file
     plt.close(fig)

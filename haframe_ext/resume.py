@@ -15,17 +15,20 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_checkpoint, set_rng_state, state_mismatch
 from .config import TrainConfig, checkpoint_convention
 
-__all__ = ["find_resume_checkpoint", "inputs_digest", "restore_state"]
+__all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_state"]
 
 
 # fields that must agree between a checkpoint and the run resuming from it
 # (the hierarchy, classes and distances files are compared by content, see inputs_digest, not by path)
 _RESUME_KEYS = ("method", "dataset", "backbone", "hidden", "depth", "widen_factor",
                 "feature_dim", "num_blocks", "gamma", "s_min", "alpha", "alpha_schedule", "alpha_period",
+                "hxe_alpha", "hxe_normalize", "soft_beta",
                 "batch_size", "lr", "backbone_lr_scale", "min_lr", "warmup_epochs", "momentum", "weight_decay",
                 "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "eval_samples", "input_dim",
                 "difficulty", "distance_convention",
-                "image_size", "augment", "select_metric")
+                "image_size", "augment", "select_metric",
+                "data_root",                    # what the data are read from
+                "deterministic", "num_workers")  # what a bit-exact resume depends on
 
 
 # compared by path only for a checkpoint written before the content digests
@@ -43,7 +46,9 @@ def inputs_digest(hierarchy, distances) -> Dict[str, Any]:
 
     names = [str(c) for c in hierarchy.classes]
     out = {"num_classes": len(names), "classes": digest("\n".join(names).encode()),
-           "class_set": digest("\n".join(sorted(names)).encode()), "distances": None}
+           "class_set": digest("\n".join(sorted(names)).encode()), "distances": None,
+           # the tree itself, which also generates the synthetic data when --distances gives the distances
+           "tree": hierarchy.distance_digest() if hasattr(hierarchy, "distance_digest") else None}
     if isinstance(distances, np.ndarray):
         d = np.ascontiguousarray(distances, dtype=np.float64)
         out["distances"] = "matrix:" + digest(str(d.shape).encode(), d.tobytes())
@@ -52,10 +57,20 @@ def inputs_digest(hierarchy, distances) -> Dict[str, Any]:
     return out
 
 
+def check_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], config: TrainConfig, path: Path,
+                 what: str = "resume from") -> None:
+    """Refuse a checkpoint whose class list, tree or distances (:func:`inputs_digest`) differ in content from this
+    run's (``what`` names the use: "resume from", "evaluate"); a checkpoint without digests is not compared."""
+    if isinstance(then, dict):
+        _check_resume_inputs(then, now, {}, config, path, what)
+
+
 def _check_resume_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], ck_cfg: Dict[str, Any],
-                         config: TrainConfig, path: Path) -> None:
+                         config: TrainConfig, path: Path, what: str = "resume from") -> None:
     """Refuse a resume whose class list or distances differ in content from the checkpoint's."""
     fix = "use a new --out folder, or the hierarchy, classes and distances files the run started with"
+    if what != "resume from":
+        fix = "use the hierarchy, classes and distances files the checkpoint was trained with"
     if not isinstance(then, dict):  # a checkpoint from before the digests: compare the paths
         cur = config.to_dict()
         diff = [k for k in _RESUME_PATH_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
@@ -65,19 +80,27 @@ def _check_resume_inputs(then: Optional[Dict[str, Any]], now: Dict[str, Any], ck
                                   f"({details}); {fix}")
         return
     if then.get("num_classes") != now["num_classes"]:
-        raise CheckpointError(f"cannot resume from {path}: it was trained on {then.get('num_classes')} classes and "
+        raise CheckpointError(f"cannot {what} {path}: it was trained on {then.get('num_classes')} classes and "
                               f"this run's hierarchy ({config.hierarchy}) has {now['num_classes']}; {fix}")
     if then.get("classes") != now["classes"]:
         how = ("the same class names in another label order" if then.get("class_set") == now["class_set"]
                else "other class names")
         source = config.classes or config.hierarchy
-        raise CheckpointError(f"cannot resume from {path}: this run's class list ({source}) "
+        raise CheckpointError(f"cannot {what} {path}: this run's class list ({source}) "
                               f"has {how} than the checkpoint's, so its labels would change meaning; {fix}")
-    kind = lambda v: str(v).split(":", 1)[0]  # noqa: E731 - digests of a matrix and of a tree are not comparable
-    if (now["distances"] is not None and then.get("distances") is not None
-            and kind(then["distances"]) == kind(now["distances"]) and then["distances"] != now["distances"]):
-        raise CheckpointError(f"cannot resume from {path}: this run's class distances (from "
-                              f"{config.distances or config.hierarchy}) differ from the checkpoint's; {fix}")
+    kind = lambda v: str(v).split(":", 1)[0]  # noqa: E731 - "matrix" (--distances) or "tree"
+    if now["distances"] is not None and then.get("distances") is not None:
+        if kind(then["distances"]) != kind(now["distances"]):
+            given = "with" if kind(then["distances"]) == "matrix" else "without"
+            raise CheckpointError(f"cannot {what} {path}: it was trained {given} a --distances matrix and this run "
+                                  f"is not, so its class distances differ; {fix}")
+        if then["distances"] != now["distances"]:
+            raise CheckpointError(f"cannot {what} {path}: this run's class distances (from "
+                                  f"{config.distances or config.hierarchy}) differ from the checkpoint's; {fix}")
+    if (config.dataset == "synthetic" and now.get("tree") is not None and then.get("tree") is not None
+            and then["tree"] != now["tree"]):
+        raise CheckpointError(f"cannot {what} {path}: this run's tree ({config.hierarchy}) differs from the "
+                              f"checkpoint's, and the tree places the classes of the synthetic data; {fix}")
 
 
 def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path, hierarchy=None) -> None:

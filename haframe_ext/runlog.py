@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from .config import TrainConfig
 from .distributed import DistContext
 
 __all__ = ["RUN_FILES", "RunLog", "claim_run_folder", "clean_json", "earlier_run", "epoch_line", "json_default",
-           "new_folders", "refuse_earlier_run", "remove_new_folder", "write_json"]
+           "new_folders", "refuse_earlier_run", "remove_new_folder", "run_conflict", "write_json"]
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -111,10 +112,43 @@ def earlier_run(out: Path) -> List[str]:
     return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
 
 
-def refuse_earlier_run(out: Path, found: Sequence[str]) -> None:
+def refuse_earlier_run(out: Path, found: Sequence[str], why: str = "") -> None:
+    """Raise the refusal of a run over an earlier run's files; ``why`` says what the flags would have done."""
     what = ", ".join(found) if found else "files of an earlier run (rank 0 found them)"
+    if why:
+        raise ValueError(f"output folder {out} already holds a run ({what}) {why}: pass --overwrite to delete "
+                         "those files first, or choose another --out")
     raise ValueError(f"output folder {out} already holds a run ({what}): pass --resume to continue it, "
                      "--overwrite to delete those files and start over, or choose another --out")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder (through symlinks and '..')."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def run_conflict(config: TrainConfig, out: Path) -> Optional[str]:
+    """Why starting this run in ``out`` would replace an earlier run's files (None: it would not).
+
+    A plain run may not start over an earlier run; ``--resume`` continues the run in ``out`` only when ``out``
+    still holds its ``last.pt`` or ``prev.pt``; ``--resume-from`` continues a checkpoint of another folder only
+    into a folder that holds no run.  ``--overwrite`` deletes the files first, so nothing conflicts."""
+    found = earlier_run(out)
+    if not found or config.overwrite:
+        return None
+    if config.resume_from:
+        if _same_folder(Path(config.resume_from).parent, out):
+            return None
+        return (f"and --resume-from {config.resume_from} continues a checkpoint of another folder, which would "
+                "replace them")
+    if config.resume:
+        if "last.pt" in found or "prev.pt" in found:
+            return None
+        return "but no last.pt or prev.pt to resume from, so --resume would start a new run over it"
+    return ""
 
 
 def claim_run_folder(config: TrainConfig, out: Path, dctx: DistContext):
@@ -137,15 +171,16 @@ def claim_run_folder(config: TrainConfig, out: Path, dctx: DistContext):
         release_folder(claim)
         raise busy
     try:
-        if config.resume or config.resume_from:
-            return claim
         found = earlier_run(out) if dctx.main else []
-        refuse = bool(found) and not config.overwrite
+        why = run_conflict(config, out) if dctx.main else None
+        refuse = why is not None
         if dctx.enabled:
             refuse = bool(dctx.all_reduce(torch.tensor([float(refuse)], device=dctx.device), "max").item())
         if refuse:
-            refuse_earlier_run(out, found)
-        if dctx.main and found:
+            refuse_earlier_run(out, found, why or "")
+        keep = (config.resume and ("last.pt" in found or "prev.pt" in found)) or (
+            config.resume_from and _same_folder(Path(config.resume_from).parent, out))
+        if dctx.main and found and config.overwrite and not keep:
             for name in found:
                 (out / name).unlink()
             for event_file in (out / "tb").glob("events.out.tfevents.*"):
@@ -157,19 +192,28 @@ def claim_run_folder(config: TrainConfig, out: Path, dctx: DistContext):
 
 
 
-def new_folders(out: Path) -> Optional[Path]:
-    """The outermost folder of ``out`` that does not exist yet (what creating ``out`` adds), or None."""
+def new_folders(out: Path) -> List[Path]:
+    """The folders that creating ``out`` adds, ``out`` first, then each new parent up to the outermost one."""
     out = Path(out).absolute()
-    new = None
+    new = []
     while not out.exists():
-        new, out = out, out.parent
+        new.append(out)
+        out = out.parent
     return new
 
 
-def remove_new_folder(folder: Optional[Path]) -> None:
-    """Remove a folder that a failed run created, unless a checkpoint was written in it (that work is kept)."""
-    if folder is None or not folder.is_dir():
+def remove_new_folder(folders: Optional[Sequence[Path]]) -> None:
+    """Remove what a failed run created: its own ``out`` folder (unless a checkpoint was written in it: that work is
+    kept), then each new parent only while it is empty, so a sibling run's folder there is never touched."""
+    if not folders:
         return
-    if any(p.name in ("last.pt", "prev.pt", "best.pt") for p in folder.rglob("*.pt")):
-        return
-    shutil.rmtree(folder, ignore_errors=True)
+    out = Path(folders[0])
+    if out.is_dir():
+        if any(p.name in ("last.pt", "prev.pt", "best.pt") for p in out.rglob("*.pt")):
+            return
+        shutil.rmtree(out, ignore_errors=True)
+    for parent in folders[1:]:
+        try:
+            os.rmdir(parent)  # fails, and so keeps it, when another run has put anything in it
+        except OSError:
+            return

@@ -65,7 +65,7 @@ from .evaluation import evaluate_checkpoint
 from .loop import TrainingDivergedError, run_training
 from .optim import determinism
 from .runlog import (claim_run_folder, clean_json, earlier_run, new_folders, refuse_earlier_run, remove_new_folder,
-                     write_json)
+                     run_conflict, write_json)
 
 __all__ = [
     "TrainConfig", "train", "evaluate_checkpoint", "run_seeds", "load_checkpoint", "CheckpointError",
@@ -101,10 +101,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         user_error = isinstance(exc, ValueError)
         raise
     finally:
+        if user_error and claim is not None:  # only while this run holds the folder, before another can claim it
+            remove_new_folder(created)
         release_folder(claim)
         dctx.close(failed)
-        if user_error:
-            remove_new_folder(created)
 
 
 # ----------------------------------------------------------------------------- several seeds
@@ -127,9 +127,9 @@ def run_seeds(config: TrainConfig, seeds: Sequence[int], *, verbose: bool = True
     configs = [dataclasses.replace(config, seed=s, out=str(Path(config.out) / f"seed{s}")) for s in seeds]
     for cfg in configs:
         cfg.validate()
-        found = earlier_run(Path(cfg.out))
-        if found and not (cfg.resume or cfg.resume_from or cfg.overwrite):
-            refuse_earlier_run(Path(cfg.out), found)
+        why = run_conflict(cfg, Path(cfg.out))
+        if why is not None:
+            refuse_earlier_run(Path(cfg.out), earlier_run(Path(cfg.out)), why)
     single = int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
     created = new_folders(Path(config.out)) if single else None
     claim = claim_folder(Path(config.out)) if single else None  # the summary's folder (each seed claims its own)
@@ -140,9 +140,9 @@ def run_seeds(config: TrainConfig, seeds: Sequence[int], *, verbose: bool = True
         user_error = True
         raise
     finally:
-        release_folder(claim)
-        if user_error:
+        if user_error and claim is not None:
             remove_new_folder(created)  # kept where an earlier seed wrote a checkpoint
+        release_folder(claim)
 
 
 def _summarize_seeds(config: TrainConfig, seeds: List[int], runs: List[Dict[str, Any]],

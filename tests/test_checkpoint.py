@@ -85,7 +85,7 @@ def test_malicious_checkpoint_is_refused_and_never_executed(two_epochs, tmp_path
         if where == "eval":
             T.evaluate_checkpoint(path)
         else:
-            kw = {"resume": True} if where == "last.pt" else {"resume_from": str(path)}
+            kw = {"resume": True} if where == "last.pt" else {"resume_from": str(path), "out": str(tmp_path / "new")}
             train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, **kw)))
     assert not marker.exists()
     # the same file through plain pickle would have run the command: the test's payload is live
@@ -186,3 +186,61 @@ def test_a_model_that_does_not_match_a_checkpoint_names_the_tensor_and_both_shap
     with pytest.raises(CheckpointError, match=r"is \[8, 8\] in the checkpoint but \[8, 16\] in this model"):
         train(other)
 
+
+
+# ----------------------------------------------------------------------------- a disk that fills up
+FULL_DISK = r"""
+import json, os, resource, runpy, signal, sys, traceback
+import haframe_ext.cli, haframe_ext.train  # imported before the limit: the cases' writes are what it stops
+cases, folder = json.load(open(sys.argv[1])), sys.argv[2]
+out = {}
+for cid, limit, argv in cases:
+    err = os.path.join(folder, cid + ".err")
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            code = haframe_ext.cli.main(argv)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    out[cid] = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), open(err).read()]
+json.dump(out, open(os.path.join(folder, "codes.json"), "w"))
+"""
+
+
+def test_a_disk_that_fills_up_keeps_every_earlier_file_and_is_one_line(two_epochs, tmp_path):
+    """Issue 22 items 4 and 16: every file the CLI writes (hierarchy --out, eval --json, frame --out, the training
+    checkpoint through torch's zip writer) stops at a file-size limit (EFBIG, what a full disk gives) with one line,
+    exit 2, the earlier file byte-identical (or none), and no temp file."""
+    _, run = two_epochs
+    work = tmp_path / "w"
+    work.mkdir()
+    precious = "precious earlier content\n" * 400
+    for name in ("edges.tsv", "metrics.json", "frame.pt"):
+        (work / name).write_text(precious)
+    cfg = write_inputs(work / "in")
+    cases = [("hierarchy", 500, ["hierarchy", "cifar100", "--out", str(work / "edges.tsv")]),
+             ("eval", 300, ["eval", "--checkpoint", str(run / "best.pt"), "--json", str(work / "metrics.json")]),
+             ("eval-new", 300, ["eval", "--checkpoint", str(run / "best.pt"), "--json", str(work / "new.json")]),
+             ("frame", 5000, ["frame", "--hierarchy", "cifar100", "--out", str(work / "frame.pt")]),
+             ("train", 5000, ["train", "--config", str(cfg), "--out", str(work / "run")])]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    p = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "cases.json"), str(tmp_path)],
+                       capture_output=True, text=True, env=env(), timeout=300, cwd=str(REPO))
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads((tmp_path / "codes.json").read_text())
+    for cid, (rc, err) in codes.items():
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("haframe: error: "), (cid, rc, err[-2000:])
+        assert "File too large" in lines[0], (cid, lines[0])
+    for name in ("edges.tsv", "metrics.json", "frame.pt"):
+        assert (work / name).read_text() == precious, name
+    assert not (work / "new.json").exists()
+    assert "checkpoint of epoch 1" in codes["train"][1]
+    assert not [p for p in work.rglob("*") if ".tmp-" in p.name]

@@ -114,3 +114,54 @@ def test_resume_with_another_number_of_classes_names_both_sizes(tmp_path):
     with pytest.raises(CheckpointError, match=r"trained on 8 classes and this run's hierarchy .* has 6"):
         train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
 
+
+
+def test_resume_compares_what_generates_the_data(tmp_path):
+    """Issue 22 item 5: another --data-root, another tree under --distances (it places the synthetic data), adding
+    or dropping --distances, another --deterministic or --num-workers: each resume is refused, naming it."""
+    import numpy as np
+    import torch
+
+    from haframe_ext.hierarchy import Hierarchy
+
+    tree = Hierarchy.from_edges(str(_round2_config(tmp_path).hierarchy))
+    np.save(tmp_path / "d.npy", tree.distances())
+    cfg = _round2_config(tmp_path, stop_after_epochs=1, distances=str(tmp_path / "d.npy"))
+    train(cfg)
+    resume = dict(cfg.to_dict(), stop_after_epochs=None, resume=True)
+    moved = TOY_EDGES.replace("A1\tc1\n", "B2\tc1\n")  # the same classes in another tree
+    (tmp_path / "moved.tsv").write_text(moved)
+    with pytest.raises(CheckpointError, match=r"tree .*moved\.tsv.* differs .* synthetic data"):
+        train(TrainConfig.from_dict(dict(resume, hierarchy=str(tmp_path / "moved.tsv"))))
+    with pytest.raises(CheckpointError, match="trained with a --distances matrix and this run is not"):
+        train(TrainConfig.from_dict(dict(resume, distances=None)))
+    for field, value in (("deterministic", False), ("num_workers", 1)):
+        with pytest.raises(CheckpointError, match=f"different configuration .*{field}"):
+            train(TrainConfig.from_dict(dict(resume, **{field: value})))
+
+    for name in ("feats", "other"):  # two feature folders of the same shape
+        (tmp_path / name).mkdir()
+        for split, n in (("train.pt", 32), ("test.pt", 16)):
+            torch.save({"features": torch.randn(n, 8), "labels": torch.arange(n) % 8}, tmp_path / name / split)
+    cfg = _round2_config(tmp_path, out=str(tmp_path / "f"), stop_after_epochs=1, dataset="features",
+                         data_root=str(tmp_path / "feats"))
+    train(cfg)
+    with pytest.raises(CheckpointError, match="different configuration .*data_root"):
+        train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True,
+                                         data_root=str(tmp_path / "other"))))
+
+
+def test_eval_checks_the_class_list_of_the_checkpoint(tmp_path):
+    """Issue 22 item 6: evaluate_checkpoint of best.pt after the classes file was reordered is refused (it rebuilt
+    the hierarchy from the paths and scored the relabelled classes); the file put back evaluates."""
+    from haframe_ext.train import evaluate_checkpoint
+
+    names = [f"c{i}" for i in range(8)]
+    cfg = _round2_config(tmp_path, classes=_classes_file(tmp_path, names), epochs=1)
+    train(cfg)
+    _classes_file(tmp_path, names[::-1])
+    for name in ("best.pt", "last.pt"):
+        with pytest.raises(CheckpointError, match="cannot evaluate .*same class names in another label order"):
+            evaluate_checkpoint(Path(cfg.out) / name)
+    _classes_file(tmp_path, names)
+    assert evaluate_checkpoint(Path(cfg.out) / "best.pt")["metrics"]["top1"] >= 0

@@ -128,6 +128,65 @@ def test_resume_of_a_finished_run_is_not_refused(tmp_path, toy_tree):
     assert res["epochs"] == 1
 
 
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_resume_flags_never_start_over_a_finished_run(tmp_path, toy_tree):
+    """Issue 22 item 1: --resume-from another folder's checkpoint into a folder holding a run, and --resume into a
+    finished run whose last.pt and prev.pt are gone (with another method), are refused and change nothing; the
+    resume of a checkpoint into a new folder still works."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny(tmp_path, toy_tree, epochs=1, out=str(a)))
+    train(tiny(tmp_path, toy_tree, epochs=1, out=str(b)))
+    before = _files(b)
+    with pytest.raises(ValueError, match=r"b already holds a run .*--resume-from .* another folder.*--overwrite"):
+        train(tiny(tmp_path, toy_tree, epochs=2, out=str(b), resume_from=str(a / "last.pt")))
+    assert _files(b) == before
+    (b / "last.pt").unlink()
+    del before["last.pt"]
+    with pytest.raises(ValueError, match=r"but no last\.pt or prev\.pt to resume from"):
+        train(tiny(tmp_path, toy_tree, epochs=1, out=str(b), method="etf", resume=True))
+    assert _files(b) == before
+    res = train(tiny(tmp_path, toy_tree, epochs=2, out=str(tmp_path / "c"), resume_from=str(a / "last.pt")))
+    assert res["epochs"] == 2 and load_checkpoint(tmp_path / "c" / "last.pt")["epoch"] == 2
+
+
+def test_a_failed_run_never_removes_a_sibling_runs_folder(tmp_path, toy_tree, monkeypatch):
+    """Issue 22 item 3: run a (into exp/a, exp new) fails on a bad hierarchy after run b claimed exp/b: exp and
+    exp/b stay, exp/a goes."""
+    exp = tmp_path / "exp"
+    real_claim = T.claim_run_folder
+
+    def sibling_claims_first(config, out, dctx):
+        claim = real_claim(config, out, dctx)
+        (exp / "b").mkdir()  # what a sibling run started at the same moment has made
+        (exp / "b" / ".haframe.lock").write_text("another run")
+        return claim
+
+    monkeypatch.setattr(T, "claim_run_folder", sibling_claims_first)
+    with pytest.raises(ValueError, match="no-such-tree"):
+        train(tiny(tmp_path, toy_tree, out=str(exp / "a"), hierarchy="no-such-tree"))
+    assert sorted(p.name for p in exp.iterdir()) == ["b"] and (exp / "b" / ".haframe.lock").exists()
+
+
+def test_the_demo_never_replaces_a_training_run(tmp_path, toy_tree):
+    """Issue 22 item 2: a training run in D/haframe or in D itself is refused by demo(D) before anything is
+    written; a folder the demo wrote is the demo's to start over."""
+    for run in (tmp_path / "d1" / "haframe", tmp_path / "d2"):
+        train(tiny(tmp_path, toy_tree, epochs=1, out=str(run)))
+        before = _files(run)
+        with pytest.raises(ValueError, match="holds files the demo did not write"):
+            demo(run.parent if run.name == "haframe" else run, epochs=1, methods=("haframe",), plot=False,
+                 verbose=False)
+        assert _files(run) == before
+    d = tmp_path / "d3"
+    for _ in range(2):
+        demo(d, epochs=1, methods=("haframe",), plot=False, verbose=False, n_per_class=4, eval_per_class=2,
+             hidden=16)
+    assert (d / ".haframe-demo").exists() and json.loads((d / "results.json").read_text())["haframe"]
+
+
 # ----------------------------------------------------------------------------- a user error and its --out folder
 @pytest.mark.parametrize("bad", [{"hierarchy": "no-such-tree"}, {"dataset": "cifar100", "data_root": "nowhere"}])
 def test_a_user_error_removes_the_out_folder_it_created(tmp_path, toy_tree, bad):
