@@ -17,7 +17,8 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from .commands import UserError, cmd_demo, cmd_eval, cmd_frame, cmd_hierarchy, cmd_train, memory_message, quote
+from .commands import (UserError, cmd_compare, cmd_demo, cmd_eval, cmd_frame, cmd_hierarchy, cmd_train, memory_message,
+                       quote)
 from .hierarchy import BUILTIN_NAMES, CONVENTIONS, INTERNAL_CLASSES, HierarchyError
 from .wordnet import PARENT_RULES
 from .quick_bench import cmd_bench
@@ -83,7 +84,7 @@ def _parse_s_min(v: str):
 # the --help line of every TrainConfig field (its default is appended); a test checks that none is missing
 _HELP = {
     "out": "output folder (checkpoints, metrics.jsonl, results.json)",
-    "method": "cross-entropy | haframe | etf | haframe-ce",
+    "method": "cross-entropy | haframe | etf | haframe-ce | hxe | soft-labels | multi-level",
     "dataset": "synthetic | cifar100 | imagefolder | features",
     "data_root": "cifar-100-python folder, ImageFolder root (train/ val/ test/) or features folder (train.pt, ...)",
     "hierarchy": f"builtin hierarchy name ({', '.join(BUILTIN_NAMES)}), an edge-list file, or random:K (a seeded "
@@ -105,6 +106,11 @@ _HELP = {
     "alpha": "weight of the cosine-similarity term of the HAFrame loss (1 - alpha goes to cross-entropy), in [0, 1]",
     "alpha_schedule": "constant | linear-increase | linear-decrease | cosine | cosine-linear | cosine-linear-decrease",
     "alpha_period": "period in epochs of the cosine alpha schedules",
+    "hxe_alpha": "hxe: the term of the node at depth l weighs exp(-hxe_alpha * l) (0 with unnormalised weights is "
+                 "cross-entropy), >= 0",
+    "hxe_normalize": "hxe: divide the weights by their sum over all nodes, as the published code (trained with Adam) "
+                     "does; under SGD that divides the learning rate by the sum (about 86 on CIFAR-100)",
+    "soft_beta": "soft-labels: the target is softmax(-soft_beta * d[y, :] / d_max) (large: cross-entropy), >= 0",
     "epochs": "training epochs",
     "batch_size": "global batch size (split across processes under torchrun)",
     "eval_batch_size": "batch size of validation and test",
@@ -199,18 +205,18 @@ def _add_frame(sub) -> None:
     f = sub.add_parser("frame", help="build a HAFrame, print diagnostics, save it and plot it",
                        description="Build a hierarchy-aware frame (or a simplex ETF), print its diagnostics, "
                                    "optionally save it (--out) and plot target vs realised similarity (--plot).")
-    f.add_argument("--hierarchy", default="cifar100",
+    f.add_argument("--hierarchy", default=None,
                    help=f"builtin name ({', '.join(BUILTIN_NAMES)}), an edge-list file, random:K (a seeded random "
                         "tree), or a .npy/.csv distance matrix (default: cifar100)")
     f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
     f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
-    f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
-    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
+    f.add_argument("--gamma", type=float, default=None, help="kernel sharpness gamma (default: 2.0)")
+    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default=None,
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
     f.add_argument("--dim", type=_int_at_least(1), default=None,
                    help="frame dimension (default: K; below K the exact frame is projected, and its margin and "
                         "Gram error are printed)")
-    f.add_argument("--distance-convention", choices=CONVENTIONS, default=CONVENTIONS[0],
+    f.add_argument("--distance-convention", choices=CONVENTIONS, default=None,
                    help="tree distances: 'published' (D - depth(LCA), default) or 'height'")
     f.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random rotation (default: 0)")
     f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
@@ -230,6 +236,26 @@ def _add_train(sub) -> None:
                    help="train once per seed (each seed once) and report mean and 95%% CI")
     _add_config_args(t)
     t.set_defaults(func=cmd_train)
+
+
+def _add_compare(sub) -> None:
+    """``haframe compare``'s options: --methods, --seeds, --metrics, --no-plot, --config and the TrainConfig flags."""
+    c = sub.add_parser("compare", help="train several methods x seeds on one task and tabulate them",
+                       description="Train each method of --methods once per seed of --seeds with the same settings "
+                                   "(in <out>/<method>/seed<k>: a finished run is reused, a killed one resumed), "
+                                   "print mean and 95%% CI per metric (rows after CRM too), write compare.json, "
+                                   "compare.md and compare.png (top-1 against HierDist@5).")
+    c.add_argument("--methods", default="cross-entropy,hxe,soft-labels,haframe",
+                   help="comma-separated methods (default: cross-entropy,hxe,soft-labels,haframe)")
+    c.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2],
+                   help="one run per method and seed (default: 0 1 2)")
+    c.add_argument("--metrics", default=None,
+                   help="comma-separated columns of the table (default: top1, mistake_severity, hierdist@1/5/20 and "
+                        "the other default metrics the runs report)")
+    c.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not write compare.png")
+    c.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    _add_config_args(c)
+    c.set_defaults(func=cmd_compare)
 
 
 def _add_eval(sub) -> None:
@@ -324,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(Liang & Davis, ICCV 2023).")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_frame, _add_train, _add_eval, _add_demo, _add_bench, _add_hierarchy):
+    for add in (_add_frame, _add_train, _add_compare, _add_eval, _add_demo, _add_bench, _add_hierarchy):
         add(sub)
     return p
 

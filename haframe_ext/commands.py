@@ -11,8 +11,8 @@ from typing import Optional
 from .hierarchy import Hierarchy
 from .sizes import available_memory
 
-__all__ = ["UserError", "quote", "check_device", "memory_message", "cmd_frame", "cmd_train", "cmd_eval", "cmd_demo",
-           "cmd_hierarchy"]
+__all__ = ["UserError", "quote", "check_device", "memory_message", "cmd_frame", "cmd_train", "cmd_compare", "cmd_eval",
+           "cmd_demo", "cmd_hierarchy"]
 
 
 class UserError(Exception):
@@ -214,6 +214,28 @@ def cmd_train(args) -> int:
     _print_neural_collapse(res.get("neural_collapse"))
     print(f"best epoch {res['best_epoch']} ({res['best_val']['metric']} {res['best_val']['value']:.4f}); "
           f"wrote {Path(cfg.out) / 'results.json'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """``haframe compare``: the methods of --methods x the seeds of --seeds, trained (or reused), tabulated."""
+    from .compare import compare, parse_methods
+
+    for flag, dest, use in (("--method", "method", "--methods"), ("--seed", "seed", "--seeds"),
+                            ("--resume-from", "resume_from", "the same command again (it resumes every killed run)")):
+        if getattr(args, dest) is not None:
+            raise UserError(f"compare does not take {flag}: use {use}")
+    methods = parse_methods(args.methods)
+    if args.out is None and not args.config:
+        args.out = "runs/compare"
+    args.method = methods[0]  # the config is checked as the first method's; each run sets its own
+    cfg = _config_from_args(args)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
+    if metrics is not None and not metrics:
+        raise UserError("--metrics is empty: name at least one column, e.g. --metrics top1,hierdist@5")
+    res = compare(cfg, methods, args.seeds, metrics=metrics, plot=not args.no_plot, verbose=True)
+    if not res["finished"]:
+        print(f"resume with the same command (the runs are in {cfg.out})")
     return 0
 
 

@@ -24,7 +24,7 @@ class TrainConfig:
     """Everything a training run depends on (saved in every checkpoint and in results.json)."""
 
     out: str = "runs/haframe"               # output folder (checkpoints, metrics.jsonl, results.json)
-    method: str = "haframe"                 # cross-entropy | haframe | etf | haframe-ce
+    method: str = "haframe"                 # cross-entropy | haframe | etf | haframe-ce | hxe | soft-labels | multi-level
     dataset: str = "synthetic"              # synthetic | cifar100 | imagefolder | features
     data_root: Optional[str] = None         # cifar-100-python folder / ImageFolder root / features folder
     hierarchy: str = "cifar100"             # builtin name, an edge-list file, or random:K (a seeded random tree)
@@ -43,6 +43,9 @@ class TrainConfig:
     alpha: float = 0.4
     alpha_schedule: str = "constant"
     alpha_period: Optional[float] = None
+    hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
+    hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
+    soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)
     epochs: int = 100
     batch_size: int = 64                    # global batch (split over ranks under torchrun)
     eval_batch_size: int = 512
@@ -119,6 +122,7 @@ _RANGES = {
     "widen_factor": (lambda v: v >= 1, ">= 1"), "feature_dim": (lambda v: v >= 1, ">= 1"),
     "num_blocks": (lambda v: v >= 0, ">= 0"), "gamma": (lambda v: v > 0, "> 0"),
     "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), "alpha_period": (lambda v: v > 0, "> 0 (epochs)"),
+    "hxe_alpha": (lambda v: v >= 0, ">= 0"), "soft_beta": (lambda v: v >= 0, ">= 0"),
     "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 2, ">= 2 (batch norm)"),
     "eval_batch_size": (lambda v: v >= 1, ">= 1"), "lr": (lambda v: v > 0, "> 0"),
     "backbone_lr_scale": (lambda v: v >= 0, ">= 0"), "min_lr": (lambda v: v >= 0, ">= 0"),
@@ -203,12 +207,19 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- model + data from a config
 def load_hierarchy(spec: str, classes: Optional[str] = None, convention: str = "published"):
-    """A builtin hierarchy by name, an edge-list file (with an optional class-order file), or random:K."""
+    """A builtin hierarchy by name, an edge-list or nested-JSON (.json) file (with an optional class-order file), or
+    random:K."""
+    builtin_or_random = spec in BUILTIN_NAMES or re.fullmatch(r"random:\d+", spec, re.ASCII)
+    if classes is not None and builtin_or_random:  # it would be ignored: the tree has its own class order
+        raise ValueError(f"--classes orders the classes of a hierarchy file, and {spec!r} has its own order: "
+                         "drop --classes, or give the tree as an edge-list file")
     if spec in BUILTIN_NAMES:
         h = Hierarchy.builtin(spec)
+    elif os.path.isfile(spec) and spec.lower().endswith(".json"):
+        h = Hierarchy.from_nested(spec, classes=classes)
     elif os.path.isfile(spec):
         h = Hierarchy.from_edges(spec, classes=classes)
-    elif re.fullmatch(r"random:\d+", spec):
+    elif re.fullmatch(r"random:\d+", spec, re.ASCII):
         h = Hierarchy.random(int(spec.split(":")[1]))
     else:
         raise ValueError(f"unknown hierarchy {spec!r}: not a builtin name ({', '.join(BUILTIN_NAMES)}), an "
@@ -257,10 +268,12 @@ def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
         bkw = dict(widen_factor=config.widen_factor)
     elif backbone == "resnet50":
         bkw = dict(pretrained=config.pretrained)
-    model = build_model(config.method, backbone, K, frame, feature_dim=config.feature_dim,
+    model = build_model(config.method, backbone, K, frame, hierarchy=h, feature_dim=config.feature_dim,
                         num_blocks=config.num_blocks, seed=config.seed, **bkw)
     criterion = build_loss(config.method, model, alpha=config.alpha, schedule=config.alpha_schedule,
-                           period=config.alpha_period, total_epochs=config.epochs)
+                           period=config.alpha_period, total_epochs=config.epochs,
+                           hierarchy=h if config.method == "hxe" else d, hxe_alpha=config.hxe_alpha,
+                           hxe_normalize=config.hxe_normalize, soft_beta=config.soft_beta)
     return dict(hierarchy=h, distances=d, datasets=datasets, model=model, criterion=criterion, frame=frame)
 
 

@@ -70,9 +70,11 @@ class _Run:
 
     @property
     def features_only(self) -> bool:
-        """A frozen frame with the fused loss: the step forms only the features, and the loss op forms the B x K
-        logits once, inside (so there is no training accuracy for these methods: it would need them again)."""
-        return bool(getattr(self.model, "fixed_frame", False)) and isinstance(self.criterion, HAFrameLoss)
+        """A frozen frame with the fused loss, or a loss that reads the features and the model's head (HXE, soft
+        labels, multi-level): the step forms only the features, and the loss forms the logits, in chunks, inside
+        (so there is no training accuracy for these methods: it would need them again)."""
+        fused_frame = bool(getattr(self.model, "fixed_frame", False)) and isinstance(self.criterion, HAFrameLoss)
+        return fused_frame or bool(getattr(self.criterion, "reads_features", False))
 
     @property
     def show(self) -> bool:

@@ -9,6 +9,10 @@ Methods (:data:`METHODS`):
 - ``haframe``: type-II transformation layer + the fixed HAFrame classifier, the mixed HAFrame loss.
 - ``etf``: type-II transformation layer + a fixed simplex ETF classifier, the same mixed loss.
 - ``haframe-ce``: fixed HAFrame classifier trained with cross entropy only (alpha = 0), the ablation.
+- ``hxe`` / ``soft-labels``: the cross-entropy model (type-I layer, trainable linear classifier) trained with
+  hierarchical cross-entropy / soft labels (Bertinetto et al., CVPR 2020) by the fused linear loss.
+- ``multi-level``: type-I layer + one linear head per depth level of the tree, the sum of their cross-entropies;
+  the finest head predicts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .sizes import DENSE_MAX_K
+from .baselines import HEAD_LOSS_KINDS, HeadLoss, MultiLevelHead, MultiLevelLoss
 from .nn import FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI, TransformationLayerII
 
 __all__ = [
@@ -27,7 +32,7 @@ __all__ = [
     "build_backbone", "build_model", "build_loss", "build_frame", "FIXED_FRAME_METHODS",
 ]
 
-METHODS = ("cross-entropy", "haframe", "etf", "haframe-ce")
+METHODS = ("cross-entropy", "haframe", "etf", "haframe-ce", "hxe", "soft-labels", "multi-level")
 FIXED_FRAME_METHODS = ("haframe", "etf", "haframe-ce")
 BACKBONES = ("mlp", "small-cnn", "wrn28", "resnet50")
 _BACKBONE_ALIASES = {
@@ -250,7 +255,8 @@ def build_model(method: str, backbone: Union[str, nn.Module], num_classes: int, 
     ``frame``: the fixed frame for ``haframe``/``haframe-ce``/``etf`` (an HAFrame or a [K, d]
     tensor); when None it is built from ``hierarchy`` (or ``distances``) with ``gamma`` and
     ``s_min`` (or as a simplex ETF), of dimension ``feature_dim`` (default K).
-    ``feature_dim`` for ``cross-entropy`` is the type-I layer width (default 512).
+    ``feature_dim`` for ``cross-entropy``, ``hxe``, ``soft-labels`` and ``multi-level`` is the type-I layer width
+    (default 512); ``multi-level`` takes its levels from ``hierarchy``.
     """
     check_method(method)
     num_classes = int(num_classes)
@@ -258,10 +264,17 @@ def build_model(method: str, backbone: Union[str, nn.Module], num_classes: int, 
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     bb = build_backbone(backbone, **backbone_kwargs)
     conv = bool(getattr(bb, "conv_output", False))
-    if method == "cross-entropy":
+    if method in ("cross-entropy", "multi-level", *HEAD_LOSS_KINDS):
         width = int(feature_dim) if feature_dim is not None else 512
         transform = TransformationLayerI(bb.out_features, width)
-        classifier = nn.Linear(width, num_classes)
+        if method == "multi-level":
+            if hierarchy is None:
+                raise ValueError("method 'multi-level' needs the hierarchy (its heads are the tree's depth levels)")
+            classifier = MultiLevelHead(width, hierarchy)
+            if classifier.num_classes != num_classes:
+                raise ValueError(f"the hierarchy has {classifier.num_classes} classes but num_classes={num_classes}")
+        else:
+            classifier = nn.Linear(width, num_classes)
     else:
         if frame is None:
             frame = build_frame(method, num_classes, hierarchy=hierarchy, distances=distances, gamma=gamma,
@@ -282,17 +295,29 @@ def build_model(method: str, backbone: Union[str, nn.Module], num_classes: int, 
 
 def build_loss(method: str, model: Optional[HAFrameModel] = None, *, frame=None, alpha: float = 0.4,
                schedule: str = "constant", period: Optional[float] = None,
-               total_epochs: Optional[int] = None) -> nn.Module:
+               total_epochs: Optional[int] = None, hierarchy=None, hxe_alpha: float = 0.1,
+               hxe_normalize: bool = False, soft_beta: float = 10.0) -> nn.Module:
     """The training loss of a method.
 
     ``cross-entropy``: ``nn.CrossEntropyLoss`` on the logits.  ``haframe``/``etf``:
     :class:`HAFrameLoss` on the features with ``alpha`` and its schedule.  ``haframe-ce``:
     :class:`HAFrameLoss` with alpha = 0 (pure cross entropy against the fixed frame).
-    The frame comes from ``model.classifier`` unless given.
+    The frame comes from ``model.classifier`` unless given.  ``hxe`` / ``soft-labels``: :class:`HeadLoss` on
+    ``model.classifier`` with ``hxe_alpha`` (and ``hxe_normalize``) / ``soft_beta`` and ``hierarchy`` (a Hierarchy; soft labels also take a
+    distance matrix).  ``multi-level``: :class:`MultiLevelLoss` on the model's heads.
     """
     check_method(method)
     if method == "cross-entropy":
         return nn.CrossEntropyLoss()
+    if method in HEAD_LOSS_KINDS or method == "multi-level":
+        if model is None:
+            raise ValueError(f"method {method!r} trains the model's own head: pass the model")
+        if method == "multi-level":
+            return MultiLevelLoss(model.classifier)
+        if hierarchy is None:
+            raise ValueError(f"method {method!r} needs the hierarchy (or, for soft-labels, a distance matrix)")
+        return HeadLoss(model.classifier, HEAD_LOSS_KINDS[method], hierarchy, alpha=hxe_alpha,
+                        normalize=hxe_normalize, beta=soft_beta)
     if frame is None:
         if model is None or not isinstance(getattr(model, "classifier", None), FixedFrameClassifier):
             raise ValueError(f"method {method!r} needs a model with a FixedFrameClassifier or a frame")

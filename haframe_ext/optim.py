@@ -46,8 +46,9 @@ class FeaturesOnly(nn.Module):
 
 
 def compute_loss(criterion, features, logits, target):
-    """The loss of one batch: HAFrameLoss reads the features (B, d), the other losses the logits (B, K)."""
-    if isinstance(criterion, HAFrameLoss):
+    """The loss of one batch: HAFrameLoss and the losses marked ``reads_features`` (the baselines' head losses)
+    read the features (B, d), the other losses the logits (B, K)."""
+    if isinstance(criterion, HAFrameLoss) or getattr(criterion, "reads_features", False):
         return criterion(features, target)
     return criterion(logits.float(), target)
 
