@@ -205,18 +205,18 @@ def _add_frame(sub) -> None:
     f = sub.add_parser("frame", help="build a HAFrame, print diagnostics, save it and plot it",
                        description="Build a hierarchy-aware frame (or a simplex ETF), print its diagnostics, "
                                    "optionally save it (--out) and plot target vs realised similarity (--plot).")
-    f.add_argument("--hierarchy", default=None,
+    f.add_argument("--hierarchy", default="cifar100",
                    help=f"builtin name ({', '.join(BUILTIN_NAMES)}), an edge-list file, random:K (a seeded random "
                         "tree), or a .npy/.csv distance matrix (default: cifar100)")
     f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
     f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
-    f.add_argument("--gamma", type=float, default=None, help="kernel sharpness gamma (default: 2.0)")
-    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default=None,
+    f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
+    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
     f.add_argument("--dim", type=_int_at_least(1), default=None,
                    help="frame dimension (default: K; below K the exact frame is projected, and its margin and "
                         "Gram error are printed)")
-    f.add_argument("--distance-convention", choices=CONVENTIONS, default=None,
+    f.add_argument("--distance-convention", choices=CONVENTIONS, default=CONVENTIONS[0],
                    help="tree distances: 'published' (D - depth(LCA), default) or 'height'")
     f.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random rotation (default: 0)")
     f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
