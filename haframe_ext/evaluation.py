@@ -1,5 +1,5 @@
 """Evaluation: streaming metrics over a loader (:func:`evaluate`, reduced across ranks), the evaluation loader, the
-neural-collapse diagnostics and :func:`evaluate_checkpoint`."""
+neural-collapse diagnostics, temperature calibration on the validation split and :func:`evaluate_checkpoint`."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from . import metrics as _metrics
 from .checkpoint import CheckpointError, load_checkpoint, state_mismatch
 from .config import TrainConfig, build_from_config, checkpoint_convention
 from .distributed import DistContext, gather_rows
+from .hier_metrics import fit_temperature
 from .nn import FixedFrameClassifier
 from .resume import check_inputs, inputs_digest
 from .runlog import clean_json
 
-__all__ = ["crm_part", "eval_loader", "evaluate", "evaluate_checkpoint", "neural_collapse", "plain_part", "valid_ks"]
+__all__ = ["crm_part", "eval_loader", "evaluate", "evaluate_checkpoint", "neural_collapse", "plain_part", "valid_ks",
+           "split_logits"]
 
 
 def valid_ks(ks: Iterable[int], K: int) -> Tuple[int, ...]:
@@ -29,11 +31,13 @@ def valid_ks(ks: Iterable[int], K: int) -> Tuple[int, ...]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, distances: np.ndarray, ks, device, dctx: Optional[DistContext] = None,
-             crm: bool = False, collect: bool = False, autocast=None):
-    """Streaming metrics over a loader (reduced over ranks); optionally the features and labels."""
+             crm: bool = False, collect: bool = False, autocast=None, temperature: float = 1.0):
+    """Streaming metrics over a loader (reduced over ranks); optionally the features and labels.
+
+    temperature: T of the calibrated metrics and of CRM's probabilities (1: uncalibrated)."""
     was_training = model.training
     model.eval()
-    ev = _metrics.StreamingEvaluator(distances, ks, crm=crm)
+    ev = _metrics.StreamingEvaluator(distances, ks, crm=crm, temperature=temperature)
     feats, labels = [], []
     try:
         for x, y in loader:
@@ -59,6 +63,21 @@ def evaluate(model: nn.Module, loader, distances: np.ndarray, ks, device, dctx: 
             F, Y = gather_rows(F, Y, dctx)
         return out, F, Y
     return out
+
+
+@torch.no_grad()
+def split_logits(model: nn.Module, loader, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, K] float32, labels [N]) of a whole loader on the CPU (N x K x 4 bytes: for calibration)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for x, y in loader:
+            logits.append(model(x.to(device))[1].float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def eval_loader(ds, batch_size: int, dctx: DistContext, num_workers: int = 0):
@@ -95,8 +114,11 @@ def plain_part(d: Dict[str, Any]) -> Dict[str, Any]:
 
 def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root: Optional[str] = None,
                         split: str = "test", batch_size: int = 512, device: str = "auto",
-                        crm: bool = True) -> Dict[str, Any]:
-    """Metrics of a saved model (``best.pt`` or ``last.pt``) on a split of its dataset (or another one)."""
+                        crm: bool = True, calibrate: bool = False) -> Dict[str, Any]:
+    """Metrics of a saved model (``best.pt`` or ``last.pt``) on a split of its dataset (or another one).
+
+    calibrate: fit one temperature on the validation split by NLL first; the metrics then carry ECE and MCE
+    before (``ece``) and after (``calibrated_ece``), and CRM re-ranks the calibrated probabilities."""
     ck = load_checkpoint(checkpoint, kind="model")
     cfg = dict(ck["config"])
     cfg["distance_convention"] = checkpoint_convention(cfg)  # what it was trained with, for an older checkpoint too
@@ -109,6 +131,9 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
     config = TrainConfig.from_dict(cfg)
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid: train, val, test")
+    if calibrate and split == "val":
+        raise ValueError("--calibrate fits the temperature on the validation split, so it cannot also be the split "
+                         "evaluated; evaluate another one (--split test)")
     built = build_from_config(config)
     # the hierarchy is rebuilt from the paths in the config: its content must still be what the model learnt
     check_inputs(ck.get("inputs"), inputs_digest(built["hierarchy"], built["distances"]), config, Path(checkpoint),
@@ -124,10 +149,21 @@ def evaluate_checkpoint(checkpoint, *, dataset: Optional[str] = None, data_root:
     ds = built["datasets"][split]
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     K = built["hierarchy"].num_classes
+    temperature, calibration = 1.0, None
+    if calibrate:
+        val = built["datasets"].get("val")
+        if val is None or len(val) == 0:
+            raise ValueError("--calibrate needs a validation split to fit the temperature on, and this dataset has "
+                             "none; give a dataset with one, or drop --calibrate")
+        val_logits, val_labels = split_logits(model, torch.utils.data.DataLoader(val, batch_size=batch_size), dev)
+        temperature = fit_temperature(val_logits, val_labels)
+        calibration = {"temperature": temperature, "fitted_on": "val", "val_samples": len(val)}
     res, feats, labels = evaluate(model, loader, built["distances"], valid_ks(config.eval_ks, K), dev,
-                                  crm=crm, collect=True)
+                                  crm=crm, collect=True, temperature=temperature)
     out = {"method": config.method, "split": split, "checkpoint": str(checkpoint),
            "metrics": plain_part(res)}
+    if calibration is not None:
+        out["calibration"] = dict(calibration, ece_before=res["ece"], ece_after=res["calibrated_ece"])
     if crm:
         out["crm"] = crm_part(res)
     out["neural_collapse"] = neural_collapse(model, feats, labels, built["frame"])

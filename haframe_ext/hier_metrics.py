@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["DEFAULT_COMPARE_METRICS", "CALIBRATION_BINS", "ranked", "TreeProfiles", "dense_profiles",
-           "ideal_positions", "hops_scores", "calibration_sums", "calibration_errors", "fit_temperature"]
+           "ideal_positions", "hops_scores", "top_confidence", "calibration_sums", "calibration_errors", "fit_temperature"]
 
 # the metrics `haframe compare` shows unless told otherwise (keys of the evaluate dict)
 DEFAULT_COMPARE_METRICS = ("top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20", "best@5",
@@ -30,14 +30,22 @@ def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k best classes of each row of scores [N, K], best first, as long [N, k].
 
     Tie rule: among equal scores the lowest class index comes first (the order of a stable descending
-    sort).  torch.topk alone does not promise this, so the boundary ties are settled here.
+    sort).  torch.topk alone does not promise this, so ties are settled here: inside the top k by a stable
+    sort of the k winners, and at the k-th place, in the rows where a tie straddles it, by index.
     """
-    thr = scores.topk(k, dim=1).values[:, -1:]  # [N, 1] the k-th best score
-    above = scores > thr
-    tie = scores == thr
-    need = k - above.sum(dim=1, keepdim=True)  # how many of the tied classes make the cut
-    chosen = above | (tie & (tie.cumsum(dim=1) <= need))  # exactly k per row, lowest tied indices first
-    idx = chosen.nonzero()[:, 1].view(-1, k)  # [N, k] ascending class index
+    K = scores.shape[1]
+    if k >= K:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices
+    vals, idx = scores.topk(k + 1, dim=1)  # [N, k + 1] best first
+    idx = idx[:, :k].sort(dim=1).values  # the winners by ascending index
+    straddle = (vals[:, k] == vals[:, k - 1]).nonzero()[:, 0]  # rows whose k-th place is tied with the next
+    if len(straddle):
+        sub = scores[straddle]
+        thr = vals[straddle, k - 1:k]  # [R, 1] the k-th best score
+        above, tie = sub > thr, sub == thr
+        need = k - above.sum(dim=1, keepdim=True)  # how many of the tied classes make the cut
+        chosen = above | (tie & (tie.cumsum(dim=1) <= need))  # exactly k per row, lowest tied indices first
+        idx[straddle] = chosen.nonzero()[:, 1].view(-1, k)
     order = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True).indices
     return idx.gather(1, order)
 
@@ -142,21 +150,24 @@ def hops_scores(rank: np.ndarray, weight: np.ndarray, obtained: np.ndarray, k: i
     return np.where(den > 0, np.clip(1.0 - num / safe, 0.0, 1.0), (num == 0).astype(np.float64))
 
 
-def calibration_sums(logits: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+def top_confidence(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The largest softmax(logits / T) of each row, float64 [N] from logits [N, K]: 1 / sum_j exp((z_j - max z) / T)."""
+    z = logits.to(torch.float64)
+    return 1.0 / ((z - z.max(dim=1, keepdim=True).values) / temperature).exp_().sum(dim=1)
+
+
+def calibration_sums(conf: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """Per bin of the top-1 confidence: [count, sum of confidences, number correct], float64 [3 * BINS].
 
-    logits [N, K], pred [N] the predicted classes, target [N]; confidence = max softmax(logits / T);
-    bin b holds confidences in (b / BINS, (b + 1) / BINS].
+    conf [N] the top-1 softmax confidences, correct [N] bool; bin b holds confidences in (b / BINS, (b + 1) / BINS].
     """
-    p = torch.softmax(logits.to(torch.float64) / temperature, dim=1)
-    conf = p.max(dim=1).values  # [N]
+    conf = conf.to(torch.float64)
     edges = torch.linspace(0, 1, CALIBRATION_BINS + 1, dtype=torch.float64, device=conf.device)[1:-1]
     b = torch.bucketize(conf, edges)  # (lo, hi] bins
     out = torch.zeros(3, CALIBRATION_BINS, dtype=torch.float64, device=conf.device)
     out[0].index_add_(0, b, torch.ones_like(conf))
     out[1].index_add_(0, b, conf)
-    out[2].index_add_(0, b, (pred == target).to(torch.float64))
+    out[2].index_add_(0, b, correct.to(device=conf.device, dtype=torch.float64))
     return out.reshape(-1)
 
 

@@ -48,12 +48,12 @@ import scipy.stats
 import torch
 
 from .hier_metrics import (CALIBRATION_BINS, TreeProfiles, calibration_errors, calibration_sums, dense_profiles,
-                           hops_scores, ideal_positions, ranked)
+                           hops_scores, ideal_positions, ranked, top_confidence)
 from .hierarchy import Hierarchy, as_distance_matrix
 from .sizes import DENSE_MAX_K
 
 __all__ = ["evaluate", "StreamingEvaluator", "crm", "neural_collapse", "summarize_seeds", "format_table",
-           "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
+           "format_report", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
 
 DEFAULT_KS = (1, 5, 20)  # the k of the @k metrics when none are given (those up to K)
 HISTOGRAM_MAX_BINS = 4096  # the most distance values severity_histogram lists (integer distances only)
@@ -247,6 +247,8 @@ class StreamingEvaluator:
     @staticmethod
     def _check_rankable(logits: torch.Tensor) -> None:
         """Refuse rows that cannot be ranked or turned into probabilities (NaN, +Inf, or only -Inf), naming them."""
+        if bool(torch.isfinite(logits).all()):
+            return
         bad = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1) | torch.isneginf(logits).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero()[:, 0].tolist()
@@ -269,17 +271,22 @@ class StreamingEvaluator:
         logits = logits.detach()
         self._check_rankable(logits)
         rows = max(1, _CHUNK_ENTRIES // self.num_classes)
+        T = self.temperature
         total = None
         for a in range(0, logits.shape[0], rows):
             z, y = logits[a:a + rows], target[a:a + rows]
             plain, pred = self._sums(z, y)
-            parts = [plain]
+            correct = pred.to(y.device) == y
+            parts, calibrations = [plain], [top_confidence(z)]
             if self.crm:
-                probs = torch.softmax(z.to(torch.float64) / self.temperature, dim=1)
+                z64 = z.to(torch.float64)
+                probs = torch.softmax(z64 / T if T != 1.0 else z64, dim=1)
                 parts.append(self._sums(-self._d.expected(probs), y)[0])
-            parts.append(calibration_sums(z, pred.to(z.device), y).cpu())
-            if self.temperature != 1.0:
-                parts.append(calibration_sums(z, pred.to(z.device), y, self.temperature).cpu())
+                if T != 1.0:
+                    calibrations.append(probs.max(dim=1).values)
+            elif T != 1.0:
+                calibrations.append(top_confidence(z, T))
+            parts += [calibration_sums(conf, correct).cpu() for conf in calibrations]
             batch = torch.cat(parts)
             total = batch if total is None else total + batch
         total = total.to(logits.device)
@@ -498,4 +505,26 @@ def format_table(rows: Mapping[str, Mapping], metrics: Sequence[str] | None = No
     lines = [" | ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(r, widths))).rstrip()
              for r in table]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_report(rows: Mapping[str, Mapping], digits: int = 4, width: int = 7) -> str:
+    """Every metric of evaluate results (one row per method) as text: top-1, severity and HierDist@k first, the
+    other scalar metrics in tables of at most ``width`` columns, then each severity histogram and level accuracy."""
+    keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
+                              if not isinstance(v, (list, str, bool)) and k != "num_samples"))
+    first = [k for k in keys if k in ("top1", "mistake_severity") or k.startswith("hierdist@")]
+    rest = [k for k in keys if k not in first]
+    families = list(dict.fromkeys(k.split("@")[0] for k in rest))
+    rest.sort(key=lambda k: families.index(k.split("@")[0]))  # best@1, best@5, ..., mistakes@1, ...
+    tables = [format_table(rows, first, digits)] if first else []
+    tables += [format_table(rows, rest[i:i + width], digits) for i in range(0, len(rest), width)]
+    lines = ["\n\n".join(tables)]
+    for name, m in rows.items():
+        if m.get("severity_histogram") is not None:
+            hist = m["severity_histogram"]
+            lines.append(f"{name}: top-1 mistakes at LCA height 1..{len(hist)}: {' '.join(map(str, hist))}")
+        if m.get("level_accuracy") is not None:
+            acc = m["level_accuracy"]
+            lines.append(f"{name}: accuracy at depth 1..{len(acc)}: {' '.join(f'{a:.4f}' for a in acc)}")
     return "\n".join(lines)
