@@ -120,6 +120,19 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
 
+    def from_main(self, value):
+        """Rank 0's ``value`` (a small picklable object) on every rank; ``value`` itself without torchrun.
+
+        For decisions only rank 0 can make (it alone reads the run folder): every rank then acts, and words its
+        error, alike, whichever rank's message the launcher shows first."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist

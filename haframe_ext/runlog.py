@@ -164,20 +164,17 @@ def claim_run_folder(config: TrainConfig, out: Path, dctx: DistContext):
             claim = claim_folder(out)
         except FolderInUseError as exc:
             busy = exc
-    if dctx.enabled and bool(dctx.all_reduce(torch.tensor([float(busy is not None)], device=dctx.device),
-                                             "max").item()) and busy is None:
-        busy = FolderInUseError(f"output folder {out} is in use by another training run (rank 0 found its lock)")
+    said = dctx.from_main(None if busy is None else str(busy))  # every rank refuses in rank 0's words
+    if said is not None and busy is None:
+        busy = FolderInUseError(said)
     if busy is not None:
         release_folder(claim)
         raise busy
     try:
-        found = earlier_run(out) if dctx.main else []
-        why = run_conflict(config, out) if dctx.main else None
-        refuse = why is not None
-        if dctx.enabled:
-            refuse = bool(dctx.all_reduce(torch.tensor([float(refuse)], device=dctx.device), "max").item())
-        if refuse:
-            refuse_earlier_run(out, found, why or "")
+        # rank 0 reads the folder; every rank refuses with its files and reason, so each rank's message is complete
+        found, why = dctx.from_main((earlier_run(out), run_conflict(config, out)) if dctx.main else None)
+        if why is not None:
+            refuse_earlier_run(out, found, why)
         keep = (config.resume and ("last.pt" in found or "prev.pt" in found)) or (
             config.resume_from and _same_folder(Path(config.resume_from).parent, out))
         if dctx.main and found and config.overwrite and not keep:

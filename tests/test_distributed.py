@@ -130,8 +130,15 @@ def test_only_rank_0_writes_files(runs):
     assert isinstance(ck["rng"], list) and len(ck["rng"]) == 2  # every rank's RNG state, written by rank 0
 
 
+def error_lines(stderr: str):
+    """The one-line errors the ranks printed (torchrun passes every rank's stderr through)."""
+    return [line for line in stderr.splitlines() if line.startswith("haframe: error:")]
+
+
 def test_a_second_job_into_the_same_out_is_refused_on_every_rank(runs, tmp_path):
-    """Rank 0 finds the earlier run and every rank stops at once (no rank waits for a collective)."""
+    """Rank 0 finds the earlier run and every rank stops at once (no rank waits for a collective), each with rank
+    0's complete message: torchrun stops the other ranks when the first exits, so whichever rank prints first
+    must name the files and the flags."""
     tmp, _, _ = runs
     cfg = tmp / "cfg.json"
     before = {p.name: p.read_bytes() for p in (tmp / "ddp").iterdir() if p.is_file()}
@@ -140,8 +147,34 @@ def test_a_second_job_into_the_same_out_is_refused_on_every_rank(runs, tmp_path)
                        capture_output=True, text=True, env=env(), timeout=120, cwd=str(tmp_path))
     assert p.returncode != 0
     assert time.monotonic() - t0 < 60
-    assert "already holds a run (last.pt" in p.stderr and "--overwrite" in p.stderr, p.stderr[-3000:]
+    lines = error_lines(p.stderr)
+    assert 1 <= len(lines) <= 2, p.stderr[-3000:]
+    for line in lines:
+        assert "already holds a run (last.pt" in line and "--resume" in line and "--overwrite" in line, line
     assert {p.name: p.read_bytes() for p in (tmp / "ddp").iterdir() if p.is_file()} == before
+
+
+def test_a_job_into_a_folder_in_use_is_refused_on_every_rank_in_rank_0s_words(tmp_path):
+    """While another process holds the folder's lock, every rank refuses with rank 0's message, which names the
+    holder; the lock and the folder are left alone."""
+    cfg = write_config(tmp_path, epochs=1)
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from haframe_ext.checkpoint import claim_folder; claim_folder(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = subprocess.run(torchrun("-m", "haframe_ext.cli", "train", "--config", cfg, "--out", out),
+                           capture_output=True, text=True, env=env(), timeout=120, cwd=str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode != 0
+    lines = error_lines(p.stderr)
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, p.stderr[-3000:]
+    assert "is in use by another training run" in lines[0] and f"process {holder.pid} on" in lines[0], lines[0]
+    assert sorted(x.name for x in out.iterdir()) == [".haframe.lock"]
 
 
 # ----------------------------------------------------------------------------- a rank that dies or hangs
