@@ -275,3 +275,112 @@ def test_other_mistakes_get_one_line_errors():
         with pytest.raises(exc, match=text) as info:
             fn()
         assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- the op: dtypes, gradcheck, opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_matches_float64(kind, dtype, tol, backend, device):
+    """float32 / bfloat16 inputs (accumulated in float32) against the float64 formula on the same rounded inputs."""
+    h = Hierarchy.builtin("inat19")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(33, 29, generator=g) * 0.5).to(dtype)
+    W = torch.randn(h.num_classes, 29, generator=g).to(dtype)
+    b = torch.randn(h.num_classes, generator=g).to(dtype)
+    y = torch.randint(0, h.num_classes, (33,), generator=g)
+    ins = [t.to(device).requires_grad_() for t in (x, W, b)]
+    loss = hx.linear_hierarchical_loss(*ins[:2], y.to(device), h, kind, bias=ins[2], alpha=0.2, beta=6.0,
+                                       backend=backend)
+    assert loss.dtype == torch.float32
+    got = torch.autograd.grad(loss, ins)
+    ref = [t.double().requires_grad_() for t in (x, W, b)]
+    want = brute(kind, ref[0] @ ref[1].T + ref[2], y, h, 0.2, True, 6.0).mean()
+    wants = torch.autograd.grad(want, ref)
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=tol, atol=tol)
+    for a, e in zip(got, wants):
+        assert a.dtype == dtype
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.double().cpu(), e, rtol=tol * 10, atol=tol * scale * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_branch_of_probability_exp_minus_2000_stays_exact_in_the_op(dtype, backend):
+    """Logits fed through an identity weight: the label's whole branch underflows against the row max."""
+    h = Hierarchy.from_parents({"A": "r", "B": "r", "a1": "A", "a2": "A", "b1": "B", "b2": "B"}, ["a1", "a2", "b1",
+                                                                                                   "b2"])
+    x = torch.tensor([[-2000.0, -2001.0, 0.0, 0.0]], dtype=dtype, requires_grad=True)
+    loss = hx.linear_hierarchical_loss(x, torch.eye(4, dtype=dtype), torch.tensor([0]), h, "hxe", alpha=1.0,
+                                       normalize=False, backend=backend)
+    (g,) = torch.autograd.grad(loss, x)
+    w1, w2, s = math.exp(-1), math.exp(-2), math.log1p(math.exp(-1))
+    q = 1 / (1 + math.exp(-1))
+    rel = 1e-12 if dtype == torch.float64 else 1e-4  # float32: logits of 2000 are rounded to 1.2e-4
+    assert abs(loss.item() - (w1 * (math.log(2) + 2000.0 - s) + w2 * s)) < rel * loss.item()
+    want = torch.tensor([-w1 * q - w2 * (1 - q), -w1 * (1 - q) + w2 * (1 - q), w1 / 2, w1 / 2], dtype=torch.float64)
+    torch.testing.assert_close(g.double()[0], want, rtol=rel * 10, atol=rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind, backend):
+    h = Hierarchy.random(11, seed=3)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 11, (4,), generator=g)
+    for reduction in ("mean", "none"):
+        fn = lambda x, W, b: hx.linear_hierarchical_loss(x, W, y, h, kind, bias=b, alpha=0.3, beta=3.0,  # noqa: E731
+                                                         reduction=reduction, backend=backend)
+        assert torch.autograd.gradcheck(fn, (x, W, b))
+    zz = (x @ W.T).detach().requires_grad_()
+    if kind == "hxe":
+        assert torch.autograd.gradcheck(lambda z: hx.hxe_loss(z, y, h, alpha=0.3, reduction="none"), (zz,))
+    elif kind == "soft-labels":
+        assert torch.autograd.gradcheck(lambda z: hx.soft_label_loss(z, y, h, beta=3.0, reduction="none"), (zz,))
+
+
+def op_args(kind, reduction, device="cpu", B=3, d=6, seed=0):
+    """Arguments of torch.ops.haframe_ext.hier_loss for a small random tree."""
+    h = Hierarchy.random(9, seed=seed)
+    spec = hier_losses._Spec(kind, 9, h, alpha=0.2, beta=2.0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    W = torch.randn(9, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(9, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randint(0, 9, (B,), generator=g).to(device)
+    start, end, value = spec.paths(y)
+    red = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    return (x, W, b, spec.order(x.device), start, end, value, spec.op_kind, None, red, red != 0, red != 0)
+
+
+@pytest.mark.skipif(not hier_losses._NATIVE, reason="compiled extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(kind, reduction, device):
+    torch.library.opcheck(torch.ops.haframe_ext.hier_loss, op_args(kind, reduction, device))
+
+
+@pytest.mark.skipif(not hier_losses._NATIVE, reason="compiled extension not built")
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_op_equals_its_plain_pytorch_twin(kind):
+    args = op_args(kind, "sum", B=5, seed=4)
+    got = torch.ops.haframe_ext.hier_loss(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    want = hier_losses.reference_hier_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    for a, e in zip(got, want):
+        close(a, e, kind)
+
+
+@pytest.mark.skipif(not hier_losses._NATIVE, reason="compiled extension not built")
+def test_native_op_refuses_malformed_paths():
+    x, W, b, order, start, end, value, kind, _, red, ng, nw = op_args("hxe", "mean")
+    bad = start.clone()
+    bad[0, 1] = 50  # outside [0, K)
+    with pytest.raises(ValueError, match="nested depth-first ranges"):
+        torch.ops.haframe_ext.hier_loss(x, W, b, order, bad, end, value, kind, None, red, ng, nw)
+    with pytest.raises(ValueError, match="kind must be"):
+        torch.ops.haframe_ext.hier_loss(x, W, b, order, start, end, value, 7, None, red, ng, nw)
