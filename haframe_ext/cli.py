@@ -270,6 +270,11 @@ def _add_eval(sub) -> None:
                    help="batch size (default: 512)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     e.add_argument("--no-crm", dest="no_crm", action="store_true", help="skip the CRM re-ranked metrics")
+    e.add_argument("--calibrate", action="store_true",
+                   help="fit one temperature on the validation split (NLL); report ECE before and after, and CRM "
+                        "on the calibrated probabilities")
+    e.add_argument("--plot", type=_path,
+                   help="PNG of the top-1 mistakes per LCA height, the model and its CRM re-ranking side by side")
     e.add_argument("--json", type=_path, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
 

@@ -246,13 +246,11 @@ def _print_neural_collapse(nc: Optional[dict]) -> None:
 
 
 def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
-    """The test metrics as a table row (and a row after CRM re-ranking)."""
-    ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("hierdist@"))
-    cols = [c for c in ("top1", "mistake_severity") if c in m] + [f"hierdist@{k}" for k in ks]
-    from .metrics import format_table
+    """Every test metric as tables with a row per method (and one after CRM re-ranking), then severity by level."""
+    from .metrics import format_report
 
     rows = {name: m, **({name + " + CRM": crm} if crm else {})}
-    print(format_table(rows, cols, digits=4))
+    print(format_report(rows))
 
 
 def cmd_eval(args) -> int:
@@ -265,10 +263,25 @@ def cmd_eval(args) -> int:
     check_device(args.device)
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json {quote(args.json)} is a folder: name the file to write")
+    _check_plot_path(args.plot)
+    if args.calibrate and args.split == "val":
+        raise UserError("--calibrate fits the temperature on the validation split, so it cannot also be the split "
+                        "evaluated; evaluate another one (--split test)")
     res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
-                              batch_size=args.batch_size, device=args.device, crm=not args.no_crm)
+                              batch_size=args.batch_size, device=args.device, crm=not args.no_crm,
+                              calibrate=args.calibrate)
     _print_metrics(res["method"], res["metrics"], res.get("crm"))
     _print_neural_collapse(res.get("neural_collapse"))
+    if res.get("calibration"):
+        c = res["calibration"]
+        print(f"temperature {c['temperature']:.4f} (fitted on {c['val_samples']} validation samples): "
+              f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+    if args.plot:
+        from .plots import severity_figure
+
+        rows = {res["method"]: res["metrics"], **({res["method"] + " + CRM": res["crm"]} if res.get("crm") else {})}
+        severity_figure(rows, Path(args.plot), f"{res['split']} split")
+        print(f"wrote {args.plot}")
     if args.json:
         atomic_write_text(json.dumps(res, indent=2) + "\n", Path(args.json))  # a full disk leaves no 0-byte file
         print(f"wrote {args.json}")

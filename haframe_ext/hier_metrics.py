@@ -150,10 +150,12 @@ def hops_scores(rank: np.ndarray, weight: np.ndarray, obtained: np.ndarray, k: i
     return np.where(den > 0, np.clip(1.0 - num / safe, 0.0, 1.0), (num == 0).astype(np.float64))
 
 
-def top_confidence(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The largest softmax(logits / T) of each row, float64 [N] from logits [N, K]: 1 / sum_j exp((z_j - max z) / T)."""
+def top_confidence(logits: torch.Tensor, temperatures=(1.0,)) -> list:
+    """The largest softmax(logits / T) of each row for each T, float64 [N] each from logits [N, K]:
+    1 / sum_j exp((z_j - max z) / T), with the shifted logits formed once."""
     z = logits.to(torch.float64)
-    return 1.0 / ((z - z.max(dim=1, keepdim=True).values) / temperature).exp_().sum(dim=1)
+    shifted = z - z.max(dim=1, keepdim=True).values  # [N, K] <= 0
+    return [1.0 / (shifted / t if t != 1.0 else shifted).exp().sum(dim=1) for t in temperatures]
 
 
 def calibration_sums(conf: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:

@@ -277,16 +277,13 @@ class StreamingEvaluator:
             z, y = logits[a:a + rows], target[a:a + rows]
             plain, pred = self._sums(z, y)
             correct = pred.to(y.device) == y
-            parts, calibrations = [plain], [top_confidence(z)]
+            parts = [plain]
             if self.crm:
                 z64 = z.to(torch.float64)
                 probs = torch.softmax(z64 / T if T != 1.0 else z64, dim=1)
                 parts.append(self._sums(-self._d.expected(probs), y)[0])
-                if T != 1.0:
-                    calibrations.append(probs.max(dim=1).values)
-            elif T != 1.0:
-                calibrations.append(top_confidence(z, T))
-            parts += [calibration_sums(conf, correct).cpu() for conf in calibrations]
+            temperatures = (1.0,) if T == 1.0 else (1.0, T)
+            parts += [calibration_sums(conf, correct).cpu() for conf in top_confidence(z, temperatures)]
             batch = torch.cat(parts)
             total = batch if total is None else total + batch
         total = total.to(logits.device)

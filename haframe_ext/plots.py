@@ -10,7 +10,7 @@ import numpy as np
 
 from .checkpoint import atomic_write
 
-__all__ = ["MATPLOTLIB_MISSING", "matplotlib_available", "tree_order", "plot_frame", "demo_figure"]
+__all__ = ["MATPLOTLIB_MISSING", "matplotlib_available", "tree_order", "plot_frame", "demo_figure", "severity_figure"]
 
 MATPLOTLIB_MISSING = "matplotlib is not installed (pip install matplotlib)"
 
@@ -101,6 +101,28 @@ def demo_figure(results: Dict[str, Dict[str, Any]], S: np.ndarray, path: Path, c
     ax.set_ylabel("class (tree order)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Test metrics on {data}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))  # a full disk keeps the old file
+    plt.close(fig)
+
+
+def severity_figure(rows: Dict[str, Dict[str, Any]], path: Path, title: str) -> None:
+    """Write a PNG of each method's top-1 mistakes per LCA height (``severity_histogram``), bars side by side."""
+    plt = _pyplot()
+    rows = {m: r["severity_histogram"] for m, r in rows.items() if r and r.get("severity_histogram") is not None}
+    if not rows:
+        raise ValueError("no severity_histogram to plot: it needs integer distances (a tree, or an integer matrix)")
+    heights = max(len(h) for h in rows.values())
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * heights * len(rows) + 2), 4.5))
+    w = 0.8 / len(rows)
+    for i, (m, hist) in enumerate(rows.items()):
+        x = np.arange(1, len(hist) + 1) + (i - (len(rows) - 1) / 2) * w
+        ax.bar_label(ax.bar(x, hist, w, label=m), fontsize=7)
+    ax.set_xticks(range(1, heights + 1))
+    ax.set_xlabel("LCA height of the mistake (distance to the label)")
+    ax.set_ylabel("top-1 mistakes")
+    ax.set_title(f"Mistakes by severity, {title}")
+    ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))  # a full disk keeps the old file
     plt.close(fig)

@@ -1,6 +1,7 @@
 """Tests for the hierarchical metrics of evaluate (MBM's best/mistakes/hprecision/hmap, HOPS, calibration,
 hierarchical P/R/F, severity by level) against a float64 brute force written from their definitions."""
 
+import json
 import math
 
 import numpy as np
@@ -10,13 +11,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from haframe_ext.cli import main
 from haframe_ext.hier_metrics import DEFAULT_COMPARE_METRICS, fit_temperature, ranked
 from haframe_ext.hierarchy import BUILTIN_NAMES, Hierarchy
 from haframe_ext.metrics import StreamingEvaluator, evaluate
 from helpers import FAST, trees
-
-LISTS = ("severity_histogram", "level_accuracy")
-
 
 # ----------------------------------------------------------------------------- the brute force
 def hops_weights(expected: np.ndarray) -> np.ndarray:
@@ -118,10 +117,6 @@ def assert_metrics_equal(got: dict, want: dict, tol: float = 1e-9) -> None:
             np.testing.assert_allclose(got[key], value, rtol=tol, atol=tol, err_msg=key)
         else:
             assert got[key] == pytest.approx(value, rel=tol, abs=tol), key
-
-
-def scalar_part(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not isinstance(v, list)}
 
 
 def some_logits(N: int, K: int, seed: int, ties: bool = False):
@@ -297,3 +292,42 @@ def test_default_compare_metrics_are_keys_of_evaluate():
     logits, target = some_logits(20, 100, seed=0)
     out = evaluate(logits, target, h)
     assert set(DEFAULT_COMPARE_METRICS) <= set(out)
+
+
+# ----------------------------------------------------------------------------- haframe train and haframe eval
+def test_results_and_the_log_carry_the_new_keys(baseline):
+    res = json.loads((baseline / "results.json").read_text())
+    for key in ("best@5", "mistakes@2", "hprecision@5", "hmap@5", "hops@5", "ece", "mce", "hier_f1",
+                "severity_histogram", "level_accuracy"):
+        assert key in res["test"], key
+        assert key in res["test_crm"] or key in ("ece", "mce"), key
+    assert len(res["test"]["level_accuracy"]) == 3 and len(res["test"]["severity_histogram"]) == 3  # toy tree
+    first = json.loads((baseline / "metrics.jsonl").read_text().splitlines()[0])
+    assert "hops@5" in first["val"] and "level_accuracy" in first["val"]
+
+
+def test_eval_calibrates_prints_and_plots(baseline, tmp_path, capsys):
+    png, out = tmp_path / "severity.png", tmp_path / "m.json"
+    rc = main(["eval", "--checkpoint", str(baseline / "best.pt"), "--calibrate", "--plot", str(png),
+               "--json", str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    saved = json.loads(out.read_text())
+    cal = saved["calibration"]
+    assert cal["temperature"] > 0 and cal["val_samples"] > 0
+    assert cal["ece_before"] == saved["metrics"]["ece"] and cal["ece_after"] == saved["metrics"]["calibrated_ece"]
+    assert saved["metrics"]["temperature"] == cal["temperature"] and "hops@5" in saved["crm"]
+    assert "top-1 mistakes at LCA height 1..3" in text and "accuracy at depth 1..3" in text
+    assert "hier_f1" in text and f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--calibrate", "--split", "val"], "--calibrate fits the temperature on the validation split"),
+    (["--plot", "."], "is a folder: name the PNG file"),
+])
+def test_eval_refusals(baseline, capsys, extra, fragment):
+    rc = main(["eval", "--checkpoint", str(baseline / "best.pt"), *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("haframe: error: ") and fragment in lines[0], err
