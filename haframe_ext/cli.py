@@ -281,14 +281,19 @@ def _add_eval(sub) -> None:
 
 def _add_demo(sub) -> None:
     """``haframe demo``'s options."""
-    d = sub.add_parser("demo", help="train cross-entropy, haframe and etf on synthetic data (no download)",
+    d = sub.add_parser("demo", help="compare cross-entropy, hxe, soft-labels and haframe on synthetic data (no "
+                                    "download)",
                        description="Synthetic data generated from the CIFAR-100 class tree (no images), MLP "
-                                   "backbone: trains each method, prints a table, writes results.json and demo.png.")
+                                   "backbone: trains each method once per seed (as 'haframe compare'), prints the "
+                                   "mean and 95%% CI table with the CRM rows, writes compare.json, compare.md, "
+                                   "results.json (the means) and demo.png.")
     d.add_argument("--out", type=_path, default="haframe-demo", help="output folder (default: ./haframe-demo)")
-    d.add_argument("--epochs", type=_int_at_least(1), default=30, help="epochs per method (default: 30)")
-    d.add_argument("--seed", type=_int_at_least(0), default=0, help="seed (default: 0)")
-    d.add_argument("--methods", nargs="+", default=["cross-entropy", "haframe", "etf"],
-                   help="methods to train (default: cross-entropy haframe etf)")
+    d.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs per run (default: 10)")
+    d.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2],
+                   help="one run per method and seed (default: 0 1 2)")
+    d.add_argument("--methods", nargs="+", default=["cross-entropy", "hxe", "soft-labels", "haframe"],
+                   help="methods to train, space- or comma-separated (default: cross-entropy hxe soft-labels "
+                        "haframe)")
     d.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not write demo.png")
     d.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     d.set_defaults(func=cmd_demo)

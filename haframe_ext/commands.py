@@ -289,11 +289,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """``haframe demo``: the methods side by side on synthetic data."""
+    """``haframe demo``: the methods side by side on synthetic data, a few seeds each."""
+    from .compare import parse_methods
     from .demo import demo
 
-    demo(args.out, epochs=args.epochs, seed=args.seed, methods=args.methods, plot=not args.no_plot,
-         verbose=True, progress=args.progress)
+    demo(args.out, epochs=args.epochs, methods=parse_methods(args.methods), seeds=args.seeds,
+         plot=not args.no_plot, verbose=True, progress=args.progress)
     return 0
 
 

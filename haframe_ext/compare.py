@@ -78,13 +78,15 @@ def run_state(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
 
 
 def compare(config: TrainConfig, methods: Sequence[str] = COMPARE_METHODS, seeds: Sequence[int] = (0, 1, 2), *,
-            metrics: Optional[Sequence[str]] = None, plot: bool = True, verbose: bool = True) -> Dict[str, Any]:
+            metrics: Optional[Sequence[str]] = None, plot: bool = True, verbose: bool = True,
+            header: Optional[str] = None) -> Dict[str, Any]:
     """Train (or reuse, or resume) every method x seed of ``config`` and summarise them.
 
     Returns ``{"finished": bool, "summary": {row: summary_seeds}, "table": str, ...}`` as written to
     ``<out>/compare.json``; rows are the methods and, after them, ``"<method> + CRM"``. ``metrics``: the columns
     (default: :data:`~haframe_ext.hier_metrics.DEFAULT_COMPARE_METRICS`, those the runs report). A run stopped by
     ``stop_after_epochs`` ends the call unfinished (``"finished": False``); the same call again resumes it.
+    ``verbose``: a line per run, then ``header`` (if given) and the table.
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
@@ -118,7 +120,7 @@ def compare(config: TrainConfig, methods: Sequence[str] = COMPARE_METHODS, seeds
                 results[m][s] = done
         summary = _summarize(config, methods, seeds, results, metrics)
         if main:
-            _write(out, summary, plot, verbose)
+            _write(out, summary, plot, verbose, header)
         return summary
     finally:
         release_folder(claim)
@@ -157,7 +159,8 @@ def _summarize(config: TrainConfig, methods: List[str], seeds: List[int], result
     return {"finished": True, "methods": methods, "seeds": seeds, "metrics": columns, "config": base,
             "summary": clean_json(rows), "table": format_table(rows, columns),
             "runs": {m: {f"seed{s}": {"out": str(Path(config.out) / m / f"seed{s}"), "test": results[m][s]["test"],
-                                      "test_crm": results[m][s].get("test_crm")} for s in seeds} for m in methods}}
+                                      "test_crm": results[m][s].get("test_crm"),
+                                      "seconds": results[m][s].get("seconds")} for s in seeds} for m in methods}}
 
 
 def _markdown(summary: Dict[str, Any]) -> str:
@@ -172,8 +175,8 @@ def _markdown(summary: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out: Path, summary: Dict[str, Any], plot: bool, verbose: bool) -> None:
-    """compare.json, compare.md and (with matplotlib) compare.png in ``out``; the table on stdout."""
+def _write(out: Path, summary: Dict[str, Any], plot: bool, verbose: bool, header: Optional[str]) -> None:
+    """compare.json, compare.md and (with matplotlib) compare.png in ``out``; ``header`` and the table on stdout."""
     write_json(summary, out / "compare.json")
     atomic_write_text(_markdown(summary), out / "compare.md")
     wrote = [out / "compare.json", out / "compare.md"]
@@ -184,6 +187,8 @@ def _write(out: Path, summary: Dict[str, Any], plot: bool, verbose: bool) -> Non
     elif plot and verbose:
         print(f"{MATPLOTLIB_MISSING}: skipping compare.png")
     if verbose:
+        if header:
+            print(header)
         print(summary["table"])
         print("wrote " + ", ".join(map(str, wrote)))
 

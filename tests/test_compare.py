@@ -1,5 +1,5 @@
 """``haframe compare`` (haframe_ext/compare.py): methods x seeds with the same trainer, reuse and resume of runs,
-the summary table, compare.json / compare.md / compare.png, and its user errors."""
+the summary table, compare.json / compare.md / compare.png, and its user errors; the demo built on it (demo.py)."""
 
 import json
 import shutil
@@ -10,6 +10,7 @@ import pytest
 import haframe_ext.compare as C
 from haframe_ext.cli import main
 from haframe_ext.compare import compare, compare_figure, parse_methods
+from haframe_ext.demo import DEMO_METHODS, demo
 from haframe_ext.train import TrainConfig
 from helpers import toy_config, write_inputs
 
@@ -125,3 +126,17 @@ def test_the_figure_plots_hierdist_at_5_or_the_largest_k(tmp_path, ks):
                                                              for k in ks}}
     compare_figure({"a": row, "a + CRM": row, "b": row}, tmp_path / "f.png", "title")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_the_demo_tabulates_its_four_methods_over_seeds(tmp_path, capsys):
+    assert DEMO_METHODS == ("cross-entropy", "hxe", "soft-labels", "haframe")
+    means = demo(tmp_path / "demo", epochs=1, seeds=[0, 1], plot=False, n_per_class=3, eval_per_class=2, hidden=16,
+                 input_dim=8)
+    out = capsys.readouterr().out
+    assert "test metrics on synthetic data" in out and "mean and 95% CI over seeds 0, 1" in out
+    assert out.count("soft-labels + CRM") == 1 and "hxe + CRM" in out
+    summary = json.loads((tmp_path / "demo" / "compare.json").read_text())["summary"]
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for m in DEMO_METHODS:
+        assert saved[m]["top1"] == pytest.approx(summary[m]["top1"]["mean"]) == pytest.approx(means[m]["top1"])
+        assert saved[m]["seconds"] > 0 and (tmp_path / "demo" / m / "seed1" / "results.json").exists()
