@@ -19,7 +19,7 @@ import torch
 
 from haframe_ext.config import build_from_config
 from haframe_ext.hierarchy import Hierarchy
-from haframe_ext.train import load_checkpoint, train
+from haframe_ext.train import evaluate_checkpoint, load_checkpoint, train
 from helpers import EPOCHS, brute_similarity, brute_tree_distances
 from helpers import toy_train_config as _round2_config
 
@@ -110,3 +110,13 @@ def test_reported_neural_collapse_and_frame_error_equal_the_brute_force(finished
     assert res["frame"]["convention"] == "height"
     assert res["frame"]["gram_error"] == pytest.approx(float(np.abs((W @ W.T).numpy() - S).max()), abs=1e-6)
     assert math.isfinite(nc["angular_collapse_avg"]) and nc["angular_collapse_avg"] > 0
+
+
+def test_evaluating_best_pt_again_reports_what_the_run_did(finished):
+    """evaluate_checkpoint rebuilds the run from best.pt's saved config (the height convention included) and
+    reports the figures checked against the brute force above."""
+    cfg, res, out = finished
+    ev = evaluate_checkpoint(out / "best.pt", device="cpu")
+    assert ev["metrics"] == pytest.approx(res["test"], rel=1e-9, abs=1e-12)
+    assert ev["crm"] == pytest.approx(res["test_crm"], rel=1e-9, abs=1e-12)
+    assert ev["neural_collapse"] == pytest.approx(res["neural_collapse"], rel=1e-9, abs=1e-12)
