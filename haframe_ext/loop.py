@@ -305,11 +305,13 @@ def _kept_message(good: Optional[Tuple[Path, int]]) -> str:
 
 # ----------------------------------------------------------------------------- end of an epoch
 def _end_epoch(run: _Run, epoch: int, val_loader, train: Dict[str, Any], t0: float) -> None:
-    """Validate, track the best epoch, refuse a non-finite state, then write the checkpoints and the log record.
+    """Refuse a non-finite state, validate, track the best epoch, then write the checkpoints and the log record.
 
+    The state is checked first: NaN weights give NaN logits, which the evaluation refuses with a less useful message.
     ``train``: the epoch's train_loss, train_top1 and lr; ``t0``: when the epoch started (perf_counter).
     """
     config = run.config
+    _check_finite_state(run, epoch)
     val = evaluate(run.model, val_loader, run.built["distances"], run.ks, run.dctx.device, run.dctx,
                    autocast=run.autocast)
     sel = val.get(config.select_metric)
@@ -323,7 +325,6 @@ def _end_epoch(run: _Run, epoch: int, val_loader, train: Dict[str, Any], t0: flo
               "alpha": run.criterion.alpha if isinstance(run.criterion, HAFrameLoss) else 0.0,
               "val": val, "seconds": time.perf_counter() - t0, "best_epoch": run.best["epoch"]}
     run.history.append(clean_json({k: v for k, v in record.items() if k != "val"} | {"val": val}))
-    _check_finite_state(run, epoch)
     _save_epoch(run, epoch, val, improved, record)
     if run.show:
         from tqdm.auto import tqdm
