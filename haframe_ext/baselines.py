@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .hier_losses import linear_hierarchical_loss
 from .hierarchy import Hierarchy
+from .sizes import available_memory
 
 __all__ = ["HEAD_LOSS_KINDS", "HeadLoss", "MultiLevelHead", "MultiLevelLoss", "level_targets"]
 
@@ -48,6 +49,7 @@ class MultiLevelHead(nn.Module):
     def __init__(self, in_features: int, hierarchy: Hierarchy):
         super().__init__()
         levels = level_targets(hierarchy)
+        _check_heads_fit([int(t.max()) + 1 for t in levels], int(in_features))
         self.in_features = int(in_features)
         self.num_classes = len(levels[-1])
         self.heads = nn.ModuleList(nn.Linear(self.in_features, int(t.max()) + 1) for t in levels)
@@ -59,6 +61,17 @@ class MultiLevelHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, level_sizes={[m.out_features for m in self.heads]}"
+
+
+def _check_heads_fit(sizes: List[int], width: int) -> None:
+    """Refuse heads whose float32 weights, gradients and SGD momentum would not fit in the memory available (a deep
+    unbalanced tree pads nearly every class down to every level below its depth)."""
+    need = 3 * 4 * sum(sizes) * (width + 1)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ValueError(f"multi-level heads over {sum(sizes):,} nodes ({len(sizes)} levels, padded) at width {width} "
+                         f"need about {need / 2 ** 30:,.1f} GiB for weights, gradients and momentum, but "
+                         f"{avail / 2 ** 30:,.1f} GiB is available: use a smaller --feature-dim")
 
 
 class MultiLevelLoss(nn.Module):

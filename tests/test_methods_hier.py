@@ -77,6 +77,16 @@ def test_multilevel_loss_is_the_sum_of_per_level_cross_entropies(tree, B):
     assert head(feats).shape == (B, h.num_classes)  # prediction: the finest head's K logits
 
 
+def test_multilevel_heads_that_cannot_fit_are_refused_naming_the_size(monkeypatch):
+    import haframe_ext.baselines as B
+
+    monkeypatch.setattr(B, "available_memory", lambda: 10_000)
+    h = TREES["toy"]()  # 2 + 4 + 8 nodes: 14 x (16 + 1) x 12 bytes = 2,856 fits; width 64 does not
+    assert MultiLevelHead(16, h).num_classes == 8
+    with pytest.raises(ValueError, match=r"over 14 nodes \(3 levels, padded\) at width 64 .* --feature-dim"):
+        MultiLevelHead(64, h)
+
+
 def test_multilevel_loss_refuses_out_of_range_labels():
     h = TREES["toy"]()
     loss = MultiLevelLoss(MultiLevelHead(4, h))
