@@ -42,6 +42,7 @@ from typing import Mapping
 import numpy as np
 
 from .distance_matrix import read_distance_matrix
+from .sizes import available_memory
 from .edges import (EdgeSet, HierarchyError, listed, parse_classes, parse_edges, parse_nested, quote, read_text,
                     write_text)
 
@@ -52,6 +53,7 @@ BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
 CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
 INTERNAL_CLASSES = ("leaf", "error")  # what a class at an inner node becomes (module docstring); the first is the default
 INNER_SUFFIX = ":node"  # appended to a class's name to name the inner node it stood for
+_RANDOM_BYTES_PER_CLASS = 2048  # memory of Hierarchy.random per class (measured: about 720 bytes, then its tree)
 
 
 def _check_internal_classes(policy) -> str:
@@ -176,6 +178,12 @@ class Hierarchy:
         K = int(num_classes)
         if K < 2 or max_children < 2:
             raise ValueError(f"a random hierarchy needs num_classes >= 2 and max_children >= 2, got {K}, {max_children}")
+        avail = available_memory()
+        if avail is not None and K * _RANDOM_BYTES_PER_CLASS > avail:  # refused before it fills the memory
+            raise ValueError(f"a random hierarchy of K={K:,} classes needs about "
+                             f"{K * _RANDOM_BYTES_PER_CLASS / 2 ** 30:,.1f} GiB of memory and "
+                             f"{avail / 2 ** 30:,.1f} GiB is available: at most about "
+                             f"{avail // _RANDOM_BYTES_PER_CLASS:,} classes fit")
         rng = np.random.default_rng(seed)
         edges = EdgeSet()
         parent_of, nodes = edges.parent_of, edges.nodes
@@ -284,14 +292,21 @@ class Hierarchy:
         if not names:
             raise HierarchyError("the class list is empty; give one class (a leaf name) per line")
         seen: dict[str, str] = {}
-        spelled: dict[str, str] = {}  # NFC form -> the name first seen with it
+        spelled: dict[str, str] = {}  # NFC form -> the first non-ASCII name with it (ASCII text is its own NFC form)
         for name, where in zip(names, wheres):
             if not isinstance(name, str):
                 raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {quote(name)}")
             if name in seen:
                 raise HierarchyError(f"{where}: duplicate class {quote(name)} (first at {seen[name]}); list each class once")
             seen[name] = where
-            first = spelled.setdefault(unicodedata.normalize("NFC", name), name)
+            first = name
+            if not name.isascii():
+                key = unicodedata.normalize("NFC", name)
+                first = spelled.setdefault(key, name)
+                if first == name and key != name and key in seen:
+                    first = key  # its composed spelling was listed before
+            elif spelled:
+                first = spelled.get(name, name)
             if first != name:  # two code-point sequences that display as one name
                 raise HierarchyError(
                     f"{where}: class {quote(name)} is class {quote(first)} ({seen[first]}) spelled with other "

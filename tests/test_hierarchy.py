@@ -642,7 +642,9 @@ def test_internal_classes_error_and_bad_policy():
                 "unknown internal_classes", "valid: leaf, error")
 
 
-@pytest.mark.parametrize("first,second", [("caf\u00e9", "cafe\u0301"), ("\u212b", "\u00c5")])  # NFC vs NFD, Angstrom
+@pytest.mark.parametrize("first,second", [  # composed vs decomposed; the Angstrom and Kelvin signs (either order)
+    ("caf\u00e9", "cafe\u0301"), ("cafe\u0301", "caf\u00e9"), ("\u212b", "\u00c5"), ("K", "\u212a"),
+    ("\u212a", "K")])
 def test_one_class_in_two_spellings_is_refused(first, second):
     parents = {first: "r", second: "r", "x": "r"}
     _raises(lambda: Hierarchy.from_parents(parents, [first, "x", second]), "classes[2]",
