@@ -1,6 +1,7 @@
 """HXE, soft labels and the fused trainable-classifier losses: float64 parity with brute-force formulas, limits, errors."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -384,3 +385,41 @@ def test_native_op_refuses_malformed_paths():
         torch.ops.haframe_ext.hier_loss(x, W, b, order, bad, end, value, kind, None, red, ng, nw)
     with pytest.raises(ValueError, match="kind must be"):
         torch.ops.haframe_ext.hier_loss(x, W, b, order, start, end, value, 7, None, red, ng, nw)
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel, emulated on the CPU
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulator")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", ["hxe-none", "soft-labels-mean", "cross-entropy-sum", "hxe-chunks"])
+def test_emulated_cuda_kernel_matches_the_reference(case, dtype):
+    """csrc/cuda/hier_loss_kernels.cu executed by tests/cuda_emu: every row written, equal to the plain-PyTorch twin."""
+    E = pytest.importorskip("cuda_emu.hier_emulated")
+    kind, reduction = case.rsplit("-", 1)
+    chunk = {}
+    if reduction == "chunks":  # three rows per chunk: the host's chunk loop and row offsets
+        reduction, chunk = "mean", {"chunk_bytes": 3 * 9 * (8 if dtype == torch.float64 else 4)}
+    args = list(op_args(kind, reduction, B=7, d=5, seed=8))
+    args = [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and i < 3 else
+            (a.detach() if isinstance(a, torch.Tensor) else a) for i, a in enumerate(args)]
+    args[8] = torch.rand(7, dtype=torch.float64) if reduction == "none" else None  # row_scale
+    args[10] = args[11] = True
+    got = E.hier_loss(*args, **chunk)
+    want = hier_losses.reference_hier_op(*args)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CPU emulator")
+def test_emulated_cuda_kernel_keeps_an_underflowed_branch_exact():
+    E = pytest.importorskip("cuda_emu.hier_emulated")
+    h = Hierarchy.from_parents({"A": "r", "B": "r", "a1": "A", "a2": "A", "b1": "B", "b2": "B"}, ["a1", "a2", "b1",
+                                                                                                   "b2"])
+    spec = hier_losses._Spec("hxe", 4, h, alpha=1.0, normalize=False)
+    y = torch.tensor([0])
+    start, end, value = spec.paths(y)
+    x = torch.tensor([[-2000.0, -2001.0, 0.0, 0.0]], dtype=torch.float64)
+    args = (x, torch.eye(4, dtype=torch.float64), None, spec.order(x.device), start, end, value, spec.op_kind, None, 2,
+            True, True)
+    for a, e in zip(E.hier_loss(*args), hier_losses.reference_hier_op(*args)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
