@@ -90,6 +90,8 @@ def compare(config: TrainConfig, methods: Sequence[str] = COMPARE_METHODS, seeds
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    if config.resume_from:
+        raise ValueError("compare resumes each killed run from its own folder: drop resume_from (--resume-from)")
     methods = parse_methods(methods)
     seeds = _check_seeds(seeds)
     grid = compare_configs(config, methods, seeds)

@@ -104,6 +104,12 @@ def test_a_killed_compare_resumes_its_unfinished_run(tmp_path):
     assert any(e.get("event") == "resumed" for e in events)  # epoch 2 continued from epoch 1's checkpoint
 
 
+def test_resume_from_is_refused_by_the_function_too(finished):
+    tmp, out, _ = finished
+    with pytest.raises(ValueError, match="drop resume_from"):
+        compare(_config(tmp, out, resume_from=str(out / "hxe" / "seed0" / "last.pt")), METHODS, SEEDS, verbose=False)
+
+
 def test_unknown_metrics_are_refused_naming_the_reported_ones(finished):
     tmp, out, _ = finished
     with pytest.raises(ValueError, match=r"hierdist@20 not reported.*hierdist@5"):
@@ -113,7 +119,8 @@ def test_unknown_metrics_are_refused_naming_the_reported_ones(finished):
 @pytest.mark.parametrize("argv,msg", [(["--method", "hxe"], "use --methods"), (["--seed", "1"], "use --seeds"),
                                       (["--methods", "hxe,nope"], "unknown method 'nope'"),
                                       (["--seeds", "0", "0"], "more than once"),
-                                      (["--hxe-alpha", "-2"], "hxe_alpha must be >= 0")])
+                                      (["--hxe-alpha", "-2"], "hxe_alpha must be >= 0"),
+                                      (["--resume-from", "x.pt"], "does not take --resume-from")])
 def test_cli_mistakes_are_one_line(tmp_path, capsys, argv, msg):
     code = main(["compare", "--out", str(tmp_path / "cmp"), *argv])
     err = capsys.readouterr().err
