@@ -7,6 +7,8 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
+import pytest
+
 import haframe_ext
 
 PACKAGE = Path(__file__).resolve().parents[1] / "haframe_ext"
@@ -152,27 +154,101 @@ def test_the_reader_sees_every_import(tmp_path):
 PKG = Path(haframe_ext.__file__).resolve().parent
 
 
-def test_package_source_never_unpickles_user_files():
-    """Static guard: every torch.load passes weights_only=True, every np.load allow_pickle=False, and no
-    pickle.load/loads/Unpickler is used except the restricted CifarUnpickler."""
+# the one class allowed to subclass pickle.Unpickler, and where: it admits only numpy arrays (data/cifar.py)
+_RESTRICTED_UNPICKLERS = {("data/cifar.py", "CifarUnpickler")}
+_PICKLE_MODULES = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
+_PICKLE_READERS = ("load", "loads", "Unpickler", "open")
+
+
+def _aliases(tree: ast.AST) -> Dict[str, str]:
+    """Local name -> dotted origin for every import in tree (``import numpy as np`` gives np -> numpy)."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for a in node.names:
+                out[a.asname or a.name] = f"{node.module}.{a.name}"
+    return out
+
+
+def _dotted(node: ast.AST, aliases: Dict[str, str]) -> str:
+    """``np.lib.load`` -> ``numpy.lib.load`` through the imports; "" for anything but a dotted name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return ""
+    return ".".join([aliases.get(node.id, node.id)] + parts[::-1])
+
+
+def _unpickling_problems(source: str, rel: str) -> List[str]:
+    """The places in one module's source (rel: its path in the package) that could unpickle a user file."""
+    tree = ast.parse(source, filename=rel)
+    aliases = _aliases(tree)
     problems = []
-    for path in sorted(PKG.glob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
-                continue
-            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
-            kw = {k.arg: k.value for k in node.keywords}
-            where = f"{path.name}:{node.lineno}"
-            if owner == "torch" and node.func.attr == "load":
-                v = kw.get("weights_only")
-                if not (isinstance(v, ast.Constant) and v.value is True):
-                    problems.append(f"{where}: torch.load without weights_only=True")
-            if owner == "np" and node.func.attr == "load":
-                v = kw.get("allow_pickle")
-                if not (isinstance(v, ast.Constant) and v.value is False):
-                    problems.append(f"{where}: np.load without allow_pickle=False")
-            if owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler"):
-                problems.append(f"{where}: pickle.{node.func.attr}")
+    for node in ast.walk(tree):
+        where = f"{rel}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ClassDef):
+            bases = {_dotted(b, aliases) for b in node.bases}
+            allowed = (rel, node.name) in _RESTRICTED_UNPICKLERS
+            if any(b.split(".")[0] in _PICKLE_MODULES for b in bases) and not allowed:
+                problems.append(f"{where}: class {node.name} subclasses {sorted(bases)}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func, aliases)
+        kw = {k.arg: k.value for k in node.keywords}
+        if name in ("torch.load", "torch.serialization.load"):
+            v = kw.get("weights_only")
+            if not (isinstance(v, ast.Constant) and v.value is True):
+                problems.append(f"{where}: {name} without weights_only=True")
+        elif name in ("numpy.load", "numpy.lib.npyio.load"):
+            v = kw.get("allow_pickle")
+            if not (isinstance(v, ast.Constant) and v.value is False):
+                problems.append(f"{where}: {name} without allow_pickle=False")
+        elif name.split(".")[0] in _PICKLE_MODULES and name.rsplit(".", 1)[-1] in _PICKLE_READERS:
+            problems.append(f"{where}: {name}")
+        elif name == "torch.jit.load":
+            problems.append(f"{where}: torch.jit.load runs the archive's code")
+    return problems
+
+
+def test_package_source_never_unpickles_user_files():
+    """Static guard over every module, subpackages included: every torch.load passes weights_only=True, every
+    np.load allow_pickle=False, and nothing unpickles except the restricted CifarUnpickler."""
+    problems = []
+    for path in sorted(PKG.rglob("*.py")):
+        problems += _unpickling_problems(path.read_text(), path.relative_to(PKG).as_posix())
     assert not problems, problems
+    scanned = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")}
+    assert {"data/cifar.py", "data/features.py"} <= scanned  # the loaders of user files are in the scan
+
+
+@pytest.mark.parametrize("source", [
+    "import torch\ntorch.load(p)",
+    "import torch\ntorch.load(p, weights_only=False)",
+    "from torch import load as tl\ntl(p, weights_only=flag)",
+    "import numpy as np\nnp.load(p)",
+    "import numpy\nnumpy.load(p, allow_pickle=True)",
+    "import pickle\npickle.loads(b)",
+    "from pickle import load\nload(f)",
+    "import pickle as pk\npk.Unpickler(f).load()",
+    "import pickle\nclass Loose(pickle.Unpickler):\n    pass",
+    "import joblib\njoblib.load(p)",
+    "import shelve\nshelve.open(p)",
+    "import torch\ntorch.jit.load(p)",
+])
+def test_unpickling_guard_catches_each_unsafe_form(source):
+    assert len(_unpickling_problems(source, "data/other.py")) == 1
+
+
+def test_unpickling_guard_admits_the_safe_forms():
+    source = ("import pickle\nimport numpy as np\nimport torch\n"
+              "class CifarUnpickler(pickle.Unpickler):\n    pass\n"
+              "torch.load(p, map_location='cpu', weights_only=True)\nnp.load(p, allow_pickle=False)\n"
+              "raise pickle.UnpicklingError('no')\n")
+    assert _unpickling_problems(source, "data/cifar.py") == []
+    assert len(_unpickling_problems(source, "data/images.py")) == 1  # the same class elsewhere is not allowed
 
