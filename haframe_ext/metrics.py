@@ -15,7 +15,8 @@ d / d_max``, k in ``ks``; ties in the scores go to the lowest class index, as a 
   all K rows whatever the batch holds, a slip not copied here).
 - ``hmap@k`` (MBM): mean of hprecision@k' over k' = 1..k.
 - ``hops@k`` (Sani & Anand, "Hier-COS", CVPR 2026, arXiv:2503.07853): the Hierarchically Ordered Preference
-  Score in [0, 1], mean over samples; see :func:`haframe_ext.hier_metrics.hops_scores`.
+  Score in [0, 1], mean over samples; see :func:`haframe_ext.hier_metrics.hops_scores`.  ``hops@K`` (K in
+  ks) is the paper's HOPS over the whole ranking.
 - ``ece`` / ``mce``: expected / maximum calibration error of the top-1 softmax confidence over 15
   equal-width bins of (0, 1] (fractions, not percent); ``calibrated_ece`` / ``calibrated_mce`` and
   ``temperature`` as well when a temperature T != 1 is given (then CRM uses softmax(logits / T)).

@@ -331,3 +331,19 @@ def test_eval_refusals(baseline, capsys, extra, fragment):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("haframe: error: ") and fragment in lines[0], err
+
+
+def test_calibrate_without_a_validation_split_is_refused(baseline, monkeypatch):
+    import haframe_ext.evaluation as E
+
+    real = E.build_from_config
+
+    def no_val(config):
+        built = real(config)
+        built["datasets"]["val"] = torch.utils.data.Subset(built["datasets"]["val"], [])
+        return built
+
+    monkeypatch.setattr(E, "build_from_config", no_val)
+    with pytest.raises(ValueError, match="--calibrate needs a validation split"):
+        E.evaluate_checkpoint(baseline / "best.pt", device="cpu", calibrate=True)
+    assert E.evaluate_checkpoint(baseline / "best.pt", device="cpu")["metrics"]["num_samples"] > 0
