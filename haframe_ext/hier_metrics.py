@@ -59,8 +59,10 @@ class TreeProfiles:
         parent = tree.parent
         count = np.zeros(tree.num_nodes, dtype=np.int64)  # classes under each node
         np.add.at(count, tree.class_idx, 1)
-        for L in range(int(tree.depth.max()), 0, -1):  # deepest first: children before parents
-            nodes = np.flatnonzero(tree.depth == L)
+        # breadth-first order: each depth is one contiguous slice, summed into its parents deepest first
+        bounds = np.searchsorted(tree.depth, np.arange(int(tree.depth.max()) + 2))
+        for L in range(len(bounds) - 2, 0, -1):
+            nodes = np.arange(bounds[L], bounds[L + 1])
             np.add.at(count, parent[nodes], count[nodes])
         self.count = count
         self.max_depth = int(tree.depth[tree.class_idx].max())  # D, the depth every class is padded to

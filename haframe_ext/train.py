@@ -155,7 +155,7 @@ def _summarize_seeds(config: TrainConfig, seeds: List[int], runs: List[Dict[str,
     rows = {config.method: summary}
     if summary_crm is not None:
         rows[f"{config.method} + CRM"] = summary_crm
-    table = _metrics.format_table(rows)
+    table = _metrics.format_report(rows)  # every metric, in tables of a few columns
     result = {"seeds": seeds, "runs": runs, "summary": clean_json(summary), "summary_crm": clean_json(summary_crm),
               "table": table}
     if int(os.environ.get("RANK", "0") or 0) == 0:
