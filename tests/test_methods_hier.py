@@ -17,7 +17,7 @@ from haframe_ext.config import TrainConfig, build_from_config
 from haframe_ext.hier_losses import hxe_loss, soft_label_loss
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.models import METHODS, build_loss, build_model
-from haframe_ext.train import train
+from haframe_ext.train import evaluate_checkpoint, train
 from helpers import TOY_EDGES
 
 NEW_METHODS = ("hxe", "soft-labels", "multi-level")
@@ -182,6 +182,8 @@ def test_a_run_trains_evaluates_with_crm_and_records_its_settings(tmp_path, meth
         assert ck["config"][field] == getattr(cfg, field)
     record = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["train_top1"] is None and np.isfinite(record["train_loss"])  # the step formed no logits
+    again = evaluate_checkpoint(tmp_path / method / "best.pt")  # `haframe eval` rebuilds the head from the config
+    assert again["metrics"]["top1"] == pytest.approx(res["test"]["top1"])
 
 
 def test_resume_with_another_hxe_alpha_is_refused(tmp_path):
