@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 __all__ = ["DEFAULT_COMPARE_METRICS", "CALIBRATION_BINS", "ranked", "TreeProfiles", "dense_profiles",
-           "ideal_positions", "hops_scores", "top_confidence", "calibration_sums", "calibration_errors", "fit_temperature"]
+           "ideal_positions", "hops_scores", "top_confidence", "calibration_sums", "calibration_errors",
+           "fit_temperature"]
 
 # the metrics `haframe compare` shows unless told otherwise (keys of the evaluate dict)
 DEFAULT_COMPARE_METRICS = ("top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20", "best@5",

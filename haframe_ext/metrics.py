@@ -86,7 +86,7 @@ class _Distances:
         self._on: dict = {}  # device -> [K, K] float64 tensor
 
     def profiles(self, labels: np.ndarray):
-        """(values [u, G] ascending distances / d_max, inf-padded; counts [u, G]) of labels [u] (a label's sorted row)."""
+        """(values [u, G] ascending distances / d_max, inf-padded; counts [u, G]) of labels [u]: each sorted row."""
         if self.profiles_of is not None:
             return self.profiles_of.profiles(labels, self.scale)
         return dense_profiles(self.dense, labels)
@@ -205,7 +205,7 @@ class StreamingEvaluator:
         self._state = None
 
     def _sums(self, scores: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(one block of sums [block], the top-1 classes [N]) for a batch ranked by scores [N, K] with labels target [N]."""
+        """(one block of sums [block], the top-1 classes [N]) of a batch ranked by scores [N, K], labels target [N]."""
         ks, kmax = self.ks, max(self.ks)
         top = ranked(scores, kmax)  # [N, kmax]
         dk = self._d.pairs(target[:, None].expand_as(top), top).cpu().numpy()  # [N, kmax] d[y, top_j] / d_max
