@@ -9,6 +9,43 @@
 
 namespace haframe {
 
+// Whether every path row is nested ranges inside [0, K): entry 0 is [0, K), each valid entry (start >= 0) lies
+// inside the one before, and entries past the first invalid one are -1 (a loop on the CPU, ATen ops elsewhere).
+inline bool paths_are_nested(const at::Tensor& start, const at::Tensor& end, int64_t K) {  // [B, P] each
+  const int64_t B = start.size(0), P = start.size(1);
+  if (start.is_cpu()) {
+    const at::Tensor s = start.contiguous(), e = end.contiguous();
+    const int64_t *sp = s.data_ptr<int64_t>(), *ep = e.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t *ps = sp + b * P, *pe = ep + b * P;
+      if (ps[0] != 0 || pe[0] != K) return false;
+      bool live = true;
+      for (int64_t i = 1; i < P; ++i) {
+        if (ps[i] < 0) {
+          if (ps[i] != -1 || pe[i] != -1) return false;
+          live = false;
+        } else if (!live || ps[i] >= pe[i] || ps[i] < ps[i - 1] || pe[i] > pe[i - 1]) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+  using at::indexing::None;
+  using at::indexing::Slice;
+  const at::Tensor valid = start >= 0;
+  at::Tensor bad = (valid & ((start >= end) | (end > K))) | (~valid & ((start != -1) | (end != -1)));
+  bad = bad.any(1) | (start.select(1, 0) != 0) | (end.select(1, 0) != K);
+  if (P > 1) {
+    const at::Tensor v1 = valid.index({Slice(), Slice(1, None)});
+    const at::Tensor nested = (start.index({Slice(), Slice(1, None)}) >= start.index({Slice(), Slice(0, -1)})) &
+                              (end.index({Slice(), Slice(1, None)}) <= end.index({Slice(), Slice(0, -1)})) &
+                              valid.index({Slice(), Slice(0, -1)});
+    bad = bad | (v1 & ~nested).any(1);
+  }
+  return !bad.any().item<bool>();
+}
+
 // Validates shapes, dtypes, devices and the label paths (nested ranges inside [0, K), the root first).
 inline void check_hier_loss_inputs(const at::Tensor& features,                  // [B, d]
                                    const at::Tensor& weight,                    // [K, d]
@@ -60,26 +97,17 @@ inline void check_hier_loss_inputs(const at::Tensor& features,                  
                           order->device() == dev,
                       "order must be an int64 [K=", K, "] tensor on ", dev, ", got ", order->scalar_type(), " ",
                       order->sizes());
-    if (K > 0) {
-      TORCH_CHECK_VALUE(((*order < 0) | (*order >= K)).any().item<bool>() == false,
-                        "order must hold class indices in [0, ", K, ")");
+    bool bad = false;
+    if (order->is_cpu()) {
+      const at::Tensor o = order->contiguous();
+      const int64_t* op = o.data_ptr<int64_t>();
+      for (int64_t k = 0; k < K && !bad; ++k) bad = op[k] < 0 || op[k] >= K;
+    } else {
+      bad = ((*order < 0) | (*order >= K)).any().item<bool>();
     }
+    TORCH_CHECK_VALUE(!bad, "order must hold class indices in [0, ", K, ")");
   }
-  if (B == 0) return;
-  // Paths: entry 0 the root's range [0, K); each valid entry nested in the one before, valid entries first.
-  const at::Tensor valid = start >= 0;
-  at::Tensor bad = valid & ((start >= end) | (end > K));
-  bad = bad | (~valid & (end != -1));
-  bad = bad | (start.select(1, 0) != 0).unsqueeze(1) | (end.select(1, 0) != K).unsqueeze(1);
-  if (start.size(1) > 1) {
-    const auto cur = at::indexing::Slice(1, at::indexing::None), prev = at::indexing::Slice(0, -1);
-    const at::Tensor v1 = valid.index({at::indexing::Slice(), cur});
-    const at::Tensor nested = (start.index({at::indexing::Slice(), cur}) >= start.index({at::indexing::Slice(), prev})) &
-                              (end.index({at::indexing::Slice(), cur}) <= end.index({at::indexing::Slice(), prev})) &
-                              valid.index({at::indexing::Slice(), prev});
-    bad = at::cat({bad.select(1, 0).unsqueeze(1), bad.index({at::indexing::Slice(), cur}) | (v1 & ~nested)}, 1);
-  }
-  TORCH_CHECK_VALUE(!bad.any().item<bool>(),
+  TORCH_CHECK_VALUE(B == 0 || paths_are_nested(start, end, K),
                     "the label paths must be nested depth-first ranges inside [0, ", K,
                     "), the root's first (build them with haframe_ext.hier_ranges.HierRanges.paths)");
 }

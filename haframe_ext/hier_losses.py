@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ class _Spec:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.name, self.K, self.ranges, self.node_value, self.dense_q = kind, K, None, None, None  # ranges: HierRanges
+        self._node_value = {}  # device -> node_value as a tensor
         self.op_kind = _KIND_SOFT if kind == "soft-labels" else _KIND_TELESCOPING
         if kind == "cross-entropy":
             return
@@ -151,11 +153,30 @@ class _Spec:
             end = torch.stack([torch.full_like(target, self.K), target + 1], 1)
             value = torch.tensor([0.0, 1.0], dtype=torch.float64, device=target.device).expand(B, 2).contiguous()
             return start, end, value
-        nv = torch.as_tensor(self.node_value).to(target.device)
-        return self.ranges.paths(target, nv)
+        key = str(target.device)
+        if key not in self._node_value:
+            self._node_value[key] = torch.as_tensor(self.node_value).to(target.device)
+        return self.ranges.paths(target, self._node_value[key])
 
 
-_make_spec = _Spec
+_SPECS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tree operator -> {arguments: _Spec}
+
+
+def _make_spec(kind, K, hierarchy, alpha=0.1, normalize=True, beta=10.0) -> _Spec:
+    """The _Spec of these arguments, reused across calls for a Hierarchy (a tree's weights cost O(nodes))."""
+    if not isinstance(hierarchy, Hierarchy) or isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+        return _Spec(kind, K, hierarchy, alpha=alpha, normalize=normalize, beta=beta)
+    try:
+        key = (kind, K, alpha, bool(normalize), beta)
+        hash(key)
+    except TypeError:
+        return _Spec(kind, K, hierarchy, alpha=alpha, normalize=normalize, beta=beta)
+    cache = _SPECS.setdefault(hierarchy.tree, {})
+    if key not in cache:
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = _Spec(kind, K, hierarchy, alpha=alpha, normalize=normalize, beta=beta)
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------- plain-PyTorch row math

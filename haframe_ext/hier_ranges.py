@@ -17,6 +17,8 @@ import torch
 
 __all__ = ["HierRanges", "ranges_of"]
 
+_TABLE_MAX = 1 << 24  # entries of the per-class path table (K x (max depth + 1)); deeper trees walk up per batch
+
 
 class HierRanges:
     """Per-node depth-first ranges of a tree and the per-row paths of labels through them."""
@@ -53,6 +55,16 @@ class HierRanges:
         self.order = np.argsort(self.position)  # [K] the label at each depth-first position
         self.identity_order = bool(np.array_equal(self.order, np.arange(K)))
         self.max_depth = int(self.depth[self.class_idx].max())
+        self.table = None  # [K, max_depth + 1] node at each depth of each label's path (-1 past it), when small
+        if K * (self.max_depth + 1) <= _TABLE_MAX:
+            table = np.full((K, self.max_depth + 1), -1, dtype=np.int64)
+            rows, cur = np.arange(K), self.class_idx.copy()
+            while len(cur):
+                table[rows, self.depth[cur]] = cur
+                cur = self.parent[cur]
+                keep = cur >= 0
+                rows, cur = rows[keep], cur[keep]
+            self.table = table
         self._torch = {}
 
     def tensors(self, device) -> dict:
@@ -62,6 +74,11 @@ class HierRanges:
             t = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
             self._torch[key] = dict(parent=t(self.parent), depth=t(self.depth), start=t(self.start), end=t(self.end),
                                     leaf=t(self.class_idx), order=t(self.order), position=t(self.position))
+            if self.table is not None:  # ranges along each label's path, -1 past its depth
+                table = t(self.table)
+                node = table.clamp_min(0)
+                self._torch[key].update(table=table, table_start=torch.where(table >= 0, t(self.start)[node], -1),
+                                        table_end=torch.where(table >= 0, t(self.end)[node], -1))
         return self._torch[key]
 
     def paths(self, target: torch.Tensor, node_value: torch.Tensor):
@@ -69,9 +86,14 @@ class HierRanges:
 
         target [B] int64 labels (checked by the caller); node_value [n] float64 on target's device.
         Column i is the ancestor at depth i; columns past the label's depth hold start = end = -1, value 0.
-        P = the deepest label's depth in the batch + 1.
+        P = the deepest class's depth + 1 (from a per-class table), or the deepest label's in the batch + 1 (walked
+        up the tree, when the table would be too large: very deep trees).
         """
         t = self.tensors(target.device)
+        if "table" in t:  # one gather per array
+            node = t["table"].index_select(0, target)  # [B, P]
+            value = torch.where(node >= 0, node_value[node.clamp_min(0)], 0.0)
+            return t["table_start"].index_select(0, target), t["table_end"].index_select(0, target), value
         cur = t["leaf"].index_select(0, target)  # [B]
         B = target.shape[0]
         P = (int(t["depth"].index_select(0, cur).max()) + 1) if B else 1
