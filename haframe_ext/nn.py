@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -278,7 +278,12 @@ def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[in
 
 
 class HAFrameLoss(nn.Module):
-    """``(1 - a) * CE(h @ W.T, y) + a * sum_k (cos(w_k, h) - S[y, k])^2``, mean over the batch.
+    """``(1 - a) * CE(h @ W.T, y) + a * c * sum_k (cos(w_k, h) - S[y, k])^2``, mean over the batch.
+
+    ``c`` comes from ``cosine_scale``: ``"auto"`` (default) is ``min(d, K) / K`` for a [K, d] frame, 1 in the
+    paper's setting (d >= K) and ``d / K`` below it, where the summed cosine term would outweigh the cross
+    entropy K/d times (:func:`haframe_ext.ops.cosine_scale_for`); ``"sum"`` is the paper's plain sum at every
+    d; a number is used as given.
 
     ``frame``: a :class:`FixedFrameClassifier`, whose buffers the loss reads at every call (the frame is
     held once: the loss's ``state_dict`` is only its epoch, and ``.to`` on the model moves it), or an
@@ -292,7 +297,8 @@ class HAFrameLoss(nn.Module):
     def __init__(self, frame, alpha: float = 0.4, schedule: str = "constant",
                  period: Optional[float] = None, total_epochs: Optional[int] = None,
                  reduction: str = "mean", ignore_index: int = -100,
-                 similarity: Optional[torch.Tensor] = None, backend: str = "auto"):
+                 similarity: Optional[torch.Tensor] = None, backend: str = "auto",
+                 cosine_scale: Union[str, float] = "auto"):
         super().__init__()
         alpha = ops.as_alpha(alpha)
         if isinstance(frame, FixedFrameClassifier) and similarity is None:
@@ -308,7 +314,9 @@ class HAFrameLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        self.cosine_scale = cosine_scale
         self.epoch = 0
+        ops.cosine_scale_for(cosine_scale, *self.weight.shape)  # validate the rule now
         alpha_at(schedule, alpha, 0, total_epochs, period)  # validate the schedule's arguments now
 
     def set_epoch(self, epoch: int) -> None:
@@ -319,6 +327,11 @@ class HAFrameLoss(nn.Module):
     def alpha(self) -> float:
         """The mixing weight at the current epoch."""
         return alpha_at(self.schedule, self.base_alpha, self.epoch, self.total_epochs, self.period)
+
+    @property
+    def cosine_factor(self) -> float:
+        """The multiplier ``c`` of the cosine term for this frame (see the class docstring)."""
+        return ops.cosine_scale_for(self.cosine_scale, *self.weight.shape)
 
     @property
     def classifier(self) -> FixedFrameClassifier:
@@ -354,10 +367,12 @@ class HAFrameLoss(nn.Module):
         # float32 loss and a gradient in the features' dtype
         clf = self.classifier
         return ops.haframe_loss(features, clf.weight, target, self.alpha, self.reduction, self.ignore_index,
-                                similarity=clf.similarity, gram=clf.gram, backend=self.backend)
+                                similarity=clf.similarity, gram=clf.gram, backend=self.backend,
+                                cosine_scale=self.cosine_factor)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, alpha={self.base_alpha}, "
+                f"cosine_scale={self.cosine_scale!r} (c={self.cosine_factor:.4g}), "
                 f"schedule={self.schedule!r}, period={self.period}, total_epochs={self.total_epochs}")
 
 

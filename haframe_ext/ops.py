@@ -2,7 +2,10 @@
 
 Definition (per row b, with h = features[b], y = target[b], z = weight @ h):
 
-    loss_b = (1 - alpha) * (logsumexp(z) - z[y]) + alpha * sum_k (cos(w_k, h) - S[y, k]) ** 2
+    loss_b = (1 - alpha) * (logsumexp(z) - z[y]) + alpha * c * sum_k (cos(w_k, h) - S[y, k]) ** 2
+
+with ``c = cosine_scale`` (1, the paper's sum, by default; :func:`cosine_scale_for` gives the rule that keeps the
+cosine term at the paper's weight when the frame's dimension d is below K: ``c = min(d, K) / K``).
 
 with ``S = similarity`` when given, else ``weight @ weight.T`` (the two agree for a frame,
 whose rows are unit vectors).  Row y of ``similarity`` is the target of label y, so a non-symmetric
@@ -29,7 +32,7 @@ from .native import native_available
 from .sizes import DENSE_MAX_K
 
 __all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "as_alpha",
-           "EPS", "UNIT_ROW_TOL"]
+           "as_cosine_scale", "cosine_scale_for", "COSINE_SCALES", "EPS", "UNIT_ROW_TOL"]
 
 EPS = 1e-8  # norm below which a feature row counts as zero (see module docstring)
 UNIT_ROW_TOL = 1e-2  # | ||w_k|| - 1 | allowed with gram= (bf16 rounding of a frame stays far below it)
@@ -51,6 +54,37 @@ def as_alpha(value, *, check_range: bool = True) -> float:
     if check_range and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return alpha
+
+
+COSINE_SCALES = ("auto", "sum")  # the named rules of cosine_scale_for
+
+
+def cosine_scale_for(rule, num_classes: int, dim: int) -> float:
+    """The cosine term's multiplier ``c`` for a [K, d] frame: "auto" is ``min(d, K) / K``, "sum" is 1, a number is itself.
+
+    With unit rows the cosine term is ``u^T M u`` (``M = W^T W``, trace K), whose nonzero eigenvalues average
+    ``K / min(d, K)``: 1 for the paper's frames (d >= K), K/d below that (31 for K = 8004, d = 256), where the
+    summed term outweighs the cross entropy by that factor. "auto" divides it back out (docs/design.md section 2c).
+    """
+    if isinstance(rule, str):
+        if rule == "sum":
+            return 1.0
+        if rule == "auto":
+            return min(int(dim), int(num_classes)) / int(num_classes)
+        raise ValueError(f"cosine_scale must be 'auto', 'sum' or a number > 0, got {rule!r}")
+    return as_cosine_scale(rule)
+
+
+def as_cosine_scale(value) -> float:
+    """cosine_scale as a Python float: a finite real number > 0 (never a str or bool)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value.detach())
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"cosine_scale must be a real number > 0, got {value!r}")
+    c = float(value)
+    if not (c > 0 and np.isfinite(c)):
+        raise ValueError(f"cosine_scale must be a finite number > 0, got {c}")
+    return c
 
 
 def _int_scalar(value) -> int:
@@ -165,8 +199,9 @@ def _usable_in_autograd(t):
 
 
 def reference_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *,
-                   similarity=None, gram=None):
+                   similarity=None, gram=None, cosine_scale=1.0):
     """Plain-PyTorch HAFrame loss (autograd for features and weight); the ground truth for every kernel."""
+    c = as_cosine_scale(cosine_scale)
     alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram)
     if similarity is not None and gram is not None:
         raise ValueError("pass at most one of similarity ([K, K]) and gram ([d, d])")
@@ -193,7 +228,7 @@ def reference_loss(features, weight, target, alpha=0.4, reduction="mean", ignore
         cos = torch.where(nonzero[:, None], cos, 0.0)
         target_sim = S.index_select(0, y)  # [B, K]: row b is S[y_b, :], the target row of label y_b
         lcos = ((cos - target_sim) ** 2).sum(dim=1)
-    rows = torch.where(valid, (1.0 - alpha) * ce + alpha * lcos, 0.0)
+    rows = torch.where(valid, (1.0 - alpha) * ce + (alpha * c) * lcos, 0.0)
     return _reduce(rows, valid, reduction)
 
 
@@ -280,7 +315,7 @@ def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.f
 
 # ----------------------------------------------------------------------------- public entry point
 def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *,
-                 similarity=None, gram=None, backend="auto"):
+                 similarity=None, gram=None, backend="auto", cosine_scale=1.0):
     """HAFrame loss (module docstring); the fused native op on CPU/CUDA, the reference otherwise.
 
     features [B, d] (float16/bfloat16/float32/float64; weight is cast to their dtype), weight [K, d]
@@ -289,6 +324,9 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     the loss is called repeatedly (see :func:`derive_similarity_or_gram`); without them one is derived
     from the weight's current values on every call, which costs a K x d x K (or d x K x d) product.
     alpha: a real number in [0, 1] (numpy and 0-dim tensors included); ignore_index: an int.
+    cosine_scale: the cosine term's multiplier c > 0 (module docstring; :func:`cosine_scale_for` gives the
+    rule the modules use). The native op computes ``t * fused(alpha')`` with ``t = (1 - alpha) + alpha c`` and
+    ``alpha' = alpha c / t``, the same loss and gradient.
     backend: "auto" (native when available), "native" (error if unavailable) or "reference".
     The loss is float32 (float64 for float64 features); the gradient is computed in the forward pass,
     so backward only scales it (retain_graph works; double backward raises).
@@ -302,9 +340,10 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     compiling = torch.compiler.is_compiling()
     alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram,
                                       native=use_native, tracing=compiling)
+    c = as_cosine_scale(cosine_scale)
     if not use_native:
         return reference_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity,
-                              gram=gram)
+                              gram=gram, cosine_scale=c)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "the fused HAFrame loss is for fixed frames and computes no gradient for `weight`, but "
@@ -318,6 +357,12 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
         else:
             similarity, gram = derive_similarity_or_gram(weight, features.dtype)
     similarity = None if similarity is None else similarity.to(acc).contiguous()
-    gram = None if gram is None else gram.to(acc).contiguous()
+    if gram is not None:  # the kernels' gradient 2 G u assumes a symmetric G; u^T G u is the same for (G + G^T) / 2
+        gram = gram.to(acc)
+        gram = ((gram + gram.transpose(0, 1)) * 0.5).contiguous()  # bit-identical for a symmetric G
     weight = weight.to(features.dtype)
-    return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)
+    if c == 1.0:
+        return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)
+    total = (1.0 - alpha) + alpha * c  # > 0, since c > 0
+    return total * fused_loss(features, weight, target, alpha * c / total, reduction, ignore_index,
+                              similarity=similarity, gram=gram)
