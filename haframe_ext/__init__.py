@@ -1,6 +1,10 @@
 """haframe_ext: hierarchy-aware classification with fixed HAFrame classifiers (Liang & Davis, ICCV 2023)."""
 
-from .native import native_available, native_error
+from .startup import guard_startup
+
+guard_startup()  # Ctrl-C while the haframe command imports torch: one line, exit 130
+
+from .native import native_available, native_error  # noqa: E402 - after the guard
 from . import hierarchy, frame, metrics, ops, nn
 from .hierarchy import Hierarchy, HierarchyError
 from .frame import HAFrame

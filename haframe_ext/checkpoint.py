@@ -24,8 +24,8 @@ import torch
 from .safe_load import describe_torch_load_error
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "FolderInUseError", "atomic_save",
-           "atomic_write", "atomic_write_text", "claim_folder", "load_checkpoint", "release_folder", "rng_state", "rotate_save",
-           "seal_checkpoint", "set_rng_state", "state_mismatch"]
+           "atomic_write", "atomic_write_text", "claim_folder", "content_digest", "load_checkpoint", "release_folder",
+           "rng_state", "rotate_save", "seal_checkpoint", "set_rng_state", "state_mismatch"]
 
 CHECKPOINT_FORMAT = "haframe_ext.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -208,7 +208,7 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 # temp files of _write_tmp / atomic_write_text for the files train() writes: ".<name>.tmp-<pid>"
-_TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$")
+_TEMP_NAME = re.compile(r"^\.(last\.pt|best\.pt|results\.json|config\.json)\.tmp-(\d+)$", re.ASCII)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -280,6 +280,11 @@ def _digest(obj) -> str:
 
     walk(obj)
     return h.hexdigest()
+
+
+def content_digest(obj) -> str:
+    """The content hash of a payload of tensors and plain values (what :func:`seal_checkpoint` stores)."""
+    return _digest(obj)
 
 
 def seal_checkpoint(payload: Dict[str, Any]) -> Dict[str, Any]:

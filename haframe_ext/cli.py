@@ -20,8 +20,10 @@ from typing import Optional, Sequence
 from .commands import (UserError, cmd_compare, cmd_demo, cmd_eval, cmd_frame, cmd_hierarchy, cmd_train, memory_message,
                        quote)
 from .hierarchy import BUILTIN_NAMES, CONVENTIONS, INTERNAL_CLASSES, HierarchyError
+from .ops import COSINE_SCALES
 from .wordnet import PARENT_RULES
 from .quick_bench import cmd_bench
+from .startup import end_startup_guard
 
 PROG = "haframe"
 
@@ -36,8 +38,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- argument types
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (argparse names the flag in its error)."""
+_MAX_INT = 2 ** 31 - 1  # the largest size or count a flag takes (beyond it torch's and C's integers overflow)
+
+
+def _int_at_least(low: int, high: int = _MAX_INT):
+    """An argparse type: an integer in [``low``, ``high``] (argparse names the flag in its error)."""
 
     def parse(v: str) -> int:
         try:
@@ -46,6 +51,8 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {v!r}") from None
         if x < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {x}")
+        if x > high:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {high}, got {x}")
         return x
 
     parse.__name__ = f"integer >= {low}"
@@ -68,6 +75,16 @@ def _path(v: str) -> str:
     if not v.strip():
         raise argparse.ArgumentTypeError("must be a non-empty path, got ''")
     return v
+
+
+def _parse_cosine_scale(v: str):
+    """An argparse type for cosine_scale: 'auto', 'sum' or a number (TrainConfig.validate checks its range)."""
+    if v in COSINE_SCALES:
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(COSINE_SCALES)} or a number > 0, got {v!r}") from None
 
 
 def _parse_s_min(v: str):
@@ -106,6 +123,9 @@ _HELP = {
     "alpha": "weight of the cosine-similarity term of the HAFrame loss (1 - alpha goes to cross-entropy), in [0, 1]",
     "alpha_schedule": "constant | linear-increase | linear-decrease | cosine | cosine-linear | cosine-linear-decrease",
     "alpha_period": "period in epochs of the cosine alpha schedules",
+    "cosine_scale": "haframe/etf: multiplier of the cosine term: 'auto' (min(d, K) / K: 1 at the paper's d >= K, d/K "
+                    "below it, where the summed term would outweigh the cross entropy K/d times), 'sum' (1 at every "
+                    "d, the paper's formula) or a number > 0",
     "hxe_alpha": "hxe: the term of the node at depth l weighs exp(-hxe_alpha * l) (0 with unnormalised weights is "
                  "cross-entropy), >= 0",
     "hxe_normalize": "hxe: divide the weights by their sum over all nodes, as the published code (trained with Adam) "
@@ -169,26 +189,11 @@ def _field_type(tp: str):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        typ, nargs = _field_type(str(f.type))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = _HELP.get(f.name, "") + (f" (default: {default})" if default is not None else "")
-        if typ is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            p.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=None, help=help_,
-                           metavar=f.name.upper())
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, each defaulting to None (unset: the config file's or the field's default)."""
     from .train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
-        typ, nargs = _field_type(str(f.type))
+        typ, nargs = (_parse_cosine_scale, None) if f.name == "cosine_scale" else _field_type(str(f.type))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = _HELP[f.name] + (f" (default: {default})" if default is not None else "")
@@ -205,21 +210,23 @@ def _add_frame(sub) -> None:
     f = sub.add_parser("frame", help="build a HAFrame, print diagnostics, save it and plot it",
                        description="Build a hierarchy-aware frame (or a simplex ETF), print its diagnostics, "
                                    "optionally save it (--out) and plot target vs realised similarity (--plot).")
-    f.add_argument("--hierarchy", default="cifar100",
+    f.add_argument("--hierarchy", default=None,
                    help=f"builtin name ({', '.join(BUILTIN_NAMES)}), an edge-list file, random:K (a seeded random "
                         "tree), or a .npy/.csv distance matrix (default: cifar100)")
     f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
     f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
-    f.add_argument("--gamma", type=float, default=2.0, help="kernel sharpness gamma (default: 2.0)")
-    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default="exact",
+    f.add_argument("--gamma", type=float, default=None, help="kernel sharpness gamma (default: 2.0)")
+    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default=None,
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
     f.add_argument("--dim", type=_int_at_least(1), default=None,
                    help="frame dimension (default: K; below K the exact frame is projected, and its margin and "
                         "Gram error are printed)")
-    f.add_argument("--distance-convention", choices=CONVENTIONS, default=CONVENTIONS[0],
+    f.add_argument("--distance-convention", choices=CONVENTIONS, default=None,
                    help="tree distances: 'published' (D - depth(LCA), default) or 'height'")
-    f.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random rotation (default: 0)")
-    f.add_argument("--etf", type=int, default=None, metavar="K", help="build a K-class simplex ETF instead")
+    f.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), default=0,
+                   help="seed of the random rotation (default: 0)")
+    f.add_argument("--etf", type=_int_at_least(-_MAX_INT), default=None, metavar="K",
+                   help="build a K-class simplex ETF instead")
     f.add_argument("--out", type=_path, help="save the frame here (.pt, loadable with HAFrame.load)")
     f.add_argument("--plot", type=_path, help="write a PNG of target vs realised similarity heatmaps (needs "
                                               "matplotlib)")
@@ -232,7 +239,7 @@ def _add_train(sub) -> None:
                        description="Train a model (single process, or several under torchrun), select the best "
                                    "epoch on validation, evaluate on test and write results.json.")
     t.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    t.add_argument("--seeds", type=_int_at_least(0), nargs="+",
+    t.add_argument("--seeds", type=_int_at_least(0, 2 ** 63 - 1), nargs="+",
                    help="train once per seed (each seed once) and report mean and 95%% CI")
     _add_config_args(t)
     t.set_defaults(func=cmd_train)
@@ -402,6 +409,17 @@ def _is_out_of_memory(exc: BaseException) -> bool:
             or "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (the user's Ctrl-C) is in an exception's chain of causes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line ``haframe: warning: ...``, without the source line Python adds."""
     print(f"{PROG}: warning: {_one_line(Warning(message))}", file=sys.stderr if file is None else file)
@@ -409,6 +427,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``haframe`` console script; returns the exit code."""
+    end_startup_guard()  # the imports are done: Ctrl-C is a KeyboardInterrupt again (exit 130 below)
     argv = list(sys.argv[1:] if argv is None else argv)
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
@@ -439,6 +458,9 @@ def _run(argv: list) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except ImportError as exc:
+        if _caused_by_interrupt(exc):  # Ctrl-C inside a lazy import that the importer turned into an ImportError
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (TrainingDivergedError, DistributedError) as exc:
@@ -457,6 +479,9 @@ def _run(argv: list) -> int:
         print(f"{PROG}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
+        if _caused_by_interrupt(exc):  # e.g. a RecursionError while an interrupted import unwinds
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
         if not _is_out_of_memory(exc):
             raise
         print(f"{PROG}: error: {_one_line(RuntimeError(memory_message(exc)))}", file=sys.stderr)

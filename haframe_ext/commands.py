@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .edges import no_duplicate_keys
 from .hierarchy import Hierarchy
 from .sizes import available_memory
 
@@ -31,7 +32,7 @@ def check_device(device: str) -> None:
 
     import torch
 
-    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device, re.ASCII):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {quote(device)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} but CUDA is not available: use --device cpu or auto")
@@ -87,10 +88,32 @@ def _load_frame_inputs(args):
     return load_hierarchy(spec, args.classes, args.distance_convention), spec
 
 
+def _refuse_ignored_frame_inputs(args) -> None:
+    """Refuse flags that the chosen source of the frame would ignore, then fill in the defaults."""
+    given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]  # noqa: E731
+    if args.etf is not None:
+        ignored, why = given("hierarchy", "classes", "distances", "gamma", "s_min", "distance_convention"), \
+            "--etf builds a simplex ETF, which has no hierarchy, gamma or s_min"
+    elif args.distances is not None:
+        ignored, why = given("hierarchy", "classes", "distance_convention"), \
+            "--distances gives the class distances as a matrix, with no tree"
+    elif args.hierarchy is not None and args.hierarchy.lower().endswith((".npy", ".csv")):
+        ignored, why = given("classes", "distance_convention"), f"{quote(args.hierarchy)} is a distance matrix"
+    else:
+        ignored, why = [], ""
+    if ignored:
+        raise UserError(f"{why}: drop {', '.join(ignored)} (it would be ignored)")
+    args.hierarchy = "cifar100" if args.hierarchy is None else args.hierarchy
+    args.gamma = 2.0 if args.gamma is None else args.gamma
+    args.s_min = "exact" if args.s_min is None else args.s_min
+    args.distance_convention = args.distance_convention or "published"
+
+
 def cmd_frame(args) -> int:
     """``haframe frame``: build a frame, print its diagnostics, save and plot it."""
     from .frame import DENSE_MAX_K, HAFrame
 
+    _refuse_ignored_frame_inputs(args)
     _check_plot_path(args.plot)
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {quote(args.out)} is a folder: name the file to write, e.g. "
@@ -171,12 +194,15 @@ def _config_from_args(args):
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            base = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: a byte-order mark is accepted, as in hierarchy files
+            base = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start}); a config is a "
                             "JSON object of TrainConfig fields") from None
+        except ValueError as exc:  # a field given twice: json would keep the last without a word
+            raise UserError(f"{path}: {exc}") from None
         except RecursionError:
             raise UserError(f"{path}: nested too deeply for Python's JSON parser; a config is a flat JSON object "
                             "of TrainConfig fields") from None
@@ -202,6 +228,10 @@ def cmd_train(args) -> int:
     cfg = _config_from_args(args)
     if args.seeds:
         res = run_seeds(cfg, args.seeds, verbose=True)
+        if not res.get("finished", True):
+            print(f"stopped after epoch {res['stopped_after_epoch']}; resume with --resume --out {cfg.out} "
+                  "(and the same --seeds)")
+            return 0
         print(f"wrote {Path(cfg.out) / 'summary.json'}")
         return 0
     res = train(cfg)

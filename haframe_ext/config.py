@@ -15,8 +15,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 from .data import make_datasets
 from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
+from .ops import COSINE_SCALES, cosine_scale_for
+from .sizes import check_memory
 
-__all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "distances_for", "load_hierarchy"]
+__all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale", "distances_for",
+           "load_hierarchy"]
 
 
 @dataclass
@@ -43,6 +46,7 @@ class TrainConfig:
     alpha: float = 0.4
     alpha_schedule: str = "constant"
     alpha_period: Optional[float] = None
+    cosine_scale: Union[str, float] = "auto"  # haframe/etf: the cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
     hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
     hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
     soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)
@@ -110,6 +114,13 @@ class TrainConfig:
         if self.distance_convention not in CONVENTIONS:
             raise ValueError(f"distance_convention must be one of {', '.join(CONVENTIONS)}, got "
                              f"{_shown(self.distance_convention)} (--distance-convention)")
+        if self.dataset == "synthetic" and self.data_root is not None:  # it would be ignored
+            raise ValueError("data_root is not read by the synthetic dataset, which is generated: drop --data-root, "
+                             "or choose the dataset it holds (--dataset cifar100 | imagefolder | features)")
+        workers = 4 * (os.cpu_count() or 1)
+        if self.num_workers > workers:  # each is a process: more than this only fills the machine
+            raise ValueError(f"num_workers must be <= {workers} (4 per CPU of this machine), got {self.num_workers} "
+                             "(--num-workers)")
 
 
 def _flag(name: str) -> str:
@@ -139,7 +150,10 @@ _RANGES = {
 }
 
 
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?", re.ASCII)
+_MAX_INT = 2 ** 31 - 1  # the largest integer field (a size, a count) but the seed
+_MAX_FLOAT32 = 3.4028234663852886e38
+_FLOAT32_FIELDS = ("lr", "min_lr", "weight_decay", "backbone_lr_scale", "momentum", "grad_clip")
 
 
 def _shown(v: Any) -> str:
@@ -173,6 +187,12 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
         return int(x) if integer else float(x)
 
     rng = _RANGES.get(name)
+    if name == "cosine_scale":
+        if v in COSINE_SCALES:
+            return v
+        if isinstance(v, (str, bool)) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            raise bad(f"{' or '.join(repr(r) for r in COSINE_SCALES)} or a finite number > 0")
+        return float(v)
     if tp == "bool":
         if not isinstance(v, bool):
             raise bad("true or false" + (" (a JSON boolean, without quotes)" if isinstance(v, str) else ""))
@@ -201,6 +221,10 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
         x = number(v, tp == "int")
         if rng is not None and not rng[0](x):
             raise ValueError(f"{name} must be {rng[1]}, got {x!r} ({_flag(name)})")
+        if tp == "int" and name != "seed" and x > _MAX_INT:  # a size beyond it overflows torch's index types
+            raise ValueError(f"{name} must be <= {_MAX_INT} (2**31 - 1), got {x} ({_flag(name)})")
+        if name in _FLOAT32_FIELDS and x > _MAX_FLOAT32:  # the optimizer holds it in float32
+            raise ValueError(f"{name} must be <= {_MAX_FLOAT32:.3g} (the largest float32), got {x:g} ({_flag(name)})")
         return x
     raise AssertionError(f"TrainConfig field {name}: no check for type {annotation}")
 
@@ -240,11 +264,31 @@ def distances_for(config: TrainConfig, hierarchy):
     return hierarchy
 
 
+def _check_sizes(config: TrainConfig, K: int, datasets) -> None:
+    """Refuse data or a model that the memory cannot hold, naming the flags (before either is built)."""
+    if datasets is None and config.dataset == "synthetic":
+        n_eval = config.eval_samples if config.eval_samples is not None else K * (config.eval_per_class or
+                                                                                 config.n_per_class)
+        n = K * config.n_per_class + 2 * n_eval
+        # float64 while generated: the latent, the hidden layer (2 x input_dim) and the inputs, about 5 copies
+        check_memory(40 * n * config.input_dim, f"the synthetic data ({n:,} samples of {config.input_dim:,} numbers)",
+                     "lower --n-per-class, --eval-per-class / --eval-samples or --input-dim")
+    if (config.backbone or "mlp") == "mlp":
+        in_dim = config.input_dim if datasets is None else int(datasets.get("in_dim") or config.input_dim)
+        width = config.feature_dim or K
+        params = (in_dim * config.hidden + (config.depth - 1) * config.hidden ** 2 + config.hidden * width
+                  + config.num_blocks * width ** 2 + K * width)
+        # float32 weights, gradients, momentum and a copy in the checkpoint
+        check_memory(16 * params, f"the model ({params:,} parameters)",
+                     "lower --hidden, --depth, --num-blocks or --feature-dim")
+
+
 def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
     """Hierarchy, distances, datasets, model and loss described by a config (no training)."""
     h = (hierarchy if hierarchy is not None else load_hierarchy(config.hierarchy, config.classes)).with_convention(
         config.distance_convention)
     d = distances_for(config, h)
+    _check_sizes(config, h.num_classes, datasets)
     if datasets is None:
         datasets = make_datasets(
             config.dataset, h, data_root=config.data_root, seed=config.seed, n_per_class=config.n_per_class,
@@ -270,11 +314,21 @@ def build_from_config(config: TrainConfig, hierarchy=None, datasets=None):
         bkw = dict(pretrained=config.pretrained)
     model = build_model(config.method, backbone, K, frame, hierarchy=h, feature_dim=config.feature_dim,
                         num_blocks=config.num_blocks, seed=config.seed, **bkw)
-    criterion = build_loss(config.method, model, alpha=config.alpha, schedule=config.alpha_schedule,
+    criterion = build_loss(config.method, model, alpha=config.alpha, cosine_scale=config.cosine_scale,
+                           schedule=config.alpha_schedule,
                            period=config.alpha_period, total_epochs=config.epochs,
                            hierarchy=h if config.method == "hxe" else d, hxe_alpha=config.hxe_alpha,
                            hxe_normalize=config.hxe_normalize, soft_beta=config.soft_beta)
     return dict(hierarchy=h, distances=d, datasets=datasets, model=model, criterion=criterion, frame=frame)
+
+
+def checkpoint_cosine_scale(ck_cfg: Dict[str, Any], num_classes: int) -> Optional[float]:
+    """The cosine term's multiplier a run's config gives for K classes, or None for a method without the term
+    (a checkpoint written before the rule was a field summed the term: "sum")."""
+    if ck_cfg.get("method") not in ("haframe", "etf"):
+        return None
+    d = ck_cfg.get("feature_dim") or num_classes
+    return cosine_scale_for(ck_cfg.get("cosine_scale", "sum"), num_classes, d)
 
 
 def checkpoint_convention(ck_cfg: Dict[str, Any]) -> str:

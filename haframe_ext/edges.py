@@ -21,10 +21,10 @@ import json
 import os
 import reprlib
 import sys
-from typing import Iterable, Mapping
+from typing import AbstractSet as Set, Iterable, Mapping
 
 __all__ = ["HierarchyError", "EdgeSet", "parse_edges", "parse_classes", "parse_nested", "read_text", "quote", "listed",
-           "check_name", "numbered_lines", "write_text"]
+           "check_name", "no_duplicate_keys", "numbered_lines", "write_text"]
 
 _MAX_LISTED = 8  # names listed in one error message before "..."
 _MAX_QUOTED = 80  # characters of one quoted input kept in an error message
@@ -199,12 +199,27 @@ def parse_classes(classes, what: str = "classes") -> tuple[list[str], list[str]]
                 names.append(line.strip())
                 wheres.append(f"{label}, line {lineno}")
         return names, wheres
+    if isinstance(classes, (Set, Mapping)):  # a set's order changes per process; a mapping's indices would be lost
+        raise TypeError(f"classes must be a list of names in label order, a path or an open file, got a "
+                        f"{type(classes).__name__}, whose order is not the labels': pass a list (for a mapping "
+                        "name -> index: sorted(mapping, key=mapping.get))")
     try:
         names = list(classes)
     except TypeError:
         raise TypeError(
             f"classes must be a list of names, a path or an open file, got {type(classes).__name__}") from None
     return names, [f"classes[{i}]" for i in range(len(names))]
+
+
+def no_duplicate_keys(pairs):
+    """``json.loads``'s ``object_pairs_hook`` that refuses a key given twice in one object (json keeps the last, so
+    the first would vanish without a word)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {quote(key)} appears twice in one JSON object: give each name once")
+        out[key] = value
+    return out
 
 
 def parse_nested(obj) -> tuple["EdgeSet", str]:
@@ -217,10 +232,12 @@ def parse_nested(obj) -> tuple["EdgeSet", str]:
         else:
             text, label = read_text(obj, "JSON")
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise HierarchyError(
                 f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        except ValueError as exc:  # a duplicate key
+            raise HierarchyError(f"{label}: {exc}") from None
         except RecursionError:  # json.loads recurses once per nesting level
             raise HierarchyError(
                 f"{label}: the JSON is nested too deeply for Python's JSON parser (about "

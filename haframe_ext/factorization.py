@@ -12,7 +12,10 @@ import numpy as np
 
 from .sizes import available_memory
 
-__all__ = ["random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error", "normalise_rows", "rotate", "project"]
+__all__ = ["RANK_RTOL", "random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error", "normalise_rows",
+           "rotate", "project"]
+
+RANK_RTOL = 1e-10  # eigenvalues of S below this fraction of the largest count as 0 (rounding at a singular S)
 
 
 def random_orthonormal(dim: int, r: int, seed: int) -> np.ndarray:
@@ -70,19 +73,23 @@ def project(W0: np.ndarray, dim: int, seed: int) -> np.ndarray:  # W0: [K, r]
     return normalise_rows(W0 @ G, f"the projection into dim={dim}")
 
 
-def factorize(S: np.ndarray, dim: int, seed: int, approximate) -> np.ndarray:  # S: [K, K]
-    """Unit rows W [K, dim] with W W^T = S (approximately when dim < K), from the eigendecomposition of S."""
+def factorize(S: np.ndarray, dim: int, seed: int, approximate) -> tuple:  # S: [K, K]
+    """(unit rows W [K, dim], exact): W W^T = S, exactly when dim >= rank(S) (K - 1 at the exact s_min: the
+    eigenvalues left out are rounding), else approximately (``approximate``), from the eigendecomposition of S."""
     K = len(S)
     lam, Q = np.linalg.eigh(S)  # ascending
     lam = np.clip(lam, 0.0, None)  # tiny negatives from rounding (a singular S at s_min)
     W0 = Q * np.sqrt(lam)[None, :]  # [K, K], rows have Gram S
     if dim >= K:
-        return normalise_rows(rotate(W0, dim, seed), "the frame")
+        return normalise_rows(rotate(W0, dim, seed), "the frame"), True
+    rank = int((lam > RANK_RTOL * lam[-1]).sum())
+    if dim >= rank:  # the top dim eigenvectors span S: exact, whatever ``approximate`` says
+        return normalise_rows(rotate(W0[:, -dim:], dim, seed), "the frame"), True
     if not approximate:
-        raise dim_error(dim, K, int((lam > 1e-10 * lam[-1]).sum()))
+        raise dim_error(dim, K, rank)
     if approximate == "truncate":
-        return normalise_rows(rotate(W0[:, -dim:], dim, seed), f"the rank-{dim} approximation")
-    return project(W0, dim, seed)
+        return normalise_rows(rotate(W0[:, -dim:], dim, seed), f"the rank-{dim} approximation"), False
+    return project(W0, dim, seed), False
 
 
 def check_approximate(approximate):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
 
+from .checkpoint import content_digest
 from .factorization import check_approximate, check_dim, dim_error, factorize, normalise_rows, rotate
-from .frame_quality import measure, sampled_pairs
+from .frame_quality import NEAR_TWIN, measure, sampled_pairs
 from .hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
 from .sizes import DENSE_MAX_K
 from .similarity import (PSD_RTOL, check_gamma, check_two_classes, eigenvalues, etf_similarity, exact_s_min,
@@ -78,6 +80,11 @@ class HAFrame:
         """
         d = as_distance_matrix(d)
         approximate = check_approximate(approximate)
+        _check_dtype(dtype)
+        off = d[~np.eye(len(d), dtype=bool)]
+        if off.size:
+            _check_gamma_resolves(check_gamma(gamma), float(off[off > 0].min()) if (off > 0).any() else 0.0,
+                                  float(off.max()))
         E = kernel_matrix(d, gamma)
         dim = check_dim(dim, len(d))
         if isinstance(s_min, str):
@@ -98,9 +105,10 @@ class HAFrame:
                     f"s_min={s} makes the similarity matrix not positive semi-definite (smallest eigenvalue "
                     f"{lam:.3g}); the most negative admissible value for gamma={gamma} is "
                     f"{exact_s_min(d, gamma):.6f} (exact_s_min): use s_min='exact' or a value >= it")
-        W = factorize(S, dim, seed, approximate)
+        W, exact = factorize(S, dim, seed, approximate)
         frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=check_gamma(gamma), distances=d)
-        if dim < len(d):
+        frame._check_classes_apart()
+        if not exact:
             frame._measure(W, "truncate" if approximate == "truncate" else "projection", seed)
         return frame
 
@@ -120,6 +128,7 @@ class HAFrame:
                             "use from_distances for a distance matrix")
         g = check_gamma(gamma)
         approximate = check_approximate(approximate)
+        _check_dtype(dtype)
         check_two_classes(h)
         tree, K = h.tree, h.num_classes
         if approximate == "truncate" or (isinstance(s_min, str) and s_min == "grid"):
@@ -130,9 +139,15 @@ class HAFrame:
                                        approximate=approximate)
             frame.hierarchy = h
             return frame
+        if dim == K - 1 and K <= DENSE_MAX_K and (s_min == "exact" or s_min == tree.exact_s_min(g)):
+            # S has rank K - 1 at the exact s_min: an exact frame exists in K - 1 dimensions
+            frame = cls.from_distances(h.distances(), g, s_min="exact", dim=dim, seed=seed, dtype=dtype)
+            frame.hierarchy = h
+            return frame
         if dim is None and K > DENSE_MAX_K:
             _missing_dim(K)
         dim = check_dim(dim, K)
+        _check_gamma_resolves(g, float(tree.d_min), float(tree.d_max))
         s_exact = tree.exact_s_min(g)
         if isinstance(s_min, str):
             if s_min != "exact":
@@ -160,6 +175,7 @@ class HAFrame:
         d = h.distances() if K <= DENSE_MAX_K else None  # [K, K], kept only up to DENSE_MAX_K classes
         S = None if d is None else similarity_matrix(d, g, s)
         frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g, distances=d, hierarchy=h)
+        frame._check_classes_apart()
         if dim < K:
             frame._measure(W, "projection", seed)
         return frame
@@ -172,23 +188,25 @@ class HAFrame:
             raise ValueError(f"a simplex ETF needs an integer K >= 2 classes, got {K!r}")
         K = int(K)
         approximate = check_approximate(approximate)
+        _check_dtype(dtype)
         if dim is None and K > DENSE_MAX_K:
             _missing_dim(K)
         dim = check_dim(dim, K)
         dense = K <= DENSE_MAX_K
         S = etf_similarity(K) if dense else None
-        if dim >= K or approximate == "truncate":
+        exact = False
+        if dim >= K or approximate == "truncate" or (dense and dim == K - 1):  # S has rank K - 1: exact in K - 1
             if not dense:
                 raise MemoryError(f"an exact {K}-class ETF in dim >= K needs K x K = {K * K * 8 / 2**30:.1f} GiB; "
                                   "pass dim < K with approximate=True (a Gaussian projection)")
-            W = factorize(S, dim, seed, approximate)
+            W, exact = factorize(S, dim, seed, approximate)
         elif not approximate:
             raise dim_error(dim, K, K - 1)
         else:  # the ETF is the centred identity, scaled: its projection is a Gaussian [K, dim] minus its mean row
             G = np.random.default_rng(seed).standard_normal((K, dim))
             W = normalise_rows(G - G.mean(axis=0, keepdims=True), f"the projection into dim={dim}")
         frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=-1.0 / (K - 1), etf=True)
-        if dim < K:
+        if not exact:
             frame._measure(W, "truncate" if approximate == "truncate" else "projection", seed)
         return frame
 
@@ -245,6 +263,26 @@ class HAFrame:
         tree = self.hierarchy.tree
         return float(1.0 - tree.similarity_from_distances(self.gamma, self.s_min, np.array([tree.d_min]))[0])
 
+    def _check_classes_apart(self) -> None:
+        """Refuse an exact frame that gives two classes the same vector, and warn when its closest pair has a target
+        cosine above NEAR_TWIN (as the approximate frames warn): such classes cannot be told apart."""
+        margin = self._exact_margin()
+        if margin >= 1.0 - NEAR_TWIN:
+            return
+        pair = ""
+        if self._similarity64 is not None:
+            S = self._similarity64
+            i, j = divmod(int(np.argmax(S - 2 * np.eye(len(S)))), len(S))
+            pair = f" (classes {i} and {j}, at distance {self.distances[i, j]:g})" if self.distances is not None \
+                else f" (classes {i} and {j})"
+        why = (f"the closest classes{pair} have target cosine {1.0 - margin:.6g} with gamma={self.gamma:g} and "
+               f"s_min={self.s_min:.6g}")
+        fix = ("raise gamma, and check the distances: a distance of 0 between two classes, or distances that break "
+               "the triangle inequality (s_min becomes 1), leave no room between classes")
+        if margin <= 1e-9:
+            raise ValueError(f"{why}: their class vectors are identical and they cannot be told apart; {fix}")
+        warnings.warn(f"{why} (> {NEAR_TWIN}): they cannot be told apart; {fix}", RuntimeWarning, stacklevel=3)
+
     def _measure(self, W: np.ndarray, method: str, seed: int) -> None:  # W: [K, dim] float64, unit rows
         """Record how well an approximate frame keeps S (``frame.approximation``; haframe_ext.frame_quality)."""
         tree = None if self.hierarchy is None else self.hierarchy.tree
@@ -295,9 +333,9 @@ class HAFrame:
         instead of any K x K matrix.
         """
         large = self._similarity64 is None
-        torch.save({
+        state = {
             "format": _FORMAT,
-            "version": 2,
+            "version": 3,
             "weight": self.weight.detach().cpu(),
             "similarity": None if large else torch.from_numpy(self._similarity64),
             "s_min": self.s_min,
@@ -306,7 +344,8 @@ class HAFrame:
             "hierarchy": None if self.hierarchy is None else _hierarchy_state(self.hierarchy),
             "approximation": self.approximation,
             "etf": self.etf_frame,
-        }, path)
+        }
+        torch.save(dict(state, digest=content_digest(state)), path)  # load() checks the content against it
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "HAFrame":
@@ -333,9 +372,12 @@ class HAFrame:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise HierarchyError(
                 f"{str(path)!r} is not a saved HAFrame (no format={_FORMAT!r} entry); write it with HAFrame.save")
-        if state.get("version") not in (1, 2):
+        if state.get("version") not in (1, 2, 3):
             raise HierarchyError(f"{str(path)!r}: unsupported HAFrame file version {state.get('version')!r}; "
                                  "upgrade haframe_ext to read it")
+        if state.get("version", 0) >= 3 and content_digest({k: v for k, v in state.items() if k != "digest"}) != \
+                state.get("digest"):
+            raise HierarchyError(f"{str(path)!r} is corrupted: its content does not match the digest written with it")
         try:
             dist = state["distances"]
             hier = state.get("hierarchy")
@@ -344,10 +386,40 @@ class HAFrame:
                         hierarchy=None if hier is None else _hierarchy_from_state(hier),
                         etf=bool(state.get("etf", False)))
             frame.approximation = state.get("approximation")
-            return frame
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             raise HierarchyError(f"{str(path)!r} is an incomplete or malformed HAFrame file "
                                  f"({type(exc).__name__}: {exc})") from None
+        try:
+            frame._check_consistent()
+        except (ValueError, TypeError) as exc:
+            raise HierarchyError(f"{str(path)!r} is an inconsistent HAFrame file ({exc})") from None
+        return frame
+
+    def _check_consistent(self) -> None:
+        """Raise ValueError unless the parts of a loaded frame agree: gamma and s_min in range, finite unit rows,
+        distances [K, K], the similarity equal to the one its hierarchy or distances give, and (exact frames) the
+        Gram matrix of the rows equal to it."""
+        K = self.num_classes
+        if not self.weight.is_floating_point() or not bool(torch.isfinite(self.weight).all()):
+            raise ValueError("the weight is not a finite floating-point matrix")
+        if self.gamma is not None:
+            check_gamma(self.gamma)
+        _check_s_min_value(self.s_min)
+        if self.s_min < -1.0:
+            raise ValueError(f"s_min={self.s_min} is below -1")
+        if self.distances is not None and self.distances.shape != (K, K):
+            raise ValueError(f"the distances are {self.distances.shape} for K={K} classes")
+        eps = float(torch.finfo(self.weight.dtype).eps)
+        norms = self.weight.detach().double().norm(dim=1)
+        if float((norms - 1).abs().max()) > max(1e-6, 100 * eps):
+            raise ValueError("the class vectors are not unit vectors")
+        source = self.hierarchy.distances() if self.hierarchy is not None and K <= DENSE_MAX_K else self.distances
+        if self._similarity64 is not None and source is not None and self.gamma is not None:
+            if float(np.abs(similarity_matrix(source, self.gamma, self.s_min) - self._similarity64).max()) > 1e-9:
+                raise ValueError("the similarity is not the one its hierarchy (or distances), gamma and s_min give: "
+                                 "a reordered class list, or an edited matrix")
+        if self.approximation is None and self.gram_error() > max(1e-6, 1000 * eps):
+            raise ValueError("the Gram matrix of the class vectors is not the frame's similarity")
 
     def __repr__(self) -> str:
         gamma = "None" if self.gamma is None else f"{self.gamma:g}"
@@ -360,6 +432,20 @@ def _missing_dim(K: int):
     """Raise for a large hierarchy without dim."""
     raise ValueError(f"K={K} classes is above {DENSE_MAX_K}: give dim (e.g. dim=512 with approximate=True); "
                      f"an exact frame would be K x K")
+
+
+def _check_gamma_resolves(gamma: float, d_min: float, d_max: float) -> None:
+    """Refuse a gamma so small that exp(-gamma d / d_max) rounds to 1 for the closest classes (s_min would be NaN)."""
+    if d_max > 0 and d_min > 0 and math.exp(-gamma * d_min / d_max) == 1.0:
+        raise ValueError(f"gamma={gamma:g} is so small that exp(-gamma d / d_max) rounds to 1 for the closest classes "
+                         f"(d={d_min:g}, d_max={d_max:g}): every class would get the same vector; use gamma >= 1e-6 "
+                         "(the paper uses 1 to 5)")
+
+
+def _check_dtype(dtype) -> None:
+    """A frame's dtype must be a floating-point torch dtype (its rows are unit vectors)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype (torch.float32, torch.float64, ...), got {dtype!r}")
 
 
 def _check_s_min_value(s_min) -> float:

@@ -102,6 +102,10 @@ def _setup(config: TrainConfig, dctx: DistContext) -> _Run:
     n_train = len(built["datasets"]["train"])
     if n_train < 2:
         raise ValueError(f"the training set has {n_train} samples; need at least 2")
+    for split in ("val", "test"):  # found now, not after every epoch has trained
+        if len(built["datasets"][split]) == 0:
+            raise ValueError(f"the {split} split has no samples: give it data (--data-root), or for synthetic data "
+                             "--eval-per-class / --eval-samples >= 1")
     steps_per_epoch = len(GlobalBatchSampler(n_train, per_rank, dctx.world, dctx.rank))
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({n_train} samples) is too small for {dctx.world} process(es)")

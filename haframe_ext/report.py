@@ -6,6 +6,7 @@ Everything is O(nodes) with numpy (no K x K matrix), so it runs on hierarchies o
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -34,12 +35,18 @@ def load_for_report(spec=None, classes=None, wordnet_ids=None, wordnet=None, *, 
         if classes is not None:
             raise HierarchyError(f"--classes applies to an edge-list file; the builtin {spec!r} has its own order")
         return Hierarchy.builtin(spec), spec
+    if re.fullmatch(r"random:\d+", spec, re.ASCII) and not os.path.isfile(spec):  # as train and frame accept it
+        if classes is not None:
+            raise HierarchyError(f"--classes applies to an edge-list file; {spec!r} has its own order")
+        return Hierarchy.random(int(spec.split(":")[1])), spec
     if spec.lower().endswith((".npy", ".csv")):
         raise HierarchyError(f"{quote(spec)} is a distance matrix, which has no tree to describe; "
                              "give an edge-list file, or use 'haframe frame --distances' for a matrix")
     if not os.path.isfile(spec):
         raise HierarchyError(f"unknown hierarchy {quote(spec)}: not a builtin name "
                              f"({', '.join(BUILTIN_NAMES)}) nor an existing edge-list file")
+    if spec.lower().endswith(".json"):  # nested JSON, as train and frame read it
+        return Hierarchy.from_nested(spec, classes, internal_classes=internal_classes), os.path.basename(spec)
     return Hierarchy.from_edges(spec, classes, internal_classes=internal_classes), os.path.basename(spec)
 
 

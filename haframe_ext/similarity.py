@@ -11,6 +11,7 @@ for a distance matrix, an O(nodes) recursion for a tree.  The paper's code inste
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import scipy.linalg
@@ -25,11 +26,10 @@ _GRID_ZERO = 1e-6  # the paper code treats eigenvalues with |lambda| below this 
 
 
 def check_gamma(gamma) -> float:
-    """Return gamma as a float, or raise if it is not a finite positive number."""
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a number, got {type(gamma).__name__}") from None
+    """Return gamma as a float, or raise if it is not a finite positive number (a bool or a string is not one)."""
+    if isinstance(gamma, (bool, str, bytes)) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"gamma must be a number, got {type(gamma).__name__} {gamma!r:.40}")
+    g = float(gamma)
     if not math.isfinite(g) or g <= 0:
         raise ValueError(f"gamma must be a finite number > 0 (the paper uses 1 to 5), got {gamma!r}")
     return g

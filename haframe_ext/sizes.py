@@ -3,7 +3,7 @@
 import os
 from typing import Optional
 
-__all__ = ["DENSE_MAX_K", "available_memory"]
+__all__ = ["DENSE_MAX_K", "available_memory", "check_memory"]
 
 # Above this many classes nothing K x K is built: a frame keeps no similarity or distance matrix (rows of S
 # come from its tree), the loss takes its d x d route for unit rows, the modules keep no S, the type-II
@@ -25,3 +25,12 @@ def available_memory() -> Optional[int]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse (ValueError) an allocation of about ``nbytes`` that the available memory cannot hold, naming ``what``
+    needs it, both sizes and ``fix``; before it is attempted, so that it neither fills the memory nor overflows."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ValueError(f"{what} needs about {nbytes / 2 ** 30:,.1f} GiB of memory and {avail / 2 ** 30:,.1f} GiB is "
+                         f"available: {fix}")

@@ -135,7 +135,12 @@ def run_seeds(config: TrainConfig, seeds: Sequence[int], *, verbose: bool = True
     claim = claim_folder(Path(config.out)) if single else None  # the summary's folder (each seed claims its own)
     user_error = False
     try:
-        return _summarize_seeds(config, seeds, [train(cfg) for cfg in configs], verbose)
+        runs = [train(cfg) for cfg in configs]
+        stopped = [r for r in runs if not r.get("finished", True)]
+        if stopped:  # stop_after_epochs: nothing to summarise yet; a resume finishes the runs
+            return {"seeds": seeds, "runs": runs, "finished": False,
+                    "stopped_after_epoch": max(r["stopped_after_epoch"] for r in stopped)}
+        return _summarize_seeds(config, seeds, runs, verbose)
     except ValueError:
         user_error = True
         raise

@@ -46,7 +46,7 @@ from .edges import EdgeSet, HierarchyError, parse_classes, quote
 
 __all__ = ["wordnet_edges", "find_wordnet", "read_synsets", "wordnet_search_paths", "PARENT_RULES"]
 
-_WNID = re.compile(r"[nN](\d{8})\Z|(\d{8})-[nN]\Z")  # n02084071, N02084071, 02084071-n
+_WNID = re.compile(r"[nN](\d{8})\Z|(\d{8})-[nN]\Z", re.ASCII)  # n02084071, N02084071, 02084071-n
 PARENT_RULES = ("first", "deepest")  # which hypernym a synset keeps (module docstring); the first is the default
 _INSTALL = ("install it with 'apt-get install wordnet-base' (Debian/Ubuntu), or with "
             "python -c \"import nltk; nltk.download('wordnet')\", or pass wordnet=<folder holding data.noun>")
@@ -132,7 +132,7 @@ class _Synsets:
             if not raw.strip() or raw[:1] in (b" ", b"\t"):  # blank or licence header
                 continue
             head = raw.split(b" ", 1)[0]
-            if not head.isdigit():
+            if not (head.isascii() and head.isdigit()):
                 raise HierarchyError(
                     f"{label}: line {quote(raw.decode('latin-1'))} does not begin with a synset offset; "
                     "expected WordNet's WNDB data.noun format")
@@ -168,7 +168,7 @@ class _Synsets:
                 f"{self.label}: malformed synset line for n{offset:08d}: {quote(line)}; expected "
                 "'offset lex_filenum ss_type w_cnt word lex_id ... p_cnt [ptr ...] | gloss'") from None
         hyper = [(sym, int(off)) for sym, off, pos in zip(ptrs[0::4], ptrs[1::4], ptrs[2::4])
-                 if sym in ("@", "@i") and pos == "n" and off.isdigit()]
+                 if sym in ("@", "@i") and pos == "n" and off.isascii() and off.isdigit()]
         parents = [off for sym, off in hyper if sym == "@"]  # the hypernyms ...
         if not parents:
             parents = [off for sym, off in hyper if sym == "@i"]  # ... or else the instance hypernyms

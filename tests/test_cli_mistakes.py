@@ -80,6 +80,12 @@ def make_inputs(d: Path) -> None:
     (d / "images" / "train" / "zz").mkdir(parents=True)
     (d / "images" / "train" / "zz" / "x.png").write_bytes(b"")
     (d / "images" / "test").mkdir()
+    # round 3 (issue 22)
+    (d / "dup.json").write_text('{"epochs": 2, "lr": 0.1, "epochs": 3}')
+    (d / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'{"epochs": 0}')
+    (d / "zero_pair.csv").write_text("0,0,1\n0,0,1\n1,1,0\n")
+    (d / "no_triangle.csv").write_text("0,6,5,3\n6,0,1,1\n5,1,0,9\n3,1,9,0\n")
+    _feats(d / "feat_empty_test", test={"features": torch.randn(0, 3), "labels": torch.zeros(0, dtype=torch.long)})
     # round 2: config fields of the wrong type (issue 14 item 1)
     for name, field in CONFIG_TYPE_CASES.items():
         (d / f"cfg_{name}.json").write_text(field)
@@ -259,6 +265,56 @@ CASES += [
     ("hierarchy-gamma-nan", ["hierarchy", "toy.tsv", "--gamma", "nan"], ["argument --gamma: must be a finite"]),
 ]
 
+# issue 22: inputs a frame or a run would ignore (item 7), duplicate JSON keys and a BOM (items 9, 19), frames whose
+# classes cannot be told apart (item 12), sizes beyond what the machine holds or than overflow later (items 15, 17, 19)
+BIG = "1" + "0" * 20  # 10^20
+CASES += [
+    ("frame-etf-with-hierarchy-gamma-s-min", ["frame", "--etf", "5", "--hierarchy", "cifar100", "--s-min", "0.5",
+                                              "--gamma", "nan"],
+     ["--etf builds a simplex ETF", "drop --hierarchy, --gamma, --s-min"]),
+    ("frame-distances-with-classes", ["frame", "--distances", "d2.npy", "--classes", "classes_unknown.txt"],
+     ["--distances gives the class distances as a matrix", "drop --classes"]),
+    ("frame-hierarchy-with-distances", ["frame", "--hierarchy", "toy.tsv", "--distances", "d2.npy"],
+     ["drop --hierarchy"]),
+    ("frame-matrix-hierarchy-with-convention", ["frame", "--hierarchy", "asym.csv", "--distance-convention", "height"],
+     ["is a distance matrix", "drop --distance-convention"]),
+    ("frame-classes-with-builtin", ["frame", "--hierarchy", "cifar100", "--classes", "classes_unknown.txt"],
+     ["'cifar100' has its own order", "drop --classes"]),
+    ("train-classes-with-random", TRAIN[:2] + ["random:8"] + TRAIN[3:] + ["--classes", "classes_unknown.txt"],
+     ["'random:8' has its own order", "drop --classes"]),
+    ("train-data-root-with-synthetic", TRAIN + ["--data-root", "images"], ["data_root is not read by the synthetic"]),
+    ("config-duplicate-key", ["train", "--config", "dup.json"], ["dup.json: the key 'epochs' appears twice"]),
+    ("config-with-bom", ["train", "--config", "bom.json"], ["epochs must be >= 1, got 0"]),  # read, then checked
+    ("frame-gamma-1e-300", ["frame", "--hierarchy", "toy.tsv", "--gamma", "1e-300"],
+     ["gamma=1e-300 is so small that exp(-gamma d / d_max) rounds to 1"]),
+    ("frame-two-classes-at-distance-0", ["frame", "--distances", "zero_pair.csv"],
+     ["classes 0 and 1, at distance 0", "cannot be told apart"]),
+    ("frame-distances-break-triangle", ["frame", "--distances", "no_triangle.csv"],
+     ["s_min=1", "cannot be told apart", "triangle inequality"]),
+    ("hidden-1e20", TRAIN + ["--hidden", BIG], ["hidden must be <= 2147483647", "--hidden"]),
+    ("hidden-beyond-memory", TRAIN + ["--hidden", "10000000"], ["the model (", "GiB is available", "--hidden"]),
+    ("n-per-class-1e20", TRAIN + ["--n-per-class", BIG], ["n_per_class must be <= 2147483647"]),
+    ("n-per-class-beyond-memory", TRAIN + ["--n-per-class", "2000000000"],
+     ["the synthetic data (", "GiB is available", "--n-per-class"]),
+    ("eval-per-class-1e20", TRAIN + ["--eval-per-class", BIG], ["eval_per_class must be <= 2147483647"]),
+    ("input-dim-1e20", TRAIN + ["--input-dim", BIG], ["input_dim must be <= 2147483647"]),
+    ("num-workers-1e20", TRAIN + ["--num-workers", BIG], ["num_workers must be <= 2147483647"]),
+    ("num-workers-beyond-cpus", TRAIN + ["--num-workers", "100000"], ["num_workers must be <= ", "per CPU"]),
+    ("num-blocks-1e20", TRAIN + ["--num-blocks", BIG], ["num_blocks must be <= 2147483647"]),
+    ("num-blocks-beyond-memory", TRAIN + ["--num-blocks", "2000000000"], ["the model (", "--num-blocks"]),
+    ("depth-1e20", TRAIN + ["--depth", BIG], ["depth must be <= 2147483647"]),
+    ("lr-1e39", TRAIN + ["--lr", "1e39"], ["lr must be <= 3.4e+38 (the largest float32)"]),
+    ("weight-decay-1e39", TRAIN + ["--weight-decay", "1e39"], ["weight_decay must be <= 3.4e+38"]),
+    ("frame-random-1e20", ["frame", "--hierarchy", "random:" + BIG], ["a random hierarchy of K=", "classes fit"]),
+    ("bench-batch-1e20", ["bench", "--batch", BIG], ["argument --batch: must be an integer <= 2147483647"]),
+    ("bench-threads-1e20", ["bench", "--threads", BIG], ["argument --threads: must be an integer <= 2147483647"]),
+    ("eval-batch-size-1e20", ["eval", "--checkpoint", "text.pt", "--batch-size", BIG],
+     ["argument --batch-size: must be an integer <= 2147483647"]),
+    ("device-non-ascii-digit", TRAIN + ["--device", "cuda:\u0661"], ["device must be auto, cpu, cuda or cuda:N"]),
+    ("train-empty-test-split", TRAIN + ["--dataset", "features", "--data-root", "feat_empty_test"],
+     ["the test split has no samples"]),
+]
+
 XFAIL = {}  # case id -> reason, for a strict xfail while a bug is open (bugs 10 and 11 are fixed)
 
 
@@ -361,3 +417,27 @@ def test_no_case_leaves_a_run_behind(results, fresh_results, workdir):
     """Every mistake is caught before training: no checkpoint or results file appears."""
     written = [p for p in workdir.rglob("*") if p.name in ("last.pt", "prev.pt", "best.pt", "results.json")]
     assert not written, written
+
+
+def test_hierarchy_accepts_random_k_as_train_and_frame_do(capsys):
+    """Issue 22 item 19: ``haframe hierarchy random:8`` was refused while train and frame accept random:K."""
+    from haframe_ext.cli import main
+
+    assert main(["hierarchy", "random:8"]) == 0
+    assert "8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("after", [0.3, 1.2, 2.5])
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(tmp_path, after):
+    """Issue 22 item 18: SIGINT while torch imports (the first seconds of any command) gave a 20-90 line traceback,
+    a RecursionError or "cannot import name '_inductor'" with exit 2; it is "haframe: interrupted", exit 130."""
+    import signal
+    import time
+
+    (tmp_path / "toy.tsv").write_text(TOY_EDGES)
+    p = subprocess.Popen([sys.executable, "-m", "haframe_ext.cli", *TRAIN], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(tmp_path))
+    time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "haframe: interrupted", (p.returncode, err[-2000:])

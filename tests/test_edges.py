@@ -195,3 +195,25 @@ def test_a_50mb_input_is_quoted_short(make, key):
         make()
     msg = str(info.value)
     assert key in msg and len(msg) < 800, msg[:1000]
+
+
+# ----------------------------------------------------------------------------- issue 22 items 8 and 9
+@pytest.mark.parametrize("classes", [{"x", "y", "z", "w"}, frozenset({"x", "y", "z", "w"}),
+                                     {"w": 0, "x": 1, "y": 2, "z": 3}, {"x": 1, "w": 0, "z": 3, "y": 2}.keys()])
+def test_unordered_or_mapped_class_lists_are_refused(classes):
+    """Issue 22 item 8: a set's order changes per process and a mapping's indices would be dropped (class_to_idx
+    relabelled): both are refused, naming the fix; a list in the same order builds."""
+    nested = {"root": {"a": ["x", "y"], "b": ["z", "w"]}}
+    with pytest.raises(TypeError, match="list of names in label order.*pass a list"):
+        Hierarchy.from_nested(nested, classes=classes)
+    assert Hierarchy.from_nested(nested, classes=["w", "x", "y", "z"]).classes == ["w", "x", "y", "z"]
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    """Issue 22 item 9: json keeps the last of two equal keys, so a subtree (and its classes) vanished."""
+    text = '{"root": {"a": ["x", "y"], "a": ["z"]}}'
+    with pytest.raises(HierarchyError, match="the key 'a' appears twice in one JSON object"):
+        Hierarchy.from_nested(text)
+    (tmp_path / "t.json").write_text(text)
+    with pytest.raises(HierarchyError, match=r"t\.json.*the key 'a' appears twice"):
+        Hierarchy.from_nested(tmp_path / "t.json")

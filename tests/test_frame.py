@@ -355,3 +355,98 @@ def test_single_class_frames_are_refused_by_the_frame_builders():
         HAFrame.etf(1)
     with pytest.raises(HierarchyError, match="at least 2 classes"):
         HAFrame.from_distances([[0]], gamma=1.0)
+
+
+# ----------------------------------------------------------------------------- issue 22
+def _resave(path, **edits):
+    """Rewrite a saved frame with edited fields and a digest recomputed over them (an edit the digest cannot see)."""
+    from haframe_ext.checkpoint import content_digest
+
+    state = torch.load(path, weights_only=True)
+    state.pop("digest")
+    state.update(edits)
+    torch.save(dict(state, digest=content_digest(state)), path)
+
+
+def test_load_refuses_an_edited_or_inconsistent_frame(tmp_path):
+    """Issue 22 item 10: a flipped float in the weight (the digest), and, with the digest recomputed, a reversed class
+    list, a 9 x 9 matrix in a 6-class frame, gamma=-5 and s_min=NaN are refused; the untouched file loads."""
+    tree = Hierarchy.from_parents({"a": "r", "b": "r", "c0": "a", "c1": "a", "c2": "b", "c3": "b", "c4": "b",
+                                   "c5": "b"})
+    path = tmp_path / "f.pt"
+    HAFrame.from_hierarchy(tree, 2.0).save(path)
+    good = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+    w = state["weight"].clone()
+    w[2, 3] = -w[2, 3]
+    state["weight"] = w
+    torch.save(state, path)
+    with pytest.raises(HierarchyError, match="does not match the digest"):
+        HAFrame.load(path)
+    edits = {"reversed classes": dict(hierarchy=dict(state["hierarchy"], classes=state["hierarchy"]["classes"][::-1])),
+             "9 x 9 distances": dict(distances=torch.zeros(9, 9, dtype=torch.float64)),
+             "gamma -5": dict(gamma=-5.0), "s_min NaN": dict(s_min=float("nan"))}
+    for what, edit in edits.items():
+        path.write_bytes(good)
+        _resave(path, **edit)
+        with pytest.raises(HierarchyError, match="inconsistent HAFrame file"):
+            HAFrame.load(path)
+    path.write_bytes(good)
+    assert HAFrame.load(path).num_classes == 6
+
+
+def test_frames_whose_classes_cannot_be_told_apart_are_refused_or_warned():
+    """Issue 22 item 12: two classes at distance 0, distances that break the triangle inequality (s_min = 1) and a
+    gamma whose kernel rounds to 1 are refused; a gamma that leaves the closest classes above NEAR_TWIN warns."""
+    d = np.array([[0, 0, 1], [0, 0, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match=r"classes 0 and 1, at distance 0.*cannot be told apart"):
+        HAFrame.from_distances(d, 2.0)
+    no_triangle = np.array([[0, 6, 5, 3], [6, 0, 1, 1], [5, 1, 0, 9], [3, 1, 9, 0]])
+    with pytest.raises(ValueError, match=r"s_min=1.*cannot be told apart.*triangle inequality"):
+        HAFrame.from_distances(no_triangle, 2.0)
+    for gamma in (1e-300, 1e-20):
+        with pytest.raises(ValueError, match="rounds to 1"):
+            HAFrame.from_hierarchy("cifar100", gamma)
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        HAFrame.from_hierarchy("cifar100", 1e-9)
+    with pytest.warns(RuntimeWarning, match=r"target cosine 0\.99.*cannot be told apart"):
+        HAFrame.from_hierarchy("cifar100", 0.01)
+
+
+@pytest.mark.parametrize("build", ["etf", "hierarchy", "hierarchy-approximate", "distances"])
+def test_a_frame_in_rank_of_s_dimensions_is_exact(build):
+    """Issue 22 item 13: at the exact s_min S has rank K - 1, so dim = K - 1 gets the exact factor (it was refused,
+    or projected with Gram error 0.96 for the 5-class ETF and 0.32 for cifar100)."""
+    if build == "etf":
+        f = HAFrame.etf(5, dim=4, dtype=torch.float64)
+    elif build == "distances":
+        f = HAFrame.from_distances(Hierarchy.builtin("cifar100").distances(), 2.0, dim=99, dtype=torch.float64)
+    else:
+        f = HAFrame.from_hierarchy("cifar100", 2.0, dim=99, approximate=build == "hierarchy-approximate",
+                                   dtype=torch.float64)
+    assert f.dim == f.num_classes - 1 and f.approximation is None
+    assert f.gram_error() < 1e-9
+
+
+@pytest.mark.parametrize("kw,error", [({"dtype": torch.int64}, "floating-point torch dtype"),
+                                      ({"gamma": True}, "gamma must be a number, got bool"),
+                                      ({"gamma": "2"}, "gamma must be a number, got str")])
+def test_integer_frames_and_non_number_gammas_are_refused(kw, error):
+    """Issue 22 item 14."""
+    args = dict(dict(gamma=2.0), **kw)
+    with pytest.raises(TypeError, match=error):
+        HAFrame.from_hierarchy("cifar100", **args)
+    if "dtype" not in kw:
+        with pytest.raises(TypeError, match=error):
+            HAFrame.from_distances(np.array([[0, 1], [1, 0]]), args["gamma"])
+
+
+def test_a_json_hierarchy_file_is_read_as_nested_json(tmp_path, capsys):
+    """Issue 22 item 14: a .json hierarchy given to the CLI (and load_hierarchy) is nested JSON, not an edge list."""
+    from haframe_ext.cli import main
+    from haframe_ext.config import load_hierarchy
+
+    (tmp_path / "t.json").write_text('{"root": {"a": ["x", "y"], "b": ["z", "w"]}}')
+    assert load_hierarchy(str(tmp_path / "t.json")).classes == ["w", "x", "y", "z"]
+    assert main(["frame", "--hierarchy", str(tmp_path / "t.json")]) == 0
+    assert "K                        4" in capsys.readouterr().out

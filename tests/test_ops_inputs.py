@@ -849,3 +849,24 @@ def test_similarity_and_gram_together_are_refused_on_both_backends(backend):
     h, w, y = make()
     with pytest.raises(ValueError, match="one of similarity"):
         ops.haframe_loss(h, w, y, similarity=w @ w.T, gram=w.T @ w, backend=backend)
+
+
+def test_a_non_symmetric_gram_gives_the_gradient_of_its_loss():
+    """Issue 22 item 11: the kernels' gradient 2 G u holds for a symmetric G only; a non-symmetric gram= is
+    symmetrised in the Python entry (u^T G u is unchanged), so gradcheck passes on every backend and the native
+    loss and gradient equal the reference's."""
+    g = torch.Generator().manual_seed(0)
+    K, d, B = 40, 8, 6
+    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1)
+    G = torch.randn(d, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (B,), generator=g)
+    h = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    for backend in ("auto", "reference"):
+        assert torch.autograd.gradcheck(lambda x: ops.haframe_loss(x, w, y, 0.4, "mean", gram=G, backend=backend),
+                                        (h,))
+    ref = h.detach().clone().requires_grad_()
+    ops.reference_loss(ref, w, y, 0.4, "sum", gram=G).backward()
+    loss = ops.haframe_loss(h, w, y, 0.4, "sum", gram=G)
+    loss.backward()
+    assert torch.allclose(loss, ops.reference_loss(ref.detach(), w, y, 0.4, "sum", gram=G), rtol=1e-12)
+    assert torch.allclose(h.grad, ref.grad, rtol=1e-10, atol=1e-12)

@@ -187,6 +187,17 @@ def test_the_demo_never_replaces_a_training_run(tmp_path, toy_tree):
     assert (d / ".haframe-demo").exists() and json.loads((d / "results.json").read_text())["haframe"]
 
 
+def test_seeds_stopped_after_an_epoch_say_so_and_resume_to_the_summary(tmp_path, toy_tree):
+    """Issue 22 item 19: run_seeds with stop_after_epochs stopped every seed and then failed in the summary ("needs
+    at least one run"); it now returns finished=False, and a resume finishes the runs and writes the summary."""
+    cfg = tiny(tmp_path, toy_tree, epochs=2, stop_after_epochs=1)
+    res = run_seeds(cfg, [0, 1], verbose=False)
+    assert res["finished"] is False and res["stopped_after_epoch"] == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
+    res = run_seeds(tiny(tmp_path, toy_tree, epochs=2, resume=True), [0, 1], verbose=False)
+    assert len(res["runs"]) == 2 and (tmp_path / "run" / "summary.json").exists()
+
+
 # ----------------------------------------------------------------------------- a user error and its --out folder
 @pytest.mark.parametrize("bad", [{"hierarchy": "no-such-tree"}, {"dataset": "cifar100", "data_root": "nowhere"}])
 def test_a_user_error_removes_the_out_folder_it_created(tmp_path, toy_tree, bad):

@@ -434,3 +434,9 @@ def test_system_wordnet_tiered_imagenet_classes():
     a, b = h.distances(), ref.distances()
     iu = np.triu_indices(len(a), 1)
     assert (a[iu] == b[iu]).mean() > 0.94  # 94.75% of the pairs of the published tree
+
+
+def test_ids_with_non_ascii_digits_are_not_wordnet_ids(tmp_path):
+    """Issue 22 item 19: full-width digits matched ``\\d``, and the ids then found nothing ("hierarchy is empty")."""
+    with pytest.raises(HierarchyError, match="is not a WordNet noun id"):
+        Hierarchy.from_wordnet(["n02085620", "n０２０８８３６４"], write_wordnet(tmp_path))
