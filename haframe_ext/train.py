@@ -44,7 +44,12 @@ Reliability contract of :func:`train`:
   across ranks, only rank 0 writes files; a collective that does not complete
   within ``dist_timeout`` seconds (a dead peer) raises :class:`DistributedError`.
 - A run that fails on a user error (a ``ValueError``: the config, the data, the hierarchy, a checkpoint that does
-  not fit) before its first checkpoint removes the ``out`` folder it created; a folder that existed is left alone.
+  not fit) before its first checkpoint removes the ``out`` folder it created (while it still holds its claim), and
+  each parent folder it created only while that is empty (a sibling run's folder there is never touched); a folder
+  that existed is left alone.
+- A run never starts over an earlier run's files: a plain run, ``resume`` into a folder without ``last.pt`` or
+  ``prev.pt``, and ``resume_from`` a checkpoint of another folder into a folder holding a run are refused unless
+  ``overwrite`` (which deletes those files first).
 """
 
 from __future__ import annotations
