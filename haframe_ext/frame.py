@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from .checkpoint import content_digest
+from .checkpoint import atomic_write, content_digest
 from .factorization import check_approximate, check_dim, dim_error, factorize, normalise_rows, rotate
 from .frame_quality import NEAR_TWIN, measure, sampled_pairs
 from .hierarchy import BUILTIN_NAMES, Hierarchy, HierarchyError, as_distance_matrix
@@ -345,7 +345,11 @@ class HAFrame:
             "approximation": self.approximation,
             "etf": self.etf_frame,
         }
-        torch.save(dict(state, digest=content_digest(state)), path)  # load() checks the content against it
+        state = dict(state, digest=content_digest(state))  # load() checks the content against it
+        if isinstance(path, (str, os.PathLike)):  # a full disk keeps the earlier file (temp file, then rename)
+            atomic_write(path, lambda f: torch.save(state, f))
+        else:
+            torch.save(state, path)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "HAFrame":

@@ -450,3 +450,31 @@ def test_a_json_hierarchy_file_is_read_as_nested_json(tmp_path, capsys):
     assert load_hierarchy(str(tmp_path / "t.json")).classes == ["w", "x", "y", "z"]
     assert main(["frame", "--hierarchy", str(tmp_path / "t.json")]) == 0
     assert "K                        4" in capsys.readouterr().out
+
+
+def test_save_on_a_full_disk_keeps_the_earlier_file(tmp_path):
+    """Issue 22 items 4 and 16: ``HAFrame.save(path)`` goes through the temp-file writer: at a file-size limit (EFBIG,
+    as a full disk) it raises OSError (not torch's "unexpected pos"), the earlier file is intact, no temp file."""
+    import os
+    import resource
+    import signal
+
+    frame = HAFrame.from_hierarchy("cifar100", 2.0)
+    path = tmp_path / "f.pt"
+    path.write_bytes(b"earlier frame")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+            frame.save(path)
+            code = 0
+        except OSError:
+            code = 1
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 1
+    assert path.read_bytes() == b"earlier frame" and sorted(p.name for p in tmp_path.iterdir()) == ["f.pt"]
+    frame.save(path)
+    assert HAFrame.load(path).num_classes == 100
