@@ -294,13 +294,13 @@ def build_model(method: str, backbone: Union[str, nn.Module], num_classes: int, 
 
 
 def build_loss(method: str, model: Optional[HAFrameModel] = None, *, frame=None, alpha: float = 0.4,
-               schedule: str = "constant", period: Optional[float] = None,
+               cosine_scale: Union[str, float] = "auto", schedule: str = "constant", period: Optional[float] = None,
                total_epochs: Optional[int] = None, hierarchy=None, hxe_alpha: float = 0.1,
                hxe_normalize: bool = False, soft_beta: float = 10.0) -> nn.Module:
     """The training loss of a method.
 
     ``cross-entropy``: ``nn.CrossEntropyLoss`` on the logits.  ``haframe``/``etf``:
-    :class:`HAFrameLoss` on the features with ``alpha`` and its schedule.  ``haframe-ce``:
+    :class:`HAFrameLoss` on the features with ``alpha``, its schedule and ``cosine_scale``.  ``haframe-ce``:
     :class:`HAFrameLoss` with alpha = 0 (pure cross entropy against the fixed frame).
     The frame comes from ``model.classifier`` unless given.  ``hxe`` / ``soft-labels``: :class:`HeadLoss` on
     ``model.classifier`` with ``hxe_alpha`` (and ``hxe_normalize``) / ``soft_beta`` and ``hierarchy`` (a Hierarchy; soft labels also take a
@@ -324,4 +324,5 @@ def build_loss(method: str, model: Optional[HAFrameModel] = None, *, frame=None,
         frame = model.classifier
     if method == "haframe-ce":
         return HAFrameLoss(frame, alpha=0.0)
-    return HAFrameLoss(frame, alpha=alpha, schedule=schedule, period=period, total_epochs=total_epochs)
+    return HAFrameLoss(frame, alpha=alpha, schedule=schedule, period=period, total_epochs=total_epochs,
+                       cosine_scale=cosine_scale)

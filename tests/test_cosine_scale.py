@@ -125,3 +125,70 @@ def test_module_default_is_auto_and_paper_frames_are_unchanged():
 def test_module_refuses_a_bad_rule():
     with pytest.raises(ValueError, match="cosine_scale"):
         HAFrameLoss(frame_like(5, 5), cosine_scale="avg")
+
+
+# ----------------------------------------------------------------------------- the trainer's field and its resume rule
+def _run_config(tmp_path, **kw):
+    from helpers import toy_train_config
+
+    return toy_train_config(tmp_path, stop_after_epochs=1, **kw)
+
+
+@pytest.mark.parametrize("value", ["avg", 0, -0.5, math.inf, True])
+def test_config_refuses_a_bad_cosine_scale_naming_the_flag(tmp_path, value):
+    cfg = _run_config(tmp_path, cosine_scale=value)
+    with pytest.raises(ValueError, match="--cosine-scale"):
+        cfg.validate()
+
+
+def test_cli_parses_rules_and_numbers():
+    from haframe_ext.cli import build_parser
+    from haframe_ext.commands import UserError
+
+    p = build_parser()
+    assert p.parse_args(["train", "--cosine-scale", "sum"]).cosine_scale == "sum"
+    assert p.parse_args(["train", "--cosine-scale", "0.25"]).cosine_scale == 0.25
+    with pytest.raises(UserError, match="--cosine-scale: must be auto or sum or a number > 0, got 'avg'"):
+        p.parse_args(["train", "--cosine-scale", "avg"])
+
+
+@pytest.mark.parametrize("dim,rule,want", [(None, "auto", 1.0), (4, "auto", 0.5), (4, "sum", 1.0), (4, 0.1, 0.1)])
+def test_the_trainer_builds_the_loss_with_the_rule(tmp_path, dim, rule, want):
+    from haframe_ext.config import build_from_config
+
+    cfg = _run_config(tmp_path, cosine_scale=rule, feature_dim=dim)
+    cfg.validate()
+    crit = build_from_config(cfg)["criterion"]
+    assert crit.cosine_factor == pytest.approx(want)  # the toy tree has 8 classes
+
+
+def _checkpoint_without_the_field(out):
+    """Rewrite last.pt as a checkpoint written before cosine_scale was a field (config without the key)."""
+    from haframe_ext.checkpoint import atomic_save, load_checkpoint, seal_checkpoint
+
+    path = out / "last.pt"
+    ck = load_checkpoint(path)
+    del ck["config"]["cosine_scale"]
+    ck.pop("digest")
+    atomic_save(seal_checkpoint(ck), path)
+
+
+def test_an_old_checkpoint_resumes_at_the_paper_setting_and_is_refused_where_the_rule_changes_the_loss(tmp_path):
+    from haframe_ext.checkpoint import CheckpointError
+    from haframe_ext.config import TrainConfig
+    from haframe_ext.train import train
+
+    cfg = _run_config(tmp_path)  # d = K = 8: "auto" and the old sum give the same loss
+    train(cfg)
+    _checkpoint_without_the_field(tmp_path / "run")
+    res = train(TrainConfig.from_dict(dict(cfg.to_dict(), stop_after_epochs=None, resume=True)))
+    assert res["epochs"] == 3
+
+    (tmp_path / "low").mkdir()
+    low = _run_config(tmp_path / "low", feature_dim=4)  # d < K: "auto" halves the term, the old run summed it
+    train(low)
+    _checkpoint_without_the_field(tmp_path / "low" / "run")
+    with pytest.raises(CheckpointError, match="cosine_scale"):
+        train(TrainConfig.from_dict(dict(low.to_dict(), stop_after_epochs=None, resume=True)))
+    res = train(TrainConfig.from_dict(dict(low.to_dict(), stop_after_epochs=None, resume=True, cosine_scale="sum")))
+    assert res["epochs"] == 3
