@@ -374,26 +374,33 @@ def _hier_fake(features, weight, bias, order, path_start, path_end, path_value, 
 def _hier_setup(ctx, inputs, output):
     (features, weight, bias, order, path_start, path_end, path_value, kind, row_scale, reduction, need_grad,
      need_weight_grad) = inputs
-    ctx.reduction, ctx.kind = reduction, kind
-    ctx.has_bias = bias is not None
-    if reduction == 0:  # per-row scales reach the weight gradient only through a second pass
-        ctx.save_for_backward(features, weight, bias, order, path_start, path_end, path_value, row_scale)
-    else:
-        ctx.save_for_backward(output[1], output[2], output[3])
+    ctx.reduction, ctx.kind, ctx.has_bias = reduction, kind, bias is not None
+    # The inputs, for a second pass: reduction none (per-row scales reach the weight gradient only that way) or a
+    # second backward through a retained graph. The forward's gradients are handed over (not copied) by the first.
+    ctx.save_for_backward(features, weight, bias, order, path_start, path_end, path_value, row_scale)
+    ctx.grads = list(output[1:]) if reduction != 0 else None
 
 
 def _hier_backward(ctx, g_loss, _gh, _gW, _gb):
-    if ctx.reduction == 0:
-        features, weight, bias, order, path_start, path_end, path_value, row_scale = ctx.saved_tensors
-        scale = g_loss if row_scale is None else g_loss * row_scale
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        _, gh, gW, gb = torch.ops.haframe_ext.hier_loss(features, weight, bias, order, path_start, path_end,
-                                                         path_value, ctx.kind, scale, 0, want_h, want_w)
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if ctx.grads is not None and (ctx.grads[0].numel() or not want_h) and (ctx.grads[1].numel() or not want_w):
+        gh, gW, gb = ctx.grads
+        if type(g_loss) is not torch.Tensor:  # traced (fake / functional tensors): out of place
+            gh, gW, gb = (t * g_loss.to(t.dtype) if t.numel() else t for t in (gh, gW, gb))
+        else:  # eager: handed over and scaled in place; a second backward (retain_graph) recomputes them
+            ctx.grads = None
+            if not (g_loss.device.type == "cpu" and float(g_loss) == 1.0):
+                for t in (gh, gW, gb):
+                    if t.numel():
+                        t.mul_(g_loss.to(t.dtype))
     else:
-        gh, gW, gb = ctx.saved_tensors
-        gh = gh * g_loss.to(gh.dtype) if gh.numel() else gh
-        gW = gW * g_loss.to(gW.dtype) if gW.numel() else gW
-        gb = gb * g_loss.to(gb.dtype) if gb.numel() else gb
+        features, weight, bias, order, path_start, path_end, path_value, row_scale = ctx.saved_tensors
+        if ctx.reduction == 0:
+            scale = g_loss if row_scale is None else g_loss * row_scale
+        else:
+            scale = g_loss.expand(features.shape[0]) if row_scale is None else g_loss * row_scale
+        _, gh, gW, gb = torch.ops.haframe_ext.hier_loss(features, weight, bias, order, path_start, path_end,
+                                                         path_value, ctx.kind, scale, ctx.reduction, want_h, want_w)
     pick = lambda t, i: t if ctx.needs_input_grad[i] and t.numel() else None  # noqa: E731
     return (pick(gh, 0), pick(gW, 1), pick(gb, 2) if ctx.has_bias else None) + (None,) * 9
 

@@ -423,3 +423,17 @@ def test_emulated_cuda_kernel_keeps_an_underflowed_branch_exact():
             True, True)
     for a, e in zip(E.hier_loss(*args), hier_losses.reference_hier_op(*args)):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retain_graph_second_backward_gives_the_same_gradients(backend):
+    """The forward's gradients are handed over by the first backward; a second one through the graph recomputes."""
+    h = Hierarchy.builtin("cifar100")
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(100, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 100, (5,))
+    loss = hx.linear_hierarchical_loss(x, W, y, h, "hxe", backend=backend) * 3
+    first = torch.autograd.grad(loss, (x, W), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, W))
+    for a, b in zip(first, second):
+        close(a, b, "second backward")

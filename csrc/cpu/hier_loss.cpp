@@ -179,9 +179,14 @@ void hier_loss_cpu_impl(const at::Tensor& h,      // [B, d]
       at::Tensor out = gh.narrow(0, r0, nr);
       at::mm_out(out, z, W);
     }
-    if (need_weight_grad) {
-      gW.addmm_(z.t(), hc);
-      gb.add_(z.sum(0));
+    if (need_weight_grad) {  // the first chunk writes dW (no zero fill to read back), the others add to it
+      if (r0 == 0) {
+        at::mm_out(gW, z.t(), hc);
+        at::sum_out(gb, z, 0);
+      } else {
+        gW.addmm_(z.t(), hc);
+        gb.add_(z.sum(0));
+      }
     }
   }
 }
@@ -208,8 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hier_loss_cpu(
   const at::Tensor rs = row_scale.has_value() ? row_scale->to(acc).contiguous() : at::Tensor();
   at::Tensor rows = at::empty({B}, h.options());
   at::Tensor gh = need_grad ? at::empty({B, d}, h.options()) : at::empty({0}, h.options());
-  at::Tensor gW = need_weight_grad ? at::zeros({K, d}, h.options()) : at::empty({0}, h.options());
-  at::Tensor gb = need_weight_grad ? at::zeros({K}, h.options()) : at::empty({0}, h.options());
+  at::Tensor gW = need_weight_grad ? at::empty({K, d}, h.options()) : at::empty({0}, h.options());  // B > 0: written
+  at::Tensor gb = need_weight_grad ? at::empty({K}, h.options()) : at::empty({0}, h.options());
+  if (need_weight_grad && B == 0) {
+    gW.zero_();
+    gb.zero_();
+  }
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES(acc, "haframe_hier_loss_cpu", [&] {
     const scalar_t gscale = reduction == kMean ? (B > 0 ? scalar_t(1) / B : scalar_t(0)) : scalar_t(1);
