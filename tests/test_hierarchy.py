@@ -709,3 +709,20 @@ def test_frame_of_a_tree_with_inner_classes_round_trips(tmp_path):
     frame.save(tmp_path / "f.pt")
     back = HAFrame.load(tmp_path / "f.pt")
     assert back.hierarchy.distance_digest() == h.distance_digest() and back.hierarchy.classes == h.classes
+
+
+def test_cli_counts_inner_classes_of_an_edge_list(tmp_path, capsys):
+    from haframe_ext import cli
+
+    (tmp_path / "t.tsv").write_text(TOY_EDGES)
+    (tmp_path / "c.txt").write_text("\n".join(["B", *TOY_CLASSES, "B2"]) + "\n")
+    argv = ["hierarchy", str(tmp_path / "t.tsv"), "--classes", str(tmp_path / "c.txt")]
+    assert cli.main(argv + ["--out", str(tmp_path / "out.tsv")]) == 0
+    printed = capsys.readouterr().out
+    assert "classes at inner nodes     2 (each a leaf below its node, renamed '<class>:node')" in printed
+    assert "WordNet" not in printed.split("\n", 1)[1]  # no hypernym row for an edge list
+    h = Hierarchy.from_edges(tmp_path / "t.tsv", tmp_path / "c.txt")
+    assert Hierarchy.from_edges(tmp_path / "out.tsv", tmp_path / "c.txt").distance_digest() == h.distance_digest()
+    assert cli.main(argv + ["--internal-classes", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("haframe: error:") and "class 'B' is not a leaf" in err and err.count("\n") == 1
