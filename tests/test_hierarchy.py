@@ -1,6 +1,6 @@
 """Tests for haframe_ext.hierarchy: tree loading and validation, tree distances (both conventions),
 distance-matrix input; random trees up to K = 2000 against a brute-force LCA height, cycles, roots and class
-lists (RELIABILITY.md sections 1-2)."""
+lists (RELIABILITY.md sections 1-2); classes at inner nodes, their derived names, and bundled digests."""
 
 import io
 import json

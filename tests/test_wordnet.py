@@ -1,4 +1,5 @@
-"""Hierarchy.from_wordnet: the WNDB reader, the first-hypernym rule, chain collapsing, and the padded-LCA distances."""
+"""Hierarchy.from_wordnet: the WNDB reader, id spellings, the first and deepest hypernym rules, classes at inner
+nodes, chain collapsing, and the padded-LCA distances."""
 
 import io
 import os
