@@ -240,3 +240,15 @@ def test_asymmetric_similarity_is_read_by_row_like_the_reference(tuned, dtype, s
     want_l.sum().backward()
     assert_match(got_l, want_l.detach(), dtype, "loss")
     assert_match(got_g, h64.grad, dtype, "grad", max(1.0, h64.grad.abs().max().item()))
+
+
+def test_each_cuda_host_path_has_its_mirror():
+    """Every host path of csrc/cuda (fused_loss_<path>.cpp), as the dispatcher calls it, has its namesake here."""
+    cuda_dir = E.ROOT / "csrc" / "cuda"
+    paths = sorted(p.stem.removeprefix("fused_loss_") for p in cuda_dir.glob("fused_loss_*.cpp"))
+    assert paths == ["capture", "default", "host", "tuned"]
+    dispatcher = (cuda_dir / "fused_loss.cpp").read_text()
+    for path in ("capture", "default", "tuned"):
+        assert f"Result fused_loss_{path}(" in (cuda_dir / f"fused_loss_{path}.cpp").read_text()
+        assert f"fused_cuda::fused_loss_{path}<scalar_t>(" in dispatcher
+        assert callable(getattr(E, f"fused_loss_{path}"))

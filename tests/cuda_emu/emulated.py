@@ -5,10 +5,12 @@ headers of ``include/`` (each ``kernel<<<grid, block, smem, stream>>>(args)`` be
 ``emu::launch(kernel, grid, block, smem, stream)(args)``), links it with ``bindings.cpp`` into a shared
 library (cached under ``build/cuda_emu/`` by source hash) and loads it with ctypes.
 
-``fused_loss(...)`` replays ``csrc/cuda/fused_loss.cpp`` step by step on CPU tensors (torch.mm for the
-cuBLAS GEMMs, the emulated kernels for everything else), default path or tuned path, so that the kernel
-code that only a GPU session can time is at least executed and checked against the float64
-reference on every machine. Keep it in step with fused_loss.cpp.
+``fused_loss(...)`` replays the CUDA host step by step on CPU tensors (torch.mm for the cuBLAS GEMMs, the
+emulated kernels for everything else), so that the kernel code that only a GPU session can time is at least
+executed and checked against the float64 reference on every machine. It chooses the path as
+``csrc/cuda/fused_loss.cpp`` does, and each path has its mirror here, under the name of its C++ function:
+``fused_loss_default``, ``fused_loss_tuned`` and ``fused_loss_capture`` (csrc/cuda/fused_loss_<path>.cpp),
+built from the shared steps of ``fused_loss_host.cpp``. Keep them in step with those files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,104 +101,215 @@ def _check():
         raise AssertionError(f"emulated kernel broke a rule: {msg}")
 
 
+@dataclass
+class Inputs:
+    """fused_cuda::Inputs of csrc/cuda/fused_loss_host.h (plus the chunk budget, a test knob)."""
+    h: torch.Tensor  # [B, d]
+    W: torch.Tensor  # [K, d]
+    y: torch.Tensor  # [B] int64
+    S: torch.Tensor | None  # [K, K] (gather route)
+    M: torch.Tensor | None  # [d, d] (M route)
+    alpha: float
+    ignore_index: int
+    reduction: int
+    need_grad: bool
+    acc: torch.dtype
+    chunk_bytes: int
+
+    @property
+    def B(self):
+        return self.h.shape[0]
+
+    @property
+    def d(self):
+        return self.h.shape[1]
+
+    @property
+    def K(self):
+        return self.W.shape[0]
+
+    @property
+    def tag(self):
+        return _TAGS[self.h.dtype]
+
+    def y_at(self, r0):
+        """Device pointer to y[r0:] (None when B = 0)."""
+        return ctypes.cast(self.y.data_ptr() + 8 * r0, ctypes.POINTER(ctypes.c_int64)) if self.B > 0 else None
+
+
+@dataclass
+class Epilogue:
+    """fused_cuda::Epilogue: row norms of W, which epilogue kernel, the gradient scale (host value, device scalar)."""
+    inv_wn: torch.Tensor | None = None
+    vec: bool = False
+    gscale: float = 1.0
+    gdev: torch.Tensor | None = None
+
+
+def _counters(stats):
+    return ctypes.cast(stats.data_ptr(), ctypes.POINTER(ctypes.c_ulonglong))
+
+
+def _raise_if_bad_label(inp, first_bad):
+    if first_bad > 0:
+        i = inp.B - first_bad
+        raise ValueError(f"target[{i}] = {int(inp.y[i])} is not a class index")
+
+
+def _make_buffers(inp):
+    """make_buffers: outputs and work buffers, every one NaN-filled (as HAFRAME_DEBUG_POISON=1 does on the GPU)."""
+    nan, acc, dtype = float("nan"), inp.acc, inp.h.dtype
+    buf = {"rows": torch.full((inp.B,), nan, dtype=acc),
+           "grad": torch.full((inp.B, inp.d), nan, dtype=dtype) if inp.need_grad else torch.empty(0, dtype=dtype)}
+    if inp.B > 0:
+        R = max(1, min(inp.B, inp.chunk_bytes // max(1, inp.K * inp.h.element_size())))
+        buf.update(R=R, z=torch.full((R, inp.K), nan, dtype=dtype), coef=torch.full((R,), nan, dtype=acc),
+                   inv_n=torch.full((R,), nan, dtype=acc),
+                   u=torch.full((R, inp.d), nan, dtype=acc) if inp.M is not None else None,
+                   v=torch.full((R, inp.d), nan, dtype=acc) if inp.M is not None else None)
+    return buf
+
+
+def _finish_on_host(inp, buf, n_valid):
+    if inp.reduction == 0:
+        return buf["rows"], buf["grad"]
+    total = buf["rows"].sum()
+    if inp.reduction == 1:
+        total = total / n_valid if n_valid > 0 else total / 0.0
+    return total, buf["grad"]
+
+
+def _host_grad_scale(inp, n_valid):
+    if inp.reduction != 1:
+        return 1.0
+    return 1.0 / n_valid if n_valid > 0 else 0.0
+
+
+def _default_epilogue(inp):
+    """default_epilogue: row norms by ATen, the generic kernels."""
+    if inp.M is not None:
+        return Epilogue()
+    return Epilogue(inv_wn=torch.linalg.vector_norm(inp.W.to(inp.acc), dim=1).clamp_min(EPS).reciprocal())
+
+
+def _tuned_epilogue(inp, buf):
+    """tuned_epilogue: row norms by one kernel, the vector epilogue wherever the buffers allow it."""
+    L, e = lib(), Epilogue()
+    if inp.M is None:
+        e.inv_wn = torch.full((inp.K,), float("nan"), dtype=inp.acc)
+        getattr(L, f"emu_row_inv_norm_{inp.tag}")(_p(inp.W), _i(inp.K), _i(inp.d), _p(e.inv_wn))
+        _check()
+    ptrs = (ctypes.c_void_p * 7)(buf["z"].data_ptr(), inp.h.data_ptr(), inp.W.data_ptr(),
+                                 None if inp.S is None else inp.S.data_ptr(),
+                                 None if e.inv_wn is None else e.inv_wn.data_ptr(),
+                                 None if buf["u"] is None else buf["u"].data_ptr(),
+                                 buf["grad"].data_ptr() if inp.need_grad else None)
+    e.vec = bool(L.emu_vec_supported(_i(inp.K), _i(inp.d), ctypes.c_int(inp.h.element_size()), ptrs, 7))
+    return e
+
+
+def _chunk_epilogue(inp, buf, e, r0, nr, z, hb, gb):
+    """chunk_epilogue: loss rows, G over the logits in z, the correction in gb."""
+    L, tag, mroute = lib(), inp.tag, inp.M is not None
+    lp = buf["rows"][r0:r0 + nr]
+    common = (_p(z), _p(hb), _p(inp.W), _p(e.inv_wn), _p(inp.S), inp.y_at(r0), _i(nr), _i(inp.K), _i(inp.d),
+              _f(inp.alpha), _i(inp.ignore_index), ctypes.c_int(int(inp.need_grad)), _f(e.gscale), _p(e.gdev), _p(lp))
+    if e.vec:
+        getattr(L, f"emu_row_epilogue_vec_{tag}")(*common, _p(buf["inv_n"]), _p(buf["u"]),
+                                                  _p(gb) if inp.need_grad and not mroute else None)
+    else:
+        getattr(L, f"emu_row_epilogue_{tag}")(*common, _p(buf["coef"]), _p(buf["inv_n"]), _p(buf["u"]))
+    _check()
+    if mroute:
+        v = buf["v"][:nr]
+        torch.mm(buf["u"][:nr], inp.M, out=v)
+        getattr(L, f"emu_mroute_finish_{tag}")(_p(hb), _p(buf["u"]), _p(v), _p(buf["inv_n"]), _i(nr), _i(inp.d),
+                                               _f(inp.alpha), _f(e.gscale), _p(e.gdev), _p(lp),
+                                               _p(gb) if inp.need_grad else None)
+        _check()
+    elif inp.need_grad and not e.vec:
+        getattr(L, f"emu_gather_correction_{tag}")(_p(hb), _p(buf["coef"]), _i(nr), _i(inp.d), _p(gb))
+        _check()
+
+
+def _run_chunks(inp, buf, e):
+    """run_chunks: the logits GEMM (torch.mm for cuBLAS), the epilogue and the backward GEMM per chunk."""
+    R = buf["R"]
+    for r0 in range(0, inp.B, R):
+        nr = min(R, inp.B - r0)
+        hb = inp.h[r0:r0 + nr]
+        z = buf["z"][:nr]
+        torch.mm(hb, inp.W.t(), out=z)
+        gb = buf["grad"][r0:r0 + nr] if inp.need_grad else None
+        _chunk_epilogue(inp, buf, e, r0, nr, z, hb, gb)
+        if inp.need_grad:
+            gb.addmm_(z, inp.W)
+
+
+def fused_loss_default(inp):
+    """fused_loss_default.cpp: the counters copied back, a bad label raised, ATen row norms, the generic epilogue."""
+    stats = torch.empty(2, dtype=torch.int64)
+    lib().emu_label_check(inp.y_at(0), _i(inp.B), _i(inp.K), _i(inp.ignore_index), _counters(stats))
+    _check()
+    n_valid, first_bad = int(stats[0]), int(stats[1])
+    _raise_if_bad_label(inp, first_bad)
+    buf = _make_buffers(inp)
+    if inp.B > 0:
+        e = _default_epilogue(inp)
+        e.gscale = _host_grad_scale(inp, n_valid)
+        _run_chunks(inp, buf, e)
+    return _finish_on_host(inp, buf, n_valid)
+
+
+def fused_loss_tuned(inp):
+    """fused_loss_tuned.cpp: the counters copied to host memory, a bad label raised, the tuned kernels."""
+    stats = torch.empty(2, dtype=torch.int64)
+    host = (ctypes.c_ulonglong * 2)()
+    assert lib().emu_label_check_to_host(inp.y_at(0), _i(inp.B), _i(inp.K), _i(inp.ignore_index),
+                                         _counters(stats), host) == 0
+    _check()
+    n_valid, first_bad = int(host[0]), int(host[1])
+    _raise_if_bad_label(inp, first_bad)
+    buf = _make_buffers(inp)
+    if inp.B > 0:
+        e = _tuned_epilogue(inp, buf)
+        e.gscale = _host_grad_scale(inp, n_valid)
+        _run_chunks(inp, buf, e)
+    return _finish_on_host(inp, buf, n_valid)
+
+
+def fused_loss_capture(inp, tuned_kernels):
+    """fused_loss_capture.cpp: counters and gradient scale on the device, nothing read on the host."""
+    L = lib()
+    stats = torch.empty(2, dtype=torch.int64)
+    L.emu_label_check(inp.y_at(0), _i(inp.B), _i(inp.K), _i(inp.ignore_index), _counters(stats))
+    _check()
+    buf = _make_buffers(inp)
+    if inp.B > 0:
+        e = _tuned_epilogue(inp, buf) if tuned_kernels else _default_epilogue(inp)
+        e.gdev = torch.full((1,), float("nan"), dtype=inp.acc)
+        getattr(L, f"emu_grad_scale_{'f64' if inp.acc == torch.float64 else 'f32'}")(
+            _counters(stats), ctypes.c_int(inp.reduction == 1), _p(e.gdev))
+        e.gscale = 0.0 if inp.reduction == 1 else 1.0  # the device scalar takes its place
+        _run_chunks(inp, buf, e)
+    if inp.reduction == 0:
+        return buf["rows"], buf["grad"]
+    total = buf["rows"].sum()
+    if inp.reduction == 1:
+        total = total / stats[0].to(total.dtype)
+    return total, buf["grad"]
+
+
 @torch.no_grad()
 def fused_loss(features, weight, target, similarity=None, gram=None, alpha=0.4, ignore_index=-100,
                reduction=1, need_grad=True, tuned=False, chunk_bytes=CHUNK_BYTES, capturing=False):
     """csrc/cuda/fused_loss.cpp's fused_loss_cuda on CPU tensors: (loss, grad); reduction 0 none, 1 mean, 2 sum.
-    ``capturing`` replays the CUDA-graph capture branch (counters and gradient scale kept on the device)."""
-    L = lib()
-    B, d = features.shape
-    K = weight.shape[0]
-    dtype = features.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    tag = _TAGS[dtype]
-    y = target.to(torch.int64).contiguous()
-    yp = ctypes.cast(y.data_ptr(), ctypes.POINTER(ctypes.c_int64)) if B > 0 else None
-
-    stats = torch.empty(2, dtype=torch.int64)
-    sp = ctypes.cast(stats.data_ptr(), ctypes.POINTER(ctypes.c_ulonglong))
+    The path is chosen as there: ``capturing`` (CUDA-graph capture, with the kernels ``tuned`` picks), else
+    ``tuned`` (HAFRAME_CUDA_TUNED=1), else the default."""
+    inp = Inputs(features.contiguous(), weight.contiguous(), target.to(torch.int64).contiguous(),
+                 None if similarity is None else similarity.contiguous(), None if gram is None else gram.contiguous(),
+                 alpha, ignore_index, reduction, need_grad,
+                 torch.float64 if features.dtype == torch.float64 else torch.float32, chunk_bytes)
     if capturing:
-        L.emu_label_check(yp, _i(B), _i(K), _i(ignore_index), sp)
-        n_valid, first_bad = 0, 0  # not seen by the host
-    elif tuned:
-        host = (ctypes.c_ulonglong * 2)()
-        assert L.emu_label_check_to_host(yp, _i(B), _i(K), _i(ignore_index), sp, host) == 0
-        n_valid, first_bad = int(host[0]), int(host[1])
-    else:
-        L.emu_label_check(yp, _i(B), _i(K), _i(ignore_index), sp)
-        n_valid, first_bad = int(stats[0]), int(stats[1])
-    _check()
-    if first_bad > 0:
-        i = B - first_bad
-        raise ValueError(f"target[{i}] = {int(y[i])} is not a class index")
-
-    rows = torch.full((B,), float("nan"), dtype=acc)  # poisoned: the kernels must write every row
-    grad = torch.full((B, d), float("nan"), dtype=dtype) if need_grad else torch.empty(0, dtype=dtype)
-    if B > 0:
-        h = features.contiguous()
-        W = weight.contiguous()
-        mroute = gram is not None
-        inv_wn = None
-        if not mroute and not tuned:
-            inv_wn = torch.linalg.vector_norm(W.to(acc), dim=1).clamp_min(EPS).reciprocal()
-        if not mroute and tuned:
-            inv_wn = torch.full((K,), float("nan"), dtype=acc)
-        S = None if mroute else similarity.contiguous()
-        M = gram.contiguous() if mroute else None
-        R = max(1, min(B, chunk_bytes // max(1, K * features.element_size())))
-        nan = float("nan")  # every buffer poisoned, as HAFRAME_DEBUG_POISON=1 does on the GPU
-        zbuf = torch.full((R, K), nan, dtype=dtype)
-        coef = torch.full((R,), nan, dtype=acc)
-        inv_n = torch.full((R,), nan, dtype=acc)
-        ubuf = torch.full((R, d), nan, dtype=acc) if mroute else None
-        vbuf = torch.full((R, d), nan, dtype=acc) if mroute else None
-        gscale = (1.0 / n_valid if n_valid > 0 else 0.0) if reduction == 1 else 1.0
-        gdev = None
-        if capturing:
-            gdev = torch.full((1,), float("nan"), dtype=acc)
-            getattr(L, f"emu_grad_scale_{'f64' if acc == torch.float64 else 'f32'}")(sp, ctypes.c_int(reduction == 1),
-                                                                                   _p(gdev))
-        if tuned and not mroute:
-            getattr(L, f"emu_row_inv_norm_{tag}")(_p(W), _i(K), _i(d), _p(inv_wn))
-            _check()
-        ptrs = (ctypes.c_void_p * 7)(zbuf.data_ptr(), h.data_ptr(), W.data_ptr(),
-                                     None if mroute else S.data_ptr(), None if inv_wn is None else inv_wn.data_ptr(),
-                                     None if ubuf is None else ubuf.data_ptr(),
-                                     grad.data_ptr() if need_grad else None)
-        vec = tuned and bool(L.emu_vec_supported(_i(K), _i(d), ctypes.c_int(features.element_size()), ptrs, 7))
-        for r0 in range(0, B, R):
-            nr = min(R, B - r0)
-            hb = h[r0:r0 + nr]
-            z = zbuf[:nr]
-            torch.mm(hb, W.t(), out=z)
-            lp = rows[r0:r0 + nr]
-            gb = grad[r0:r0 + nr] if need_grad else None
-            yb = ctypes.cast(y.data_ptr() + 8 * r0, ctypes.POINTER(ctypes.c_int64))
-            common = (_p(z), _p(hb), _p(W), _p(inv_wn), _p(S), yb, _i(nr), _i(K), _i(d), _f(alpha),
-                      _i(ignore_index), ctypes.c_int(int(need_grad)), _f(gscale), _p(gdev), _p(lp))
-            if vec:
-                getattr(L, f"emu_row_epilogue_vec_{tag}")(*common, _p(inv_n), _p(ubuf),
-                                                          _p(gb) if need_grad and not mroute else None)
-            else:
-                getattr(L, f"emu_row_epilogue_{tag}")(*common, _p(coef), _p(inv_n), _p(ubuf))
-            _check()
-            if mroute:
-                v = vbuf[:nr]
-                torch.mm(ubuf[:nr], M, out=v)
-                getattr(L, f"emu_mroute_finish_{tag}")(_p(hb), _p(ubuf), _p(v), _p(inv_n), _i(nr), _i(d), _f(alpha),
-                                                       _f(gscale), _p(gdev), _p(lp), _p(gb) if need_grad else None)
-                _check()
-            elif need_grad and not vec:
-                getattr(L, f"emu_gather_correction_{tag}")(_p(hb), _p(coef), _i(nr), _i(d), _p(gb))
-                _check()
-            if need_grad:
-                gb.addmm_(z, W)
-    if reduction == 0:
-        return rows, grad
-    total = rows.sum()
-    if reduction == 1:
-        if capturing:
-            total = total / stats[0].to(total.dtype)
-        else:
-            total = total / n_valid if n_valid > 0 else total / 0.0
-    return total, grad
+        return fused_loss_capture(inp, tuned)
+    return fused_loss_tuned(inp) if tuned else fused_loss_default(inp)
