@@ -1,4 +1,5 @@
-"""Frame construction against K: wall time and peak RSS of the tree path and the dense path, one child process per point.
+"""Frame construction against K: wall time and peak RSS of the tree path and the dense path, one child process per
+point.
 
     python bench/frame_scaling.py --out bench/results/frame_scaling     # writes .csv, .json and .png
 

@@ -153,8 +153,8 @@ def markdown(summary: dict) -> list[str]:
                   f"| {f['cli']['seconds']:.1f} | {p['max_cos']:.4f} | {p['pairs_above']} of {p['pairs']} | "
                   f"{f['margin_all_pairs']:.4f} | {f['exact_margin']:.4f} | {f['sampled_margin']:.4f} |"]
     if summary.get("train"):
-        lines += ["", "| method | wall (s) | peak RSS (GiB) | top1 (%) | mistake severity | HierDist@5 | CRM top1 (%) | "
-                  "CRM HierDist@5 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| method | wall (s) | peak RSS (GiB) | top1 (%) | mistake severity | HierDist@5 "
+                  "| CRM top1 (%) | CRM HierDist@5 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in summary["train"]:
             if r["rc"] != 0:
                 lines.append(f"| {r['method']} | failed (rc {r['rc']}, see {r['log']}) |")

@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.train_large_k import wordnet_subtree  # noqa: E402
-from haframe_ext import ops  # noqa: E402
-from haframe_ext.config import TrainConfig, build_from_config  # noqa: E402
-from haframe_ext.hierarchy import Hierarchy  # noqa: E402
-from haframe_ext.metrics import StreamingEvaluator  # noqa: E402
-from haframe_ext.nn import TransformationLayerII  # noqa: E402
+from bench.train_large_k import wordnet_subtree
+from haframe_ext import ops
+from haframe_ext.config import TrainConfig, build_from_config
+from haframe_ext.hierarchy import Hierarchy
+from haframe_ext.metrics import StreamingEvaluator
+from haframe_ext.nn import TransformationLayerII
 
 
 class Expand(nn.Module):

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default=None, help="cpu, gpu, or a comma list of shape names")
-    ap.add_argument("--providers", default="fused,eager,compiled,paper_loop,sdpa,liger,torch_lce,torch_lce_chunked,gemm2")
+    ap.add_argument("--providers",
+                    default="fused,eager,compiled,paper_loop,sdpa,liger,torch_lce,torch_lce_chunked,gemm2")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     shapes = P.shapes_for(args.shapes or ("gpu" if dev.type == "cuda" else "cpu"))

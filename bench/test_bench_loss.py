@@ -37,8 +37,8 @@ ROUNDS = {
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
 CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "torch_lce", "torch_lce_chunked", "gemm2")
-GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa", "liger",
-                 "torch_lce", "torch_lce_chunked", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa",
+                 "liger", "torch_lce", "torch_lce_chunked", "gemm2")
 # providers kept as parameters on a torch that lacks them, so they show up as skipped with the reason
 SKIP_VISIBLY = ("torch_lce", "torch_lce_chunked")
 
@@ -139,7 +139,8 @@ LCE = ("torch_lce", "torch_lce_chunked")
 @pytest.mark.parametrize("shape", list(P.CPU_SHAPES))
 @pytest.mark.parametrize("provider", LCE)
 def test_torch_lce_equals_reference_ce(shape, provider):
-    """F.linear_cross_entropy (reference and chunked) gives the CE of h W^T and its h.grad, as haframe_loss at alpha=0."""
+    """F.linear_cross_entropy (reference and chunked) gives the CE of h W^T and its h.grad, as haframe_loss at
+    alpha=0."""
     why = P.lce_available()
     if why:
         pytest.skip(why)

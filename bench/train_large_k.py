@@ -122,15 +122,15 @@ def main(argv=None) -> int:
                "eval_samples": args.eval_samples, "runs": rows}
     with open(args.out + ".json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
-    lines = ["| method | seed | wall (s) | peak RSS (GiB) | top1 | mistake severity | HierDist@1 | HierDist@5 | HierDist@20 "
-             "| CRM HierDist@5 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | seed | wall (s) | peak RSS (GiB) | top1 | mistake severity | HierDist@1 | HierDist@5 "
+             "| HierDist@20 | CRM HierDist@5 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["rc"] != 0:
             lines.append(f"| {r['method']} | {r['seed']} | failed (rc {r['rc']}, see {r['log']}) |")
             continue
         t, c = r["test"], r["test_crm"]
-        lines.append(f"| {r['method']} | {r['seed']} | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {t['top1']:.2f} | "
-                     f"{t['mistake_severity']:.3f} | {t['hierdist@1']:.3f} | {t['hierdist@5']:.3f} | "
+        lines.append(f"| {r['method']} | {r['seed']} | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | "
+                     f"{t['top1']:.2f} | {t['mistake_severity']:.3f} | {t['hierdist@1']:.3f} | {t['hierdist@5']:.3f} | "
                      f"{t['hierdist@20']:.3f} | {c['hierdist@5']:.3f} |")
     keys = ("top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20")
     lines += ["", "| method (mean +/- 95% CI over seeds) | " + " | ".join(keys) + " | CRM HierDist@5 |",
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         ok = [r for r in rows if r["method"] == method and r["rc"] == 0]
         if not ok:
             continue
-        cells = [mean_ci([r["test"][k] for r in ok]) for k in keys] + [mean_ci([r["test_crm"]["hierdist@5"] for r in ok])]
+        cells = [mean_ci([r["test"][k] for r in ok]) for k in keys]
+        cells.append(mean_ci([r["test_crm"]["hierdist@5"] for r in ok]))
         lines.append(f"| {method} (n={len(ok)}) | " + " | ".join(f"{m:.3f} +/- {c:.3f}" for m, c in cells) + " |")
     with open(args.out + ".md", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")

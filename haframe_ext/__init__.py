@@ -4,7 +4,8 @@ from .startup import guard_startup
 
 guard_startup()  # Ctrl-C while the haframe command imports torch: one line, exit 130
 
-from .native import native_available, native_error  # noqa: E402 - after the guard
+# the imports come after the guard (pyproject.toml ignores E402 for this file)
+from .native import native_available, native_error
 from . import hierarchy, frame, metrics, ops, nn
 from .hierarchy import Hierarchy, HierarchyError
 from .frame import HAFrame

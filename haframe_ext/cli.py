@@ -31,7 +31,7 @@ PROG = "haframe"
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line: ``haframe: error: ...`` (exit 2)."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):  # overrides argparse's error(): raise, not print usage and exit
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         hint = f" (see '{PROG} {sub} --help')" if sub else f" (see '{PROG} --help')"
         raise UserError(f"{message}{hint}")

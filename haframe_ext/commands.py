@@ -70,7 +70,8 @@ def memory_message(exc: BaseException) -> str:
 
 
 def _load_frame_inputs(args):
-    """(a Hierarchy or a distance matrix, label) from --hierarchy (name, edge file, random:K or matrix file) or --distances."""
+    """(a Hierarchy or a distance matrix, label) from --hierarchy (name, edge file, random:K or matrix file) or
+    --distances."""
     from .hierarchy import as_distance_matrix
     from .train import load_hierarchy
 

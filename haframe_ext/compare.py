@@ -38,11 +38,13 @@ def parse_methods(methods) -> List[str]:
         check_method(m)
     twice = sorted({m for m in names if names.count(m) > 1})
     if twice:
-        raise ValueError(f"method(s) {', '.join(twice)} listed more than once (--methods): each is trained once per seed")
+        raise ValueError(f"method(s) {', '.join(twice)} listed more than once (--methods): "
+                         "each is trained once per seed")
     return names
 
 
-def compare_configs(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str, Dict[int, TrainConfig]]:
+def compare_configs(config: TrainConfig, methods: Sequence[str],
+                    seeds: Sequence[int]) -> Dict[str, Dict[int, TrainConfig]]:
     """The run of each method and seed: ``config`` with that method and seed, in ``<out>/<method>/seed<k>``."""
     out = Path(config.out)
     return {m: {s: dataclasses.replace(config, method=m, seed=int(s), out=str(out / m / f"seed{s}"))

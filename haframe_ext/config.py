@@ -27,7 +27,8 @@ class TrainConfig:
     """Everything a training run depends on (saved in every checkpoint and in results.json)."""
 
     out: str = "runs/haframe"               # output folder (checkpoints, metrics.jsonl, results.json)
-    method: str = "haframe"                 # cross-entropy | haframe | etf | haframe-ce | hxe | soft-labels | multi-level
+    method: str = "haframe"                 # cross-entropy | haframe | etf | haframe-ce | hxe | soft-labels |
+                                            # multi-level
     dataset: str = "synthetic"              # synthetic | cifar100 | imagefolder | features
     data_root: Optional[str] = None         # cifar-100-python folder / ImageFolder root / features folder
     hierarchy: str = "cifar100"             # builtin name, an edge-list file, or random:K (a seeded random tree)
@@ -46,7 +47,7 @@ class TrainConfig:
     alpha: float = 0.4
     alpha_schedule: str = "constant"
     alpha_period: Optional[float] = None
-    cosine_scale: Union[str, float] = "auto"  # haframe/etf: the cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
+    cosine_scale: Union[str, float] = "auto"  # haframe/etf: cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
     hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
     hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
     soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)

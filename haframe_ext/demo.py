@@ -74,9 +74,10 @@ def _check_demo_folder(out: Path, methods: Sequence[str], seeds: Sequence[int]) 
     for folder in [out] + [out / m for m in methods] + [out / m / f"seed{s}" for m in methods for s in seeds]:
         taken += [folder / n for n in earlier_run(folder) if folder / n not in taken]
     if taken:
-        raise ValueError(f"demo output folder {out} holds files the demo did not write ({', '.join(map(str, taken[:3]))}"
-                         f"{', ...' if len(taken) > 3 else ''}): the demo starts its runs over, so choose another "
-                         "--out (a folder the demo wrote is marked by its .haframe-demo file)")
+        raise ValueError(f"demo output folder {out} holds files the demo did not write "
+                         f"({', '.join(map(str, taken[:3]))}{', ...' if len(taken) > 3 else ''}): "
+                         "the demo starts its runs over, so choose another --out (a folder the demo wrote is marked "
+                         "by its .haframe-demo file)")
 
 
 def _demo(out, epochs, seeds, methods, plot, verbose, progress, **overrides):

@@ -77,7 +77,8 @@ def _as_array(x) -> np.ndarray:
         elif ext == ".csv":
             arr = _read_csv(path)
         else:
-            raise HierarchyError(f"distance file {quote(path)}: unknown extension {quote(ext)}; use a .npy or .csv file")
+            raise HierarchyError(f"distance file {quote(path)}: unknown extension {quote(ext)}; "
+                                 "use a .npy or .csv file")
     elif type(x).__module__.startswith("torch"):
         t = x.detach().cpu()
         arr = (t.double() if t.is_floating_point() else t).numpy()

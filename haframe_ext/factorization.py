@@ -12,8 +12,8 @@ import numpy as np
 
 from .sizes import available_memory
 
-__all__ = ["RANK_RTOL", "random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error", "normalise_rows",
-           "rotate", "project"]
+__all__ = ["RANK_RTOL", "random_orthonormal", "factorize", "check_dim", "check_approximate", "dim_error",
+           "normalise_rows", "rotate", "project"]
 
 RANK_RTOL = 1e-10  # eigenvalues of S below this fraction of the largest count as 0 (rounding at a singular S)
 

@@ -449,7 +449,8 @@ def _check_gamma_resolves(gamma: float, d_min: float, d_max: float) -> None:
 def _check_dtype(dtype) -> None:
     """A frame's dtype must be a floating-point torch dtype (its rows are unit vectors)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch dtype (torch.float32, torch.float64, ...), got {dtype!r}")
+        raise TypeError("dtype must be a floating-point torch dtype (torch.float32, torch.float64, ...), "
+                        f"got {dtype!r}")
 
 
 def _check_s_min_value(s_min) -> float:

@@ -51,7 +51,8 @@ __all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "inner_node_name
 
 BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
 CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
-INTERNAL_CLASSES = ("leaf", "error")  # what a class at an inner node becomes (module docstring); the first is the default
+# what a class at an inner node becomes (module docstring); the first is the default
+INTERNAL_CLASSES = ("leaf", "error")
 INNER_SUFFIX = ":node"  # appended to a class's name to name the inner node it stood for
 _RANDOM_BYTES_PER_CLASS = 2048  # memory of Hierarchy.random per class (measured: about 720 bytes, then its tree)
 
@@ -177,7 +178,8 @@ class Hierarchy:
         """
         K = int(num_classes)
         if K < 2 or max_children < 2:
-            raise ValueError(f"a random hierarchy needs num_classes >= 2 and max_children >= 2, got {K}, {max_children}")
+            raise ValueError("a random hierarchy needs num_classes >= 2 and max_children >= 2, "
+                             f"got {K}, {max_children}")
         avail = available_memory()
         if avail is not None and K * _RANDOM_BYTES_PER_CLASS > avail:  # refused before it fills the memory
             raise ValueError(f"a random hierarchy of K={K:,} classes needs about "
@@ -297,7 +299,8 @@ class Hierarchy:
             if not isinstance(name, str):
                 raise HierarchyError(f"{where}: class names must be strings, got {type(name).__name__} {quote(name)}")
             if name in seen:
-                raise HierarchyError(f"{where}: duplicate class {quote(name)} (first at {seen[name]}); list each class once")
+                raise HierarchyError(f"{where}: duplicate class {quote(name)} (first at {seen[name]}); "
+                                     "list each class once")
             seen[name] = where
             first = name
             if not name.isascii():

@@ -401,10 +401,10 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     class means mu_c and global feature mean mu_G: ``angular_collapse_avg`` / ``_std``: mean and
     population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, over every pair of present classes
     when there are at most ``max_classes`` of them, else over the pairs of a seeded sample of
-    ``max_classes`` classes (then ``angular_collapse_classes`` says how many); ``self_duality``: ||W/||W||_F - M/||M||_F||_F with M the rows
-    mu_c - mu_G and W the frame rows of the same classes; ``nc1``: tr(Sigma_W) / tr(Sigma_B),
-    the within-class scatter (mean over samples of ||h - mu_y||^2) over the between-class
-    scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
+    ``max_classes`` classes (then ``angular_collapse_classes`` says how many); ``self_duality``:
+    ||W/||W||_F - M/||M||_F||_F with M the rows mu_c - mu_G and W the frame rows of the same classes;
+    ``nc1``: tr(Sigma_W) / tr(Sigma_B), the within-class scatter (mean over samples of ||h - mu_y||^2) over the
+    between-class scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
     """
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError("features must be a 2-D tensor [N, d]")

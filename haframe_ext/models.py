@@ -303,8 +303,8 @@ def build_loss(method: str, model: Optional[HAFrameModel] = None, *, frame=None,
     :class:`HAFrameLoss` on the features with ``alpha``, its schedule and ``cosine_scale``.  ``haframe-ce``:
     :class:`HAFrameLoss` with alpha = 0 (pure cross entropy against the fixed frame).
     The frame comes from ``model.classifier`` unless given.  ``hxe`` / ``soft-labels``: :class:`HeadLoss` on
-    ``model.classifier`` with ``hxe_alpha`` (and ``hxe_normalize``) / ``soft_beta`` and ``hierarchy`` (a Hierarchy; soft labels also take a
-    distance matrix).  ``multi-level``: :class:`MultiLevelLoss` on the model's heads.
+    ``model.classifier`` with ``hxe_alpha`` (and ``hxe_normalize``) / ``soft_beta`` and ``hierarchy`` (a Hierarchy;
+    soft labels also take a distance matrix).  ``multi-level``: :class:`MultiLevelLoss` on the model's heads.
     """
     check_method(method)
     if method == "cross-entropy":

@@ -83,7 +83,8 @@ def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
 
 
 def _gram_or_similarity(weight: torch.Tensor, similarity: Optional[torch.Tensor]):
-    """(similarity, gram) for the loss: the given similarity, else what ops derives (gram for a large unit-row frame)."""
+    """(similarity, gram) for the loss: the given similarity, else what ops derives (gram for a large unit-row
+    frame)."""
     if similarity is not None:
         return similarity, None
     with torch.inference_mode(False):

@@ -1,4 +1,5 @@
-"""Ctrl-C while the ``haframe`` command starts: one line and exit code 130, not a traceback from inside torch's import."""
+"""Ctrl-C while the ``haframe`` command starts: one line and exit code 130, not a traceback from inside torch's
+import."""
 
 from __future__ import annotations
 

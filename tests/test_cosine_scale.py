@@ -32,8 +32,9 @@ def by_hand(h, w, y, alpha, c, S):
     return torch.stack(rows).mean()
 
 
-@pytest.mark.parametrize("K,d,rule,want", [(100, 100, "auto", 1.0), (100, 300, "auto", 1.0), (8004, 256, "auto", 256 / 8004),
-                                           (3, 2, "auto", 2 / 3), (8004, 256, "sum", 1.0), (10, 5, 0.25, 0.25)])
+@pytest.mark.parametrize("K,d,rule,want", [(100, 100, "auto", 1.0), (100, 300, "auto", 1.0),
+                                           (8004, 256, "auto", 256 / 8004), (3, 2, "auto", 2 / 3),
+                                           (8004, 256, "sum", 1.0), (10, 5, 0.25, 0.25)])
 def test_rule(K, d, rule, want):
     assert ops.cosine_scale_for(rule, K, d) == pytest.approx(want, rel=1e-15)
 

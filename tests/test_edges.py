@@ -116,7 +116,7 @@ def test_nested_json_garbage():
     _raises(lambda: Hierarchy.from_nested('{"r": [["x"]]}'), "node names must be strings")
 
 
-# ----------------------------------------------------------------------------- comment rule, deep nesting, quoting (section 22)
+# --------------------------------------------------------------------- comment rule, deep nesting, quoting (section 22)
 _HASH_NAMES = st.text(alphabet="#ab x-", min_size=1, max_size=6).map(str.strip).filter(
     lambda s: s and not s.startswith("# "))
 
@@ -136,7 +136,8 @@ def test_names_beginning_with_hash_survive_to_edges(names):
 
 
 def test_hash_tag_edge_is_read_and_comments_still_skipped():
-    text = "# a comment\n#\n#comment without a tab\n  # indented comment\twith a tab\n#tag\tchild\nroot\t#tag\nroot\tz\n"
+    text = ("# a comment\n#\n#comment without a tab\n  # indented comment\twith a tab\n"
+            "#tag\tchild\nroot\t#tag\nroot\tz\n")
     h = Hierarchy.from_edges(io.StringIO(text))
     assert h.parent("child") == "#tag" and h.parent("#tag") == "root" and len(h.nodes) == 4
 

@@ -271,8 +271,8 @@ def test_loss_keeps_bf16_features_and_returns_float32(cifar_frame):
     out = loss_fn(h, torch.tensor([0, 1, 2, 3]))
     out.backward()
     assert out.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
-    ref = ops.reference_loss(h.detach().double(), loss_fn.weight.to(torch.bfloat16).double(), torch.tensor([0, 1, 2, 3]),
-                             0.4, similarity=loss_fn.similarity.double())
+    ref = ops.reference_loss(h.detach().double(), loss_fn.weight.to(torch.bfloat16).double(),
+                             torch.tensor([0, 1, 2, 3]), 0.4, similarity=loss_fn.similarity.double())
     assert out.item() == pytest.approx(ref.item(), rel=1e-3)
 
 

@@ -43,8 +43,9 @@ def test_changed_pairs_d_max_and_depths_match_brute_force(parent_of):
 def test_tiered_imagenet_h_report(capsys):
     assert cli.main(["hierarchy", "tiered_imagenet_h", "--gamma", "3"]) == 0
     out = capsys.readouterr().out
-    for line in ("classes K                  608", "nodes                      843", "leaf depths                3 to 12",
-                 "balanced                   no", "convention                 published (d = D - depth(LCA), D = 12",
+    for line in ("classes K                  608", "nodes                      843",
+                 "leaf depths                3 to 12", "balanced                   no",
+                 "convention                 published (d = D - depth(LCA), D = 12",
                  "pairs 'height' changes     50383 of 184528 (27.30%)", "d_max                      12",
                  "s_min (gamma 3)            -0.079478 (exact)"):
         assert line in out, (line, out)
