@@ -147,12 +147,12 @@ def test_two_trainers_started_at_once_into_one_out_one_is_refused(tmp_path):
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
     err = next(e for rc, e in results if rc == 2)
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and ("in use by another training run" in lines[0] or "already holds a run" in lines[0])
     seed = json.loads((out / "config.json").read_text())["seed"]
     assert load_checkpoint(out / "last.pt")["config"]["seed"] == seed
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == seed
-    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "train_loss" in r] == [1, 2, 3]
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.nn.functional as F
 
 from haframe_ext.baselines import HeadLoss, MultiLevelHead, MultiLevelLoss, level_targets
 from haframe_ext.checkpoint import CheckpointError, load_checkpoint

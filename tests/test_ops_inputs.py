@@ -404,8 +404,8 @@ def test_empty_batch_backward_and_reductions(K, route):
         assert s.item() == 0.0 and x.grad.shape == (0, 6)
         m = ops.haframe_loss(x, w, y, reduction="mean", backend=backend, **kw)
         assert torch.isnan(m)  # 0 / 0, documented
-    l, g = OP(h, w, y, w @ w.T, None)
-    assert l.shape == (0,) and g.shape == (0, 6)
+    loss, g = OP(h, w, y, w @ w.T, None)
+    assert loss.shape == (0,) and g.shape == (0, 6)
     assert OP(h, w, y, w @ w.T, None, reduction=2)[0].item() == 0.0
     assert torch.isnan(OP(h, w, y, w @ w.T, None, reduction=1)[0])
 
