@@ -21,6 +21,7 @@ NaN or Inf in a row gives a NaN loss for that row (and for the reduced loss), ne
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 
@@ -60,7 +61,7 @@ COSINE_SCALES = ("auto", "sum")  # the named rules of cosine_scale_for
 
 
 def cosine_scale_for(rule, num_classes: int, dim: int) -> float:
-    """The cosine term's multiplier ``c`` for a [K, d] frame: "auto" is ``min(d, K) / K``, "sum" is 1, a number is itself.
+    """The cosine term's multiplier ``c`` for a [K, d] frame: "auto" is ``min(d, K) / K``, "sum" 1, a number itself.
 
     With unit rows the cosine term is ``u^T M u`` (``M = W^T W``, trace K), whose nonzero eigenvalues average
     ``K / min(d, K)``: 1 for the paper's frames (d >= K), K/d below that (31 for K = 8004, d = 256), where the
@@ -82,7 +83,7 @@ def as_cosine_scale(value) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"cosine_scale must be a real number > 0, got {value!r}")
     c = float(value)
-    if not (c > 0 and np.isfinite(c)):
+    if not (c > 0 and math.isfinite(c)):  # math, not numpy: torch.compile traces numpy calls as tensor ops
         raise ValueError(f"cosine_scale must be a finite number > 0, got {c}")
     return c
 
@@ -330,7 +331,7 @@ def _unit_rows(w: torch.Tensor, dtype: torch.dtype) -> bool:  # w: [K, d] in the
 
 
 def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """``(similarity [K, K], None)`` or ``(None, gram [d, d])`` for a frozen weight [K, d], in dtype's accumulation dtype.
+    """``(similarity [K, K], None)`` or ``(None, gram [d, d])`` of a frozen weight [K, d], in dtype's accumulation.
 
     The d x d gram ``weight.T @ weight`` when the rows are unit (to dtype's rounding) and K > max(d, DENSE_MAX_K);
     else ``weight @ weight.T``. Computed on every call, never cached: a module that calls the loss

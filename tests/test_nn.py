@@ -12,6 +12,7 @@ from haframe_ext.frame import HAFrame
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.models import (METHODS, build_backbone, build_loss, build_model, mlp, resnet50, small_cnn,
                                 wide_resnet28)
+from haframe_ext.optim import compute_loss
 from haframe_ext.nn import (SCHEDULES, FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI,
                             TransformationLayerII, alpha_at)
 
@@ -200,14 +201,16 @@ def test_model_returns_features_and_logits(cifar_frame):
 def test_build_model_every_method(method):
     h = Hierarchy.builtin("cifar100")
     model = build_model(method, "mlp", 100, hierarchy=h, in_dim=16, hidden=32)
-    loss_fn = build_loss(method, model, alpha=0.4)
+    loss_fn = build_loss(method, model, alpha=0.4, hierarchy=h)
     f, z = model(torch.randn(4, 16))
     assert z.shape == (4, 100)
     y = torch.randint(0, 100, (4,))
-    loss = loss_fn(f, y) if isinstance(loss_fn, HAFrameLoss) else loss_fn(z, y)
+    loss = compute_loss(loss_fn, f, z, y)
     assert torch.isfinite(loss)
-    if method == "cross-entropy":
-        assert isinstance(model.classifier, nn.Linear) and isinstance(model.transform, TransformationLayerI)
+    if method in ("cross-entropy", "hxe", "soft-labels", "multi-level"):  # a trained head on the type-I layer
+        assert isinstance(model.transform, TransformationLayerI)
+        assert list(model.classifier.parameters()) and all(p.requires_grad for p in model.classifier.parameters())
+        assert getattr(loss_fn, "reads_features", False) == (method != "cross-entropy")
     else:
         assert isinstance(model.classifier, FixedFrameClassifier)
         assert isinstance(model.transform, TransformationLayerII)
