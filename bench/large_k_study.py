@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="bench/results/taxonomies")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "haframe_taxonomies"),
+                   help="folder for the taxonomy's edge and class files (WordNet-derived: kept out of the repository)")
     p.add_argument("--log", default="bench/results/large_k_screening.jsonl")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
