@@ -27,7 +27,7 @@ def run_cli(*args, timeout=120):
 
 def assert_user_error(rc, err, *fragments):
     assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("haframe: error: "), err
     assert "Traceback" not in err
@@ -101,7 +101,8 @@ def test_frame_writes_file_and_png(tmp_path, capsys):
 def test_frame_from_edges_and_etf(tmp_path, capsys):
     edges = tmp_path / "toy.tsv"
     edges.write_text(TOY_EDGES)
-    assert main(["frame", "--hierarchy", str(edges), "--gamma", "1", "--dim", "6", "--out", str(tmp_path / "t.pt")]) == 0
+    assert main(["frame", "--hierarchy", str(edges), "--gamma", "1", "--dim", "6",
+                 "--out", str(tmp_path / "t.pt")]) == 0
     assert HAFrame.load(tmp_path / "t.pt").weight.shape == (4, 6)
     assert main(["frame", "--etf", "5"]) == 0
     assert "min_offdiag_similarity   -0.25" in capsys.readouterr().out
@@ -207,7 +208,8 @@ def test_unreadable_features_file_is_one_line_without_torch_advice(tmp_path, cap
     elif content == "empty":
         train_pt.write_bytes(b"")
     else:
-        torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8) % 4, "x": helpers.HostileGlobal("true")}, train_pt)
+        torch.save({"features": torch.randn(8, 3), "labels": torch.arange(8) % 4,
+                    "x": helpers.HostileGlobal("true")}, train_pt)
     torch.save({"features": torch.randn(4, 3), "labels": torch.arange(4)}, feats / "test.pt")
     rc = main(["train", "--hierarchy", str(edges), "--dataset", "features", "--data-root", str(feats),
                "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress"])
@@ -403,7 +405,7 @@ def test_a_missing_tensorboard_is_one_warning_line(tmp_path):
                         "--n-per-class", "4", "--hidden", "8", "--out", "run", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("haframe: warning: TensorBoard logging is off"), p.stderr
     assert "pip install tensorboard" in lines[0] and "warnings.warn" not in p.stderr
 

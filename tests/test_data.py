@@ -338,7 +338,7 @@ def test_describe_torch_load_error_says_unsafe_or_damaged_without_torch_advice(t
 
 
 
-# ----------------------------------------------------------------------------- malicious pickles (RELIABILITY.md section 17)
+# ------------------------------------------------------------------------ malicious pickles (RELIABILITY.md section 17)
 def _fake_cifar(root: Path):
     """A valid tiny cifar-100-python folder (1 image per class per split)."""
     from haframe_ext.hierarchy import Hierarchy
@@ -417,7 +417,7 @@ def test_cifar_malicious_pickle_through_the_cli_is_one_line_and_inert(tmp_path):
     r = cli("train", "--dataset", "cifar100", "--data-root", root, "--hierarchy", "cifar100", "--epochs", "1",
             "--backbone", "small-cnn", "--out", tmp_path / "run", "--no-progress")
     assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "refusing to load global posix.system" in lines[0] and "Traceback" not in r.stderr
     assert not marker.exists()
 

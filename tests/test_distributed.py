@@ -69,7 +69,7 @@ def trainable(model_state):
 
 
 def epoch_records(out: Path):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in l]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line]
 
 
 # ----------------------------------------------------------------------------- parity, rank 0 writes
@@ -239,7 +239,7 @@ def test_a_dead_or_hung_rank_makes_rank_0_exit_with_a_clear_error(tmp_path, mode
         procs[1].communicate()
     elapsed = time.monotonic() - t0
     assert procs[0].returncode == 1, err[-3000:]
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith("haframe: error: rank 0/2: a collective operation failed")
     assert "another process probably died" in lines[0]

@@ -45,7 +45,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, baseline, mode):
     if mode == "kill_between_renames":
         assert "resuming from" in r.stderr and "prev.pt" in r.stderr  # the fallback is announced
     assert_same_run(out, baseline)
-    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["epoch"] for rec in log if "train_loss" in rec] == list(range(1, EPOCHS + 1))  # no duplicate epoch
 
 
@@ -55,7 +55,7 @@ def test_resume_from_prev_after_corruption_is_bit_exact_through_the_cli(two_epoc
     _damage("truncated_tail", out / "last.pt", out)
     r = cli("train", "--config", cfg_file, "--out", out, "--resume")
     assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("haframe: error: checkpoint") and "Traceback" not in r.stderr
     assert "corrupted or truncated" in lines[0] and "--resume-from" in lines[0] and "prev.pt" in lines[0]
     r = cli("train", "--config", cfg_file, "--out", out, "--resume-from", out / "prev.pt")
