@@ -90,7 +90,7 @@ def test_other_methods_train(tmp_path, toy_tree, method):
 def test_schedule_and_backbone_lr_scale(tmp_path, toy_tree):
     cfg = tiny(tmp_path, toy_tree, alpha_schedule="linear-increase", backbone_lr_scale=0.1, epochs=2)
     train(cfg)
-    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["alpha"] for r in recs] == pytest.approx([0.0, 0.2])
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
@@ -630,14 +630,14 @@ def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_pat
 
 
 
-# ----------------------------------------------------------------------------- NaN loss and divergence (RELIABILITY.md section 16)
+# ------------------------------------------------------------------ NaN loss and divergence (RELIABILITY.md section 16)
 def test_nan_loss_in_epoch_2_stops_with_one_clear_line_and_keeps_the_good_checkpoint(tmp_path, baseline):
     cfg = write_inputs(tmp_path)
     out = tmp_path / "run"
     proc = start_fault(tmp_path, "nan_epoch2", out, cfg)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("haframe: error: loss became nan at epoch 2, step 1: training stopped;")
     assert f"the last good checkpoint {out / 'last.pt'} (epoch 1) is kept" in lines[0]
@@ -645,7 +645,7 @@ def test_nan_loss_in_epoch_2_stops_with_one_clear_line_and_keeps_the_good_checkp
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and not (out / "prev.pt").exists() and not (out / "results.json").exists()
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    assert any(json.loads(l).get("event") == "diverged" for l in (out / "metrics.jsonl").read_text().splitlines())
+    assert any(json.loads(line).get("event") == "diverged" for line in (out / "metrics.jsonl").read_text().splitlines())
     # the kept checkpoint really is the good one: resuming from it reproduces the uninterrupted run
     r = cli("train", "--config", cfg, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
@@ -656,7 +656,7 @@ def test_natural_divergence_in_epoch_1_says_no_checkpoint_was_written(tmp_path):
     cfg = write_inputs(tmp_path)
     r = cli("train", "--config", cfg, "--out", tmp_path / "run", "--lr", "1e30")
     assert r.returncode == 1, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "loss became" in lines[0] and "at epoch 1" in lines[0] and "no checkpoint had been written yet" in lines[0]
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -675,7 +675,7 @@ def test_nan_gradient_at_the_end_of_an_epoch_never_reaches_a_checkpoint(tmp_path
 
 
 
-# ----------------------------------------------------------------------------- seeds, the best epoch, the training step (RELIABILITY.md section 21)
+# ------------------------------------------------- seeds, the best epoch, the training step (RELIABILITY.md section 21)
 def test_duplicate_seeds_are_refused_before_any_training(tmp_path):
     """Issue 14 item 6: --seeds 0 0 would count one run twice (with --resume) or fail after the first trained."""
     cfg = _round2_config(tmp_path, epochs=1)
@@ -724,7 +724,7 @@ def test_best_epoch_is_the_validation_peak_not_the_last_epoch(tmp_path, monkeypa
     if resume:
         res = train(dataclasses_replace(cfg, stop_after_epochs=None, resume=True))
     out = Path(cfg.out)
-    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log = [r for r in log if "train_loss" in r]
     assert [r["val"][metric] for r in log] == values
     pick = max if metric.startswith("top") else min
@@ -765,7 +765,7 @@ def test_fixed_frame_training_steps_form_logits_only_in_the_fused_op(tmp_path, m
     cfg = _round2_config(tmp_path, method=method, epochs=1)
     train(cfg)
     assert with_grad["n"] == 0
-    rec = next(json.loads(l) for l in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines())
+    rec = next(json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines())
     if method == "cross-entropy":
         assert 0.0 <= rec["train_top1"] <= 100.0 and rec["train_top1"] > 1.0  # a percent, not a fraction
     else:
