@@ -20,6 +20,8 @@ Providers (``PROVIDERS``):
 - ``fused``: ``haframe_ext.haframe_loss`` called as ``HAFrameLoss`` calls it: the frame's similarity
   ``S`` (K x K, K <= S_MAX_K) or, for the large low-dimensional frames, the d x d gram ``M = W^T W``
   (the M route) is computed once here and passed in, see ``build_fused``.
+- ``fused_ce``: ``fused`` with ``alpha=0``, cross entropy only: the like-for-like row beside torch's
+  ``F.linear_cross_entropy`` (the op still computes the cosine quantities it would weigh by zero).
 - ``eager``: the straightforward vectorised PyTorch loss
   ``(1-a) CE(h W^T, y) + a mean_b sum_k (cos(h_b, w_k) - S[y_b, k])^2`` with ``F.normalize``.
   ``S`` is precomputed once when the shape keeps it (K <= ``S_MAX_K``); for the large low-dim frame the
@@ -189,6 +191,11 @@ def build_fused(case: Case, alpha: float = ALPHA):
     Wf = W.detach().float()
     gram = (Wf.T @ Wf).contiguous()
     return _step(case, lambda: haframe_loss(h, W, y, alpha, gram=gram, backend="native"))
+
+
+def build_fused_ce(case: Case, alpha: float = ALPHA):
+    """``fused`` at alpha = 0 (cross entropy only), whatever alpha the run uses."""
+    return build_fused(case, 0.0)
 
 
 @contextlib.contextmanager
@@ -470,6 +477,7 @@ def build_gemm2(case: Case, alpha: float = ALPHA):
 
 PROVIDERS: Dict[str, Callable] = {
     "fused": build_fused,
+    "fused_ce": build_fused_ce,
     "fused_tuned": build_fused_tuned,
     "fused_graph": build_fused_graph,
     "eager_graph": build_eager_graph,
@@ -485,7 +493,7 @@ PROVIDERS: Dict[str, Callable] = {
 
 #: providers that compute the whole HAFrame loss (CE + cosine); the others cover less
 FULL_LOSS = ("fused", "fused_tuned", "fused_graph", "eager_graph", "eager", "compiled", "paper_loop")
-CE_ONLY = ("sdpa", "liger", "torch_lce", "torch_lce_chunked")
+CE_ONLY = ("fused_ce", "sdpa", "liger", "torch_lce", "torch_lce_chunked")
 REFERENCE_ROWS = ("gemm2",)
 
 
@@ -522,6 +530,8 @@ def provider_note(provider: str, shape: Shape) -> str:
         return _LCE_NOTES.get((shape, provider == "torch_lce_chunked"), "F.linear_cross_entropy, CE only")
     if provider == "gemm2":
         return "two torch.mm GEMMs alone (bound)"
+    if provider == "fused_ce":
+        return "fused op at alpha=0 (CE only)"
     if provider in ("fused_graph", "eager_graph"):
         return "CUDA graph replay of the whole step (its memory pool is taken at capture: peak extra ~0 per step)"
     if provider == "eager" and shape.K > S_MAX_K:

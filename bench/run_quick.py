@@ -16,6 +16,10 @@ memory of one step (bench/memory.py states the method). Every row says whether T
 ``--ceilings`` first measures a large device-to-device copy (GB/s, read + write bytes) and a large
 square GEMM (TFLOP/s) in bf16 and in fp32 with TF32 off and on (on CPU: fp32 only).
 
+``--co-runner CPU`` starts a busy-loop process pinned to logical CPU ``CPU`` (``os.sched_setaffinity``)
+before the first shape is built and ends it after the last: the load of a data-loader worker or another
+job sharing the machine, the same for every provider. The report names it.
+
 ``--out PATH`` writes the markdown report to PATH (and a CSV next to it, ``PATH`` with ``.csv``);
 a PATH ending in ``.csv`` writes the CSV only.
 """
@@ -28,6 +32,7 @@ import io
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -37,8 +42,8 @@ import torch
 from . import memory as MEM
 from . import providers as P
 
-DEFAULT_PROVIDERS = ("fused,fused_tuned,fused_graph,eager,eager_graph,compiled,paper_loop,sdpa,liger,torch_lce,"
-                     "torch_lce_chunked,gemm2")
+DEFAULT_PROVIDERS = ("fused,fused_ce,fused_tuned,fused_graph,eager,eager_graph,compiled,paper_loop,sdpa,liger,"
+                     "torch_lce,torch_lce_chunked,gemm2")
 
 
 # ----------------------------------------------------------------------------- TF32 state
@@ -173,6 +178,34 @@ def measure_ceilings(device: torch.device, copy_bytes: Optional[int] = None, n: 
         if cuda:
             set_tf32(bool(saved))
     return rows
+
+
+# ----------------------------------------------------------------------------- co-runner
+# spins until its parent is gone (a benchmark killed outright leaves no busy loop behind)
+_BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
+              "while os.getppid() == parent:\n    for _ in range(1000000):\n        pass\n")
+
+
+def start_co_runner(cpu: int) -> subprocess.Popen:
+    """A Python busy loop pinned to logical CPU ``cpu``; the caller ends it (``stop_co_runner``)."""
+    if not 0 <= cpu < (os.cpu_count() or 1):
+        raise ValueError(f"--co-runner {cpu}: this machine has logical CPUs 0..{(os.cpu_count() or 1) - 1}")
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(cpu)])
+    time.sleep(0.2)  # let it pin itself and start spinning before anything is timed
+    if proc.poll() is not None:
+        raise RuntimeError(f"the co-runner exited at once (status {proc.returncode})")
+    return proc
+
+
+def stop_co_runner(proc: Optional[subprocess.Popen]) -> None:
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -347,12 +380,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--tf32", choices=["keep", "on", "off"], default="keep",
                     help="fp32 matmul TF32 for the loss timings (default: keep torch's setting, off by default)")
+    ap.add_argument("--co-runner", type=int, default=None, metavar="CPU",
+                    help="run a busy-loop process pinned to this logical CPU for the whole run")
     ap.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and GEMM throughput first")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--out", default=None, help="write markdown (and .csv alongside) to this path")
     ap.add_argument("--from-json", default=None,
                     help="only print the table of a pytest-benchmark JSON from bench/test_bench_loss.py")
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.from_json:
         rows = results_from_pytest_json(args.from_json)
         md = to_markdown(rows, {"source": args.from_json}, timing=TIMING_PYTEST)
@@ -370,7 +406,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.tf32 != "keep":
         set_tf32(args.tf32 == "on")
-    shapes = P.shapes_for(args.shapes or ("gpu" if device.type == "cuda" else "cpu"))
+    P.shapes_for(args.shapes or ("gpu" if device.type == "cuda" else "cpu"))  # an unknown name fails here
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in providers if p not in P.PROVIDERS]
     if unknown:
@@ -378,7 +414,18 @@ def main(argv=None) -> int:
     if "fused" not in providers:
         providers.insert(0, "fused")
 
+    co_runner = start_co_runner(args.co_runner) if args.co_runner is not None else None
+    try:
+        return _main_run(args, device, providers, co_runner)
+    finally:
+        stop_co_runner(co_runner)
+
+
+def _main_run(args, device, providers, co_runner) -> int:
+    shapes = P.shapes_for(args.shapes or ("gpu" if device.type == "cuda" else "cpu"))
     env = environment(device)
+    if co_runner is not None:
+        env["co-runner"] = f"a busy-loop process pinned to CPU {args.co_runner} for the whole run (pid {co_runner.pid})"
     for k, v in env.items():
         print(f"{k}: {v}")
     ceilings = None
@@ -386,7 +433,7 @@ def main(argv=None) -> int:
         ceilings = measure_ceilings(device)
         for c in ceilings:
             print(f"ceiling: {c['what']} TF32={c['tf32']}: {c['value']:.1f} {c['unit']} ({c['ms']:.3f} ms)")
-    command = "python -m bench.run_quick " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.run_quick " + " ".join(args.argv)
 
     def write(results) -> None:
         if not args.out:

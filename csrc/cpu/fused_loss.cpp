@@ -1,11 +1,13 @@
-// CPU kernels of the fused HAFrame loss: row blocks in parallel, BLAS (through ATen) for the K-sized
-// products of a block, and one fused pass over the block's logits for softmax, CE and the cosine term.
+// CPU kernels of the fused HAFrame loss: row blocks one after another, BLAS (through ATen, threaded by
+// MKL) for the K-sized products of a block, and one fused pass over the block's logits for softmax, CE and
+// the cosine term, its rows shared among the threads in small chunks taken in turn.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -15,14 +17,22 @@
 namespace haframe {
 namespace {
 
-constexpr int64_t kCpuBlockBytes = int64_t(4) << 20;  // logits of one row block: enough rows to keep BLAS efficient
-// With many classes a 4 MiB block holds only a few rows, and every block streams all of W from memory
-// (at K = 10^5, d = 512: 10 rows per 200 MB read).  Below kCpuMinRows rows per block the blocks run one
-// after another instead, each up to kCpuSerialBlockBytes of logits, with BLAS and the epilogue threaded
-// inside: W is read B / rows times rather than B / 10.
+// Threading.  Blocks run one at a time; inside a block the GEMMs are MKL's own threaded calls over the
+// whole block, and the row loops are cut into chunks of about kCpuChunkElems values that the threads take
+// from a shared counter.  A thread that loses its core to another process (a data loader, another
+// training run) then holds the step back by one chunk, where a fixed share of rows per thread would make
+// the step wait for that thread's whole share (measured: 2.5x the quiet time at B = 1024, K = 10^4).
+// A block holds kCpuBlockBytes of logits with one thread, kCpuThreadedBlockBytes with several (each
+// parallel region ends in a barrier, so fewer, larger blocks wait less on a descheduled thread), and up
+// to kCpuSerialBlockBytes when a 4 MiB block would hold under kCpuMinRows rows: with many classes every
+// block streams all of W from memory (at K = 10^5, d = 512, a 4 MiB block is 10 rows per 200 MB read).
+// Blocks are of equal size, within a row.
+constexpr int64_t kCpuBlockBytes = int64_t(4) << 20;
+constexpr int64_t kCpuThreadedBlockBytes = int64_t(16) << 20;
 constexpr int64_t kCpuMinRows = 32;
 constexpr int64_t kCpuSerialBlockBytes = int64_t(64) << 20;
 constexpr int64_t kCpuParallelMacs = int64_t(1) << 21;  // B K d below which one thread does the work
+constexpr int64_t kCpuChunkElems = int64_t(1) << 14;    // values per chunk of a row loop (64 KiB of float)
 
 constexpr int kLanes = 8;  // independent partial sums, so that the compiler vectorises the reductions
 
@@ -97,6 +107,27 @@ acc_t row_lse(const acc_t* z, acc_t* e, int64_t K, acc_t* sum_out) {
   return m + hf_log(s);
 }
 
+// f(i0, i1) over the chunks [i0, i1) of [0, n), `chunk` rows each, taken in turn from a shared counter by
+// the threads; setup() runs once per thread first and its result is passed to f (per-thread scratch).
+// Every row gives the same result whichever thread computes it.
+template <typename Setup, typename F>
+void dynamic_chunks(int64_t n, int64_t chunk, bool threaded, const Setup& setup, const F& f) {
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  if (!threaded || nchunks < 2) {
+    auto scratch = setup();
+    if (n > 0) f(int64_t(0), n, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::min<int64_t>(nchunks, std::max(1, at::get_num_threads()));
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    auto scratch = setup();
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * chunk, std::min(n, (c + 1) * chunk), scratch);
+  });
+}
+
 // Loss, G (in place of the logits) and the h-correction of the rows of one block.
 template <typename acc_t>
 void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
@@ -167,7 +198,7 @@ template <typename acc_t>
 void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
                          const at::Tensor& W,       // [K, d]
                          const at::Tensor& target,  // [B]
-                         const at::Tensor& inv_wn,  // [K]
+                         const acc_t* inv_wn,       // [K] gather route, nullptr on the M route
                          const at::Tensor& S,       // [K, K] or undefined
                          const at::Tensor& M,       // [d, d] or undefined
                          acc_t alpha, int64_t ignore_index, bool need_grad, acc_t gscale,
@@ -175,99 +206,80 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
                          at::Tensor& grad) {        // [B, d] or empty
   const int64_t B = h.size(0), d = h.size(1), K = W.size(0);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  // below kCpuParallelMacs waking threads costs more than it saves
+  const bool threaded = nthreads > 1 && B * K * d >= kCpuParallelMacs;
   int64_t rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuBlockBytes);
-  // many classes: blocks one at a time, threads inside each block (see kCpuMinRows)
-  const bool serial = rows < std::min<int64_t>(B, kCpuMinRows);
-  if (serial) rows = std::max(rows, rows_per_chunk(B, K, sizeof(acc_t), kCpuSerialBlockBytes));
-  else if (B * K * d >= kCpuParallelMacs)  // below this, waking threads costs more than it saves
-    rows = std::min(rows, std::max<int64_t>(1, (B + nthreads - 1) / nthreads));
+  if (rows < std::min<int64_t>(B, kCpuMinRows)) rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuSerialBlockBytes);
+  else if (threaded) rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuThreadedBlockBytes);
   const int64_t nblocks = (B + rows - 1) / rows;
+  rows = (B + nblocks - 1) / nblocks;
   const bool mroute = M.defined();
   const acc_t* Sp = mroute ? nullptr : S.data_ptr<acc_t>();
+  const acc_t* Wp = W.data_ptr<acc_t>();
   const int64_t* yp = target.data_ptr<int64_t>();
+  acc_t* lossp = loss.data_ptr<acc_t>();
+  const at::Tensor Wt = W.t();
+  at::Tensor zbuf = at::empty({rows, K}, h.options());  // [rows, K] logits, then G
+  at::Tensor ubuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();  // [rows, d] M route: u
+  at::Tensor vbuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();  // [rows, d] M route: u M
+  std::vector<acc_t> coef(rows), inv_n(rows);
+  const int64_t epi_chunk = std::max<int64_t>(1, kCpuChunkElems / K);
+  const int64_t fin_chunk = std::max<int64_t>(1, kCpuChunkElems / std::max<int64_t>(1, d));  // d may be 0
+  // a whole-tensor block needs no narrow (one ATen call fewer each)
+  auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t nr) {
+    return r0 == 0 && nr == t.size(0) ? t : t.narrow(0, r0, nr);
+  };
 
-  // The epilogue of rows [i0, i1) of a block starting at row r0 (its own [K] scratch).
-  auto epilogue = [&](acc_t* zp, const acc_t* hp, int64_t r0, int64_t i0, int64_t i1, acc_t* up, acc_t* coef,
-                      acc_t* inv_n) {
-    std::vector<acc_t> e(K);
-    block_epilogue<acc_t>(zp + i0 * K, hp + i0 * d, yp + r0 + i0, inv_wn.data_ptr<acc_t>(), Sp, W.data_ptr<acc_t>(),
-                          i1 - i0, K, d, alpha, ignore_index, need_grad, gscale, e.data(),
-                          loss.data_ptr<acc_t>() + r0 + i0, coef + i0, inv_n + i0, up ? up + i0 * d : nullptr);
-  };
-  // Everything after the second GEMM for rows [i0, i1) of the block at r0: the M route's d x d term, or
-  // the gather route's radial correction.
-  auto finish = [&](const acc_t* hp, int64_t r0, int64_t i0, int64_t i1, const acc_t* up, const acc_t* vp,
-                    acc_t* gp, const acc_t* coef, const acc_t* inv_n) {
-    acc_t* lp = loss.data_ptr<acc_t>() + r0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const acc_t* hr = hp + i * d;
-      if (mroute) {
-        if (yp[r0 + i] == ignore_index) continue;
-        const acc_t *ur = up + i * d, *vr = vp + i * d;
-        const acc_t lcos = dot(ur, vr, d);
-        const acc_t hv = dot(hr, vr, d) * inv_n[i];
-        lp[i] += alpha * lcos;
-        if (need_grad) {
-          acc_t* gr = gp + i * d;
-          for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
-        }
-      } else if (need_grad && coef[i] != 0) {
-        acc_t* gr = gp + i * d;
-        for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
-      }
-    }
-  };
-  // One block: logits GEMM, epilogue, gradient GEMM, finish (the row loops threaded when `inner`).
-  auto block = [&](int64_t r0, int64_t nr, at::Tensor& zbuf, at::Tensor& ubuf, at::Tensor& vbuf, acc_t* coef,
-                   acc_t* inv_n, bool inner) {
-    at::Tensor hb = h.narrow(0, r0, nr);
-    at::Tensor z = zbuf.narrow(0, 0, nr);
-    at::mm_out(z, hb, W.t());
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t r0 = blk * rows, nr = std::min(rows, B - r0);
+    const at::Tensor hb = rows_of(h, r0, nr);
+    at::Tensor z = rows_of(zbuf, 0, nr);
+    at::mm_out(z, hb, Wt);
     const acc_t* hp = hb.data_ptr<acc_t>();
+    acc_t* zp = z.data_ptr<acc_t>();
     acc_t* up = mroute ? ubuf.data_ptr<acc_t>() : nullptr;
-    if (inner)
-      at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) { epilogue(z.data_ptr<acc_t>(), hp, r0, i0, i1, up, coef, inv_n); });
-    else
-      epilogue(z.data_ptr<acc_t>(), hp, r0, 0, nr, up, coef, inv_n);
-    at::Tensor gb = need_grad ? grad.narrow(0, r0, nr) : at::Tensor();
-    if (need_grad) at::mm_out(gb, z, W);
+    // softmax, CE and the cosine term of each row; G over its logits
+    dynamic_chunks(nr, epi_chunk, threaded, [&] { return std::vector<acc_t>(K); },
+                   [&](int64_t i0, int64_t i1, std::vector<acc_t>& e) {
+                     block_epilogue<acc_t>(zp + i0 * K, hp + i0 * d, yp + r0 + i0, inv_wn, Sp, Wp, i1 - i0, K, d,
+                                           alpha, ignore_index, need_grad, gscale, e.data(), lossp + r0 + i0,
+                                           coef.data() + i0, inv_n.data() + i0, up ? up + i0 * d : nullptr);
+                   });
+    at::Tensor gb;
+    if (need_grad) {
+      gb = rows_of(grad, r0, nr);
+      at::mm_out(gb, z, W);
+    }
     const acc_t* vp = nullptr;
     if (mroute) {
-      at::Tensor v = vbuf.narrow(0, 0, nr);
-      at::mm_out(v, ubuf.narrow(0, 0, nr), M);
+      at::Tensor v = rows_of(vbuf, 0, nr);
+      at::mm_out(v, rows_of(ubuf, 0, nr), M);
       vp = v.data_ptr<acc_t>();
+    } else if (!need_grad) {
+      continue;  // the gather route's loss is complete after the epilogue
     }
     acc_t* gp = need_grad ? gb.data_ptr<acc_t>() : nullptr;
-    if (inner)
-      at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) { finish(hp, r0, i0, i1, up, vp, gp, coef, inv_n); });
-    else
-      finish(hp, r0, 0, nr, up, vp, gp, coef, inv_n);
-  };
-  auto buffers = [&](at::Tensor& zbuf, at::Tensor& ubuf, at::Tensor& vbuf) {
-    zbuf = at::empty({rows, K}, h.options());
-    ubuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
-    vbuf = mroute ? at::empty({rows, d}, h.options()) : at::Tensor();
-  };
-
-  if (serial) {
-    at::Tensor zbuf, ubuf, vbuf;
-    buffers(zbuf, ubuf, vbuf);
-    std::vector<acc_t> coef(rows), inv_n(rows);
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t r0 = blk * rows;
-      block(r0, std::min(rows, B - r0), zbuf, ubuf, vbuf, coef.data(), inv_n.data(), true);
-    }
-    return;
+    // after the second GEMM: the M route's d x d term, or the gather route's radial correction
+    dynamic_chunks(nr, fin_chunk, threaded, [] { return 0; }, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t* hr = hp + i * d;
+        if (mroute) {
+          if (yp[r0 + i] == ignore_index) continue;
+          const acc_t *ur = up + i * d, *vr = vp + i * d;
+          const acc_t lcos = dot(ur, vr, d);
+          const acc_t hv = dot(hr, vr, d) * inv_n[i];
+          lossp[r0 + i] += alpha * lcos;
+          if (need_grad) {
+            acc_t* gr = gp + i * d;
+            for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
+          }
+        } else if (coef[i] != 0) {
+          acc_t* gr = gp + i * d;
+          for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
+        }
+      }
+    });
   }
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor zbuf, ubuf, vbuf;
-    buffers(zbuf, ubuf, vbuf);
-    std::vector<acc_t> coef(rows), inv_n(rows);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows;
-      block(r0, std::min(rows, B - r0), zbuf, ubuf, vbuf, coef.data(), inv_n.data(), false);
-    }
-  });
 }
 
 // 1/||w_k|| for every class row (rows below kEps count as kEps).
@@ -288,7 +300,11 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,   
   check_fused_loss_inputs(features, weight, target, similarity, gram, alpha, reduction);
   if (gram.has_value()) check_unit_rows_for_gram(weight);
   const int64_t B = features.size(0), d = features.size(1), K = weight.size(0);
-  const at::Tensor y = target.to(at::kLong).contiguous();
+  // tensors already in the wanted dtype and layout are used as they are (no ATen call per input)
+  auto as = [](const at::Tensor& t, at::ScalarType dt) {
+    return t.scalar_type() == dt ? t.contiguous() : t.to(dt).contiguous();
+  };
+  const at::Tensor y = as(target, at::kLong);
   const int64_t* yp = y.data_ptr<int64_t>();
   int64_t n_valid = 0;
   for (int64_t i = 0; i < B; ++i) {  // label range on the host, before any kernel indexes with it
@@ -297,20 +313,23 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,   
     ++n_valid;
   }
   const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor h = features.to(acc).contiguous();
-  const at::Tensor W = weight.to(acc).contiguous();
+  const at::Tensor h = as(features, acc);
+  const at::Tensor W = as(weight, acc);
   at::Tensor rows = at::empty({B}, h.options());
   at::Tensor grad = need_grad ? at::empty({B, d}, h.options()) : at::empty({0}, features.options());
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES(acc, "haframe_fused_loss_cpu", [&] {
     const scalar_t gscale = reduction == kMean ? (n_valid > 0 ? scalar_t(1) / n_valid : scalar_t(0)) : scalar_t(1);
     if (B > 0) {
-      at::Tensor inv_wn = at::empty({K}, h.options());
-      inverse_row_norms<scalar_t>(W.data_ptr<scalar_t>(), K, d, inv_wn.data_ptr<scalar_t>());
       const at::Tensor S = similarity.has_value() ? similarity->contiguous() : at::Tensor();
       const at::Tensor M = gram.has_value() ? gram->contiguous() : at::Tensor();
-      fused_loss_cpu_impl<scalar_t>(h, W, y, inv_wn, S, M, static_cast<scalar_t>(alpha), ignore_index, need_grad,
-                                    gscale, rows, grad);
+      std::vector<scalar_t> inv_wn;  // the M route takes unit rows and needs no norms
+      if (!M.defined()) {
+        inv_wn.resize(K);
+        inverse_row_norms<scalar_t>(W.data_ptr<scalar_t>(), K, d, inv_wn.data());
+      }
+      fused_loss_cpu_impl<scalar_t>(h, W, y, inv_wn.empty() ? nullptr : inv_wn.data(), S, M,
+                                    static_cast<scalar_t>(alpha), ignore_index, need_grad, gscale, rows, grad);
     }
     if (reduction == kNone) {
       loss = rows;
