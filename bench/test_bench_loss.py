@@ -36,9 +36,9 @@ ROUNDS = {
 # the paper loop takes seconds per step at K=1010 on CPU (1010 autograd subgraphs)
 SLOW_ROUNDS = {"paper_loop": {("cpu", "cifar"): (40, 2), ("cpu", "inat"): (9, 0), ("cuda", "inat"): (10, 1)}}
 
-CPU_PROVIDERS = ("fused", "eager", "compiled", "paper_loop", "torch_lce", "torch_lce_chunked", "gemm2")
-GPU_PROVIDERS = ("fused", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop", "sdpa",
-                 "liger", "torch_lce", "torch_lce_chunked", "gemm2")
+CPU_PROVIDERS = ("fused", "fused_ce", "eager", "compiled", "paper_loop", "torch_lce", "torch_lce_chunked", "gemm2")
+GPU_PROVIDERS = ("fused", "fused_ce", "fused_tuned", "fused_graph", "eager", "eager_graph", "compiled", "paper_loop",
+                 "sdpa", "liger", "torch_lce", "torch_lce_chunked", "gemm2")
 # providers kept as parameters on a torch that lacks them, so they show up as skipped with the reason
 SKIP_VISIBLY = ("torch_lce", "torch_lce_chunked")
 

@@ -45,6 +45,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def as_alpha(value, *, check_range: bool = True) -> float:
     """alpha as a Python float: an int, float, numpy or one-element torch number (never a str, bool or complex),
     in [0, 1] unless check_range is False (the native op checks the range itself)."""
+    if type(value) is float:  # the usual call, without the abstract-class checks below
+        if check_range and not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {value}")
+        return value
     if isinstance(value, torch.Tensor):
         ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
     else:
@@ -78,6 +82,8 @@ def cosine_scale_for(rule, num_classes: int, dim: int) -> float:
 
 def as_cosine_scale(value) -> float:
     """cosine_scale as a Python float: a finite real number > 0 (never a str or bool)."""
+    if type(value) is float and value > 0 and math.isfinite(value):  # the usual call, checked at once
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = float(value.detach())
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
@@ -399,11 +405,13 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
             similarity = w @ w.T
         else:
             similarity, gram = derive_similarity_or_gram(weight, features.dtype)
-    similarity = None if similarity is None else similarity.to(acc).contiguous()
+    if similarity is not None and (similarity.dtype != acc or not similarity.is_contiguous()):
+        similarity = similarity.to(acc).contiguous()  # a frame's S held by the modules is already both
     if gram is not None:  # the kernels' gradient 2 G u assumes a symmetric G; u^T G u is the same for (G + G^T) / 2
         gram = gram.to(acc)
         gram = ((gram + gram.transpose(0, 1)) * 0.5).contiguous()  # bit-identical for a symmetric G
-    weight = weight.to(features.dtype)
+    if weight.dtype != features.dtype:
+        weight = weight.to(features.dtype)
     if c == 1.0:
         return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)
     total = (1.0 - alpha) + alpha * c  # > 0, since c > 0
