@@ -182,13 +182,15 @@ def test_hxe_with_alpha_zero_unnormalised_is_cross_entropy():
 
 
 def test_soft_labels_tend_to_cross_entropy_as_beta_grows():
+    # |loss - CE| need not fall monotonically (the soft loss can cross CE at a small beta), but the target's mass
+    # off the label falls as exp(-beta / d_max), so the gap vanishes for large beta and is clear at beta = 1
+    g = torch.Generator().manual_seed(0)
     h = Hierarchy.builtin("cifar100")
-    z = torch.randn(8, 100, dtype=torch.float64)
-    y = torch.randint(0, 100, (8,))
+    z = torch.randn(8, 100, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 100, (8,), generator=g)
     ce = F.cross_entropy(z, y)
     gaps = [abs(float(hx.soft_label_loss(z, y, h, beta=b)) - float(ce)) for b in (1.0, 10.0, 100.0, 1000.0)]
-    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
-    assert gaps[-1] < 1e-12
+    assert gaps[0] > 1e-3 and gaps[2] < 1e-6 and gaps[3] < 1e-12, gaps
 
 
 def test_soft_label_gradient_is_the_kl_form():
