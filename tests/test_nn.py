@@ -264,7 +264,8 @@ def test_large_bare_frame_keeps_no_k_by_k_similarity_and_uses_the_d_by_d_route()
     h = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 5000, (6,))
     got = loss_fn(h, y)
-    want = ops.reference_loss(h, loss_fn.weight.double(), y, 0.4)
+    assert loss_fn.cosine_factor == 16 / 5000  # cosine_scale="auto" at d < K
+    want = ops.reference_loss(h, loss_fn.weight.double(), y, 0.4, cosine_scale=16 / 5000)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -319,7 +320,7 @@ def test_shared_loss_follows_the_classifier_it_was_built_from(frame):
         assert clf.gram is not None and torch.allclose(clf.gram, other.gram)
     h = torch.randn(6, d, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, K, (6,))
-    want = ops.reference_loss(h, other.weight.double(), y, 0.4)
+    want = ops.reference_loss(h, other.weight.double(), y, 0.4, cosine_scale=min(d, K) / K)  # "auto"
     assert loss_fn(h, y).item() == pytest.approx(want.item(), rel=1e-5)
 
 
