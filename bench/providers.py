@@ -344,7 +344,7 @@ def build_sdpa(case: Case, alpha: float = ALPHA):
         note = f"F.scaled_dot_product_attention default dispatch (efficient kernel refused: {str(exc)[:80]}); " \
                "lse via logsumexp(B x K); CE only"
         try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+            from torch.nn.attention import SDPBackend, sdpa_kernel
             with torch.no_grad():
                 q, k = h.detach()[None, None], W[None, None]
                 for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,

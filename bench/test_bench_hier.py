@@ -203,7 +203,8 @@ def test_hier_fwd_bwd(benchmark, shape, provider):
 # ----------------------------------------------------------------------------- sanity (not a benchmark)
 @pytest.mark.parametrize("kind,eager", [("hxe", "eager_hxe"), ("soft-labels", "eager_soft")])
 def test_eager_baselines_compute_the_fused_loss(kind, eager):
-    """The bench's dense-mask baselines give the fused op's loss and gradients (so the timings compare like for like)."""
+    """The bench's dense-mask baselines give the fused op's loss and gradients (so the timings compare like for
+    like)."""
     x, W, y, h = make_case(SHAPES["cifar"])
     got = hx.linear_hierarchical_loss(x, W, y, h, kind, alpha=ALPHA, beta=BETA)
     g_got = torch.autograd.grad(got, (x, W))

@@ -1,4 +1,5 @@
-"""HXE, soft labels and the fused trainable-classifier losses: float64 parity with brute-force formulas, limits, errors."""
+"""HXE, soft labels and the fused trainable-classifier losses: float64 parity with brute-force formulas, limits,
+errors."""
 
 import math
 import shutil
@@ -137,7 +138,8 @@ def check_random_tree(tree, backend):
 @settings(FAST, max_examples=10)
 @given(tree=trees(max_k=40, styles=("plain",)))
 def test_fused_linear_matches_the_formulas_on_random_trees(tree, backend):
-    """Balanced, star, caterpillar (depth K - 1) and random trees with unary chains (10 per backend; 50 with --runslow)."""
+    """Balanced, star, caterpillar (depth K - 1) and random trees with unary chains (10 per backend; 50 with
+    --runslow)."""
     check_random_tree(tree, backend)
 
 

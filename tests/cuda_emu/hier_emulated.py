@@ -1,4 +1,5 @@
-"""The CUDA kernel of the hierarchical losses, run on the CPU by the emulator of tests/cuda_emu, behind the host's logic.
+"""The CUDA kernel of the hierarchical losses, run on the CPU by the emulator of tests/cuda_emu, behind the host's
+logic.
 
 ``build()`` rewrites ``csrc/cuda/hier_loss_kernels.cu`` as ``emulated.py`` does for the fused loss (each
 ``kernel<<<...>>>(args)`` becomes ``emu::launch(kernel, ...)(args)``), links it with ``hier_bindings.cpp``
