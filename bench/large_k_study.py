@@ -6,7 +6,9 @@
 The trainer's own data, model and frame (``build_from_config``) with a plain SGD loop (momentum 0.9, the
 per-step cosine learning rate, batch 64, as ``haframe train``), and the knobs the study varied that the trainer
 does not expose: a fixed or learnable scale on the features (a logit scale), the type-II layer's width, an extra
-K-wide expansion block. Validation metrics after each epoch go to stdout and, as one JSON line per epoch, to
+K-wide expansion block, and the frame's node directions (``--align rho``: the class-mean offsets of
+haframe_ext.frame_align mixed with Gaussian ones, whitened or not; ``--align 1 --whiten`` is the trainer's
+``--frame-directions features``). Validation metrics after each epoch go to stdout and, as one JSON line per epoch, to
 ``--log``.
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_large_k import wordnet_subtree
 from haframe_ext import ops
 from haframe_ext.config import TrainConfig, build_from_config
+from haframe_ext.frame_align import class_feature_means, node_directions
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.metrics import StreamingEvaluator
 from haframe_ext.nn import TransformationLayerII
@@ -57,6 +60,37 @@ def taxonomy_files(spec: str, cache: str):
     return edges, classes
 
 
+def align_frame(model, crit, h, data, a):
+    """Replace the fixed frame by one whose node directions mix the initial features' node offsets (weight
+    --align) with Gaussian ones, optionally rotated towards the class means (--align-procrustes)."""
+    import numpy as np
+
+    tree, K = h.tree, h.num_classes
+    batches = [(data.inputs[j:j + 4096], data.targets[j:j + 4096]) for j in range(0, len(data), 4096)]
+    model.eval()
+    sums, counts = class_feature_means(lambda x: model.transform(model.backbone(x)), batches, K, len(data))
+    cl = crit.classifier
+    W = cl.weight.double().numpy()
+    s = tree.exact_s_min(a.gamma)
+    if a.align >= 0:
+        G = np.random.default_rng(a.seed + 17).standard_normal((tree.num_nodes, a.dim))
+        G /= np.linalg.norm(G, axis=1, keepdims=True)
+        G = np.sqrt(1 - a.align) * G + np.sqrt(a.align) * node_directions(h, sums, counts, a.seed, whiten=a.whiten)
+        W = tree.projected_frame(a.gamma, s, a.dim, a.seed, directions=G / np.linalg.norm(G, axis=1, keepdims=True))
+    if a.align_procrustes:  # the rotation R maximising tr(R^T W^T mu)
+        U, _, Vt = np.linalg.svd(W.T @ (sums / np.maximum(counts, 1)[:, None]), full_matrices=False)
+        W = W @ (U @ Vt)
+    state = cl.state_dict()
+    state["weight"] = torch.as_tensor(W, dtype=cl.weight.dtype)
+    cl.load_state_dict(state)
+    i, j = np.random.default_rng(0).integers(0, K, (2, 20000))
+    i, j = i[i != j], j[i != j]
+    got = (W[i] * W[j]).sum(1)
+    err = np.abs(got - tree.similarity_from_distances(a.gamma, s, tree.pair_distances(i, j)))
+    print(json.dumps(dict(align=a.align, whiten=a.whiten, gram_err=float(err.mean()), max_cos=float(got.max()))),
+          flush=True)
+
+
 def main(argv=None) -> int:
     """Train one configuration and log its validation metrics per epoch."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,6 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--learn-scale", action="store_true", help="learn that scale (no weight decay on it)")
     p.add_argument("--width", type=int, default=0, help="type-II layer width (default: the trainer's rule)")
     p.add_argument("--expand", type=int, default=0, help="append an Expand(dim, this) block to the type-II layer")
+    p.add_argument("--align", type=float, default=-1.0,
+                   help="rho in [0, 1]: rebuild the frame with node directions mixing the initial features' node "
+                        "offsets (weight rho) and Gaussian ones (the default -1 keeps the Gaussian frame)")
+    p.add_argument("--whiten", action="store_true", help="whiten the class means before taking node offsets")
+    p.add_argument("--align-procrustes", action="store_true", help="rotate the frame towards the class means")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=3)
@@ -98,6 +137,8 @@ def main(argv=None) -> int:
         model.transform = TransformationLayerII(old.in_features, K, a.dim, num_blocks=2, width=a.width)
     if fixed and a.expand:
         model.transform = nn.Sequential(model.transform, Expand(a.dim, a.expand))
+    if fixed and (a.align >= 0 or a.align_procrustes):
+        align_frame(model, crit, h, built["datasets"]["train"], a)
     log_s = nn.Parameter(torch.tensor(math.log(a.feat_scale)), requires_grad=a.learn_scale)
     groups = [{"params": [q for q in model.parameters() if q.requires_grad], "weight_decay": a.wd}]
     if a.learn_scale:

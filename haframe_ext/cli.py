@@ -126,6 +126,9 @@ _HELP = {
     "cosine_scale": "haframe/etf: multiplier of the cosine term: 'auto' (min(d, K) / K: 1 at the paper's d >= K, d/K "
                     "below it, where the summed term would outweigh the cross entropy K/d times), 'sum' (1 at every "
                     "d, the paper's formula) or a number > 0",
+    "frame_directions": "haframe with --feature-dim below K: the projected frame's node directions: 'features' (each "
+                        "node's offset in the whitened class means of the untrained model's features, so the frame "
+                        "starts where the network puts each class) or 'gaussian' (random); ignored at dim >= K",
     "hxe_alpha": "hxe: the term of the node at depth l weighs exp(-hxe_alpha * l) (0 with unnormalised weights is "
                  "cross-entropy), >= 0",
     "hxe_normalize": "hxe: divide the weights by their sum over all nodes, as the published code (trained with Adam) "

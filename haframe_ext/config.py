@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from .data import make_datasets
+from .frame_align import FRAME_DIRECTIONS
 from .hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
 from .ops import COSINE_SCALES, cosine_scale_for
@@ -48,6 +49,7 @@ class TrainConfig:
     alpha_schedule: str = "constant"
     alpha_period: Optional[float] = None
     cosine_scale: Union[str, float] = "auto"  # haframe/etf: cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
+    frame_directions: str = "features"      # haframe, dim < K: node directions from class-mean features or gaussian
     hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
     hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
     soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)
@@ -112,6 +114,9 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r} (--device)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}) (--min-lr, --lr)")
+        if self.frame_directions not in FRAME_DIRECTIONS:
+            raise ValueError(f"frame_directions must be one of {', '.join(FRAME_DIRECTIONS)}, got "
+                             f"{_shown(self.frame_directions)} (--frame-directions)")
         if self.distance_convention not in CONVENTIONS:
             raise ValueError(f"distance_convention must be one of {', '.join(CONVENTIONS)}, got "
                              f"{_shown(self.distance_convention)} (--distance-convention)")

@@ -114,12 +114,14 @@ class HAFrame:
 
     @classmethod
     def from_hierarchy(cls, h, gamma: float, s_min="exact", dim=None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, approximate=False) -> "HAFrame":
+                       dtype: torch.dtype = torch.float32, approximate=False, directions=None) -> "HAFrame":
         """Build the frame for a Hierarchy (or a builtin name) from its tree, with no K x K work when dim < K.
 
         s_min: "exact" (O(nodes)), "grid" (the paper's search; dense, K <= DENSE_MAX_K) or a float >= the
         exact value.  dim: default K; with dim >= K the frame is exact (K <= DENSE_MAX_K x 2 or so, as
         memory allows), with dim < K pass approximate=True (Gaussian projection) or "truncate".
+        directions: for the projection, [nodes, dim] unit node directions in place of the Gaussian
+        (``frame_align.aligned_frame`` builds them from class-mean features).
         """
         if isinstance(h, str) and h in BUILTIN_NAMES:
             h = Hierarchy.builtin(h)
@@ -131,6 +133,8 @@ class HAFrame:
         _check_dtype(dtype)
         check_two_classes(h)
         tree, K = h.tree, h.num_classes
+        if directions is not None and not (approximate is True and dim is not None and int(dim) < K):
+            raise ValueError("directions apply to the projected frame only: pass dim < K with approximate=True")
         if approximate == "truncate" or (isinstance(s_min, str) and s_min == "grid"):
             if K > DENSE_MAX_K:
                 raise ValueError(f"{'truncation' if approximate == 'truncate' else 's_min=grid'} needs the dense "
@@ -171,13 +175,13 @@ class HAFrame:
         elif not approximate:
             raise dim_error(dim, K, K)
         else:
-            W = tree.projected_frame(g, s, dim, seed)
+            W = tree.projected_frame(g, s, dim, seed, directions=directions)
         d = h.distances() if K <= DENSE_MAX_K else None  # [K, K], kept only up to DENSE_MAX_K classes
         S = None if d is None else similarity_matrix(d, g, s)
         frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g, distances=d, hierarchy=h)
         frame._check_classes_apart()
         if dim < K:
-            frame._measure(W, "projection", seed)
+            frame._measure(W, "projection" if directions is None else "aligned projection", seed)
         return frame
 
     @classmethod

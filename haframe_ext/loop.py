@@ -18,6 +18,8 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, loa
 from .config import TrainConfig, build_from_config
 from .distributed import DistContext, GlobalBatchSampler, derive_seed, gather_rng
 from .evaluation import crm_part, eval_loader, evaluate, neural_collapse, plain_part, valid_ks
+from .frame_align import align_model_frame
+from .hierarchy import Hierarchy
 from .nn import HAFrameLoss
 from .optim import (FeaturesOnly, autocast_factory, compute_loss, grad_norm, non_finite_state, param_groups,
                     seed_everything, set_lr, worker_init)
@@ -134,6 +136,27 @@ def _resume(run: _Run) -> None:
     run.good = (path, run.start_epoch)
 
 
+def _align_frame(run: _Run) -> None:
+    """A projected HAFrame (dim < K, from a tree) takes its node directions from the untrained model's class-mean
+    features (TrainConfig.frame_directions, haframe_ext.frame_align); the RNG streams are untouched."""
+    config, frame, dctx = run.config, run.built["frame"], run.dctx
+    tree = run.built["distances"]
+    if (config.frame_directions != "features" or config.method not in ("haframe", "haframe-ce") or frame is None
+            or frame.dim >= frame.num_classes or not isinstance(tree, Hierarchy)):
+        return
+    train_set = run.built["datasets"]["train"]
+    loader = torch.utils.data.DataLoader(train_set, batch_size=config.eval_batch_size, shuffle=False,
+                                         num_workers=config.num_workers, generator=torch.Generator())
+    with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
+        run.built["frame"] = align_model_frame(run.model, tree, loader, config.gamma, s_min=config.s_min,
+                                               seed=config.seed)
+    if dctx.enabled:  # every rank read the same samples; rank 0's frame is the one, to the last bit
+        cl = run.model.classifier
+        state = cl.state_dict()
+        torch.distributed.broadcast(state["weight"], 0)
+        cl.load_state_dict(state)
+
+
 def _network(run: _Run) -> nn.Module:
     """The module the step calls: the model (or its features only), in DDP under torchrun."""
     net = FeaturesOnly(run.model) if run.features_only else run.model
@@ -152,6 +175,7 @@ def run_training(config: TrainConfig, dctx: DistContext) -> Dict[str, Any]:
     dctx.barrier()
     seed_everything(derive_seed(config.seed, 0, dctx.rank))
     run = _setup(config, dctx)
+    _align_frame(run)  # before the resume too, so that run.built["frame"] is the checkpoint's frame
     _resume(run)
     run.net = _network(run)  # after the resume: DDP starts from the restored weights
     run.log = RunLog(run.out, dctx.main, config.tensorboard)

@@ -22,7 +22,7 @@ __all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_s
 # (the hierarchy, classes and distances files are compared by content, see inputs_digest, not by path)
 _RESUME_KEYS = ("method", "dataset", "backbone", "hidden", "depth", "widen_factor",
                 "feature_dim", "num_blocks", "gamma", "s_min", "alpha", "alpha_schedule", "alpha_period",
-                "cosine_scale", "hxe_alpha", "hxe_normalize", "soft_beta",
+                "cosine_scale", "frame_directions", "hxe_alpha", "hxe_normalize", "soft_beta",
                 "batch_size", "lr", "backbone_lr_scale", "min_lr", "warmup_epochs", "momentum", "weight_decay",
                 "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "eval_samples", "input_dim",
                 "difficulty", "distance_convention",

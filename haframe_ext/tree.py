@@ -223,17 +223,25 @@ class TreeOperator:
         F, t = self.frame_factor(gamma, s_min)
         return F.toarray() + t[None, :]
 
-    def projected_frame(self, gamma: float, s_min: float, dim: int, seed: int, dtype=np.float64) -> np.ndarray:
-        """The exact frame times a seeded Gaussian [n, dim], rows renormalised (Johnson-Lindenstrauss): [K, dim]."""
+    def projected_frame(self, gamma: float, s_min: float, dim: int, seed: int, dtype=np.float64,
+                        directions=None) -> np.ndarray:
+        """The exact frame times [n, dim] node directions, rows renormalised: [K, dim].
+
+        directions: None draws a seeded Gaussian (Johnson-Lindenstrauss), block by block; or an [n, dim] array of
+        unit rows, one direction per node (``frame_align.node_directions``).
+        """
         F, t = self.frame_factor(gamma, s_min)
         Fc = F.tocsc()
         n = self.num_nodes
+        if directions is not None and tuple(np.shape(directions)) != (n, dim):
+            raise ValueError(f"directions must be [nodes, dim] = [{n}, {dim}], got {tuple(np.shape(directions))}")
         rng = np.random.default_rng(seed)
         out = np.zeros((self.num_classes, dim), dtype=dtype)
         tg = np.zeros(dim)
         block = max(1, (1 << 24) // dim)
         for a in range(0, n, block):  # Gaussian rows drawn block by block: never [n, dim] at once
-            G = rng.standard_normal((min(block, n - a), dim))
+            m = min(block, n - a)
+            G = rng.standard_normal((m, dim)) if directions is None else np.asarray(directions[a:a + m], np.float64)
             out += (Fc[:, a:a + block] @ G).astype(dtype, copy=False)
             tg += t[a:a + block] @ G
         out += tg.astype(dtype)[None, :]

@@ -594,7 +594,7 @@ def test_large_k_run_forms_no_k_by_k_matrix(tmp_path, monkeypatch):
     res = train(cfg)
     for part in ("test", "test_crm"):
         assert {"top1", "mistake_severity", "hierdist@1", "hierdist@5", "hierdist@20"} <= set(res[part])
-    assert res["frame"]["approximation"]["method"] == "projection" and res["frame"]["convention"] == "published"
+    assert res["frame"]["approximation"]["method"] == "aligned projection" and res["frame"]["convention"] == "published"
     assert res["neural_collapse"]["angular_collapse_avg"] >= 0
     ck = load_checkpoint(tmp_path / "big" / "last.pt")
     sizes = [v.numel() for part in ("model", "loss") for v in ck[part].values() if isinstance(v, torch.Tensor)]
