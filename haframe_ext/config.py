@@ -19,7 +19,8 @@ from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, bui
 from .ops import COSINE_SCALES, cosine_scale_for
 from .sizes import check_memory
 
-__all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale", "distances_for",
+__all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale",
+           "checkpoint_frame_directions", "distances_for",
            "load_hierarchy"]
 
 
@@ -335,6 +336,15 @@ def checkpoint_cosine_scale(ck_cfg: Dict[str, Any], num_classes: int) -> Optiona
         return None
     d = ck_cfg.get("feature_dim") or num_classes
     return cosine_scale_for(ck_cfg.get("cosine_scale", "sum"), num_classes, d)
+
+
+def checkpoint_frame_directions(ck_cfg: Dict[str, Any], num_classes: int) -> Optional[str]:
+    """The node directions of a run's frame for K classes, or None where there are none (no tree-built HAFrame
+    below K); a checkpoint written before the field had Gaussian ones."""
+    d = ck_cfg.get("feature_dim") or num_classes
+    if ck_cfg.get("method") not in ("haframe", "haframe-ce") or ck_cfg.get("distances") or d >= num_classes:
+        return None
+    return ck_cfg.get("frame_directions", "gaussian")
 
 
 def checkpoint_convention(ck_cfg: Dict[str, Any]) -> str:

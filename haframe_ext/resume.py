@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint, set_rng_state, state_mismatch
-from .config import TrainConfig, checkpoint_convention, checkpoint_cosine_scale
+from .config import TrainConfig, checkpoint_convention, checkpoint_cosine_scale, checkpoint_frame_directions
 
 __all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_state"]
 
@@ -112,8 +112,10 @@ def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path
     cur = config.to_dict()
     if hierarchy is not None:  # the rules compare by the multiplier they give ("auto" and "sum" agree at d >= K)
         K = hierarchy.num_classes
-        ck_cfg = {**ck_cfg, "cosine_scale": checkpoint_cosine_scale(ck_cfg, K)}
+        ck_cfg = {**ck_cfg, "cosine_scale": checkpoint_cosine_scale(ck_cfg, K),
+                  "frame_directions": checkpoint_frame_directions(ck_cfg, K)}
         cur["cosine_scale"] = checkpoint_cosine_scale(cur, K)
+        cur["frame_directions"] = checkpoint_frame_directions(cur, K)
     diff = [k for k in _RESUME_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
     if diff:
         details = ", ".join(f"{k}: checkpoint {ck_cfg[k]!r} vs now {cur.get(k)!r}" for k in diff[:4])

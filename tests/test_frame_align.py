@@ -172,3 +172,14 @@ def test_trainer_aligns_by_default_below_k_checks_the_field_and_resumes_to_the_s
     gauss = train(_cfg(tmp_path, "gauss", frame_directions="gaussian"))
     assert gauss["frame"]["approximation"]["method"] == "projection"
     assert gauss["test"] != full["test"]
+
+
+def test_checkpoint_frame_directions_rule():
+    from haframe_ext.config import checkpoint_frame_directions as rule
+
+    assert rule({"method": "haframe", "feature_dim": 16}, 600) == "gaussian"  # written before the field
+    assert rule({"method": "haframe-ce", "feature_dim": 16, "frame_directions": "features"}, 600) == "features"
+    assert rule({"method": "haframe", "feature_dim": 600, "frame_directions": "features"}, 600) is None  # exact
+    assert rule({"method": "haframe", "feature_dim": None}, 600) is None
+    assert rule({"method": "etf", "feature_dim": 16}, 600) is None
+    assert rule({"method": "haframe", "feature_dim": 16, "distances": "d.npy"}, 600) is None
