@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -164,13 +165,83 @@ void block_epilogue(acc_t* z,              // [nr, K] logits in, G out
   }
 }
 
+// Loss and G (in place of the logits) of the rows of one block at alpha = 0: cross entropy alone, without the
+// cosine term's norms, S row or u, which alpha = 0 would weigh by zero.
+template <typename acc_t>
+void ce_block_epilogue(acc_t* z,          // [nr, K] logits in, G out
+                       const int64_t* y,  // [nr]
+                       int64_t nr, int64_t K, int64_t ignore_index, bool need_grad,
+                       acc_t gscale,      // gradient scale (1/n_valid for mean)
+                       acc_t* e,          // [K] scratch
+                       acc_t* loss) {     // [nr]
+  for (int64_t i = 0; i < nr; ++i) {
+    acc_t* zr = z + i * K;
+    const int64_t label = y[i];
+    if (label == ignore_index) {
+      loss[i] = 0;
+      if (need_grad) std::fill(zr, zr + K, acc_t(0));
+      continue;
+    }
+    acc_t s;
+    const acc_t lse = row_lse(zr, e, K, &s);
+    const acc_t z_y = zr[label];
+    if (need_grad) {
+      const acc_t inv_s = acc_t(1) / s;
+      for (int64_t k = 0; k < K; ++k) zr[k] = gscale * ce_grad_coef(e[k] * inv_s, k == label, acc_t(0));
+    }
+    // an Inf or NaN in h makes z_y non-finite and the row's cosines undefined: NaN, as the full loss gives
+    loss[i] = std::isfinite(z_y) ? row_loss(lse, z_y, acc_t(0), acc_t(0)) : acc_t(NAN);
+  }
+}
+
+// Rows per block: kCpuBlockBytes of logits with one thread, kCpuThreadedBlockBytes with several, up to
+// kCpuSerialBlockBytes when a small block would hold under kCpuMinRows rows; blocks of equal size, within a row.
+inline int64_t block_rows(int64_t B, int64_t K, int64_t elem_bytes, bool threaded) {
+  int64_t rows = rows_per_chunk(B, K, elem_bytes, kCpuBlockBytes);
+  if (rows < std::min<int64_t>(B, kCpuMinRows)) rows = rows_per_chunk(B, K, elem_bytes, kCpuSerialBlockBytes);
+  else if (threaded) rows = rows_per_chunk(B, K, elem_bytes, kCpuThreadedBlockBytes);
+  const int64_t nblocks = (B + rows - 1) / rows;
+  return (B + nblocks - 1) / nblocks;
+}
+
+// Rows [0, nr) of a block after its second GEMM: the M route's d x d term (u, v = u M: loss and gradient), or
+// the gather route's radial correction dh -= coef h.
+template <typename acc_t>
+void block_finish(const acc_t* h,       // [nr, d]
+                  const acc_t* u,       // [nr, d] M route, else nullptr
+                  const acc_t* v,       // [nr, d] M route: u M
+                  const int64_t* y,     // [nr]
+                  const acc_t* inv_n,   // [nr]
+                  const acc_t* coef,    // [nr] gather route
+                  int64_t nr, int64_t d, acc_t alpha, int64_t ignore_index, acc_t gscale,
+                  acc_t* loss,          // [nr]
+                  acc_t* g) {           // [nr, d] gradient rows, or nullptr
+  for (int64_t i = 0; i < nr; ++i) {
+    const acc_t* hr = h + i * d;
+    if (u) {
+      if (y[i] == ignore_index) continue;
+      const acc_t *ur = u + i * d, *vr = v + i * d;
+      const acc_t lcos = dot(ur, vr, d);
+      const acc_t hv = dot(hr, vr, d) * inv_n[i];
+      loss[i] += alpha * lcos;
+      if (g) {
+        acc_t* gr = g + i * d;
+        for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
+      }
+    } else if (coef[i] != 0) {
+      acc_t* gr = g + i * d;
+      for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
+    }
+  }
+}
+
 template <typename acc_t>
 void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
                          const at::Tensor& W,       // [K, d]
                          const at::Tensor& target,  // [B]
-                         const acc_t* inv_wn,       // [K] gather route, nullptr on the M route
-                         const at::Tensor& S,       // [K, K] or undefined
-                         const at::Tensor& M,       // [d, d] or undefined
+                         const acc_t* inv_wn,       // [K] gather route, else nullptr
+                         const at::Tensor& S,       // [K, K] gather route, or undefined
+                         const at::Tensor& M,       // [d, d] M route, or undefined (neither: CE only, alpha = 0)
                          acc_t alpha, int64_t ignore_index, bool need_grad, acc_t gscale,
                          at::Tensor& loss,          // [B]
                          at::Tensor& grad) {        // [B, d] or empty
@@ -178,13 +249,10 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   // below kCpuParallelMacs waking threads costs more than it saves
   const bool threaded = nthreads > 1 && B * K * d >= kCpuParallelMacs;
-  int64_t rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuBlockBytes);
-  if (rows < std::min<int64_t>(B, kCpuMinRows)) rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuSerialBlockBytes);
-  else if (threaded) rows = rows_per_chunk(B, K, sizeof(acc_t), kCpuThreadedBlockBytes);
+  const int64_t rows = block_rows(B, K, sizeof(acc_t), threaded);
   const int64_t nblocks = (B + rows - 1) / rows;
-  rows = (B + nblocks - 1) / nblocks;
-  const bool mroute = M.defined();
-  const acc_t* Sp = mroute ? nullptr : S.data_ptr<acc_t>();
+  const bool mroute = M.defined(), ce_only = !mroute && !S.defined();
+  const acc_t* Sp = S.defined() ? S.data_ptr<acc_t>() : nullptr;
   const acc_t* Wp = W.data_ptr<acc_t>();
   const int64_t* yp = target.data_ptr<int64_t>();
   acc_t* lossp = loss.data_ptr<acc_t>();
@@ -211,6 +279,11 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
     // softmax, CE and the cosine term of each row; G over its logits
     dynamic_chunks(nr, epi_chunk, threaded, [&] { return std::vector<acc_t>(K); },
                    [&](int64_t i0, int64_t i1, std::vector<acc_t>& e) {
+                     if (ce_only) {
+                       ce_block_epilogue<acc_t>(zp + i0 * K, yp + r0 + i0, i1 - i0, K, ignore_index, need_grad,
+                                                gscale, e.data(), lossp + r0 + i0);
+                       return;
+                     }
                      block_epilogue<acc_t>(zp + i0 * K, hp + i0 * d, yp + r0 + i0, inv_wn, Sp, Wp, i1 - i0, K, d,
                                            alpha, ignore_index, need_grad, gscale, e.data(), lossp + r0 + i0,
                                            coef.data() + i0, inv_n.data() + i0, up ? up + i0 * d : nullptr);
@@ -220,34 +293,19 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
       gb = rows_of(grad, r0, nr);
       at::mm_out(gb, z, W);
     }
+    // CE only, or the gather route without a gradient: the block is complete after the epilogue
+    if (ce_only || (!mroute && !need_grad)) continue;
     const acc_t* vp = nullptr;
     if (mroute) {
       at::Tensor v = rows_of(vbuf, 0, nr);
       at::mm_out(v, rows_of(ubuf, 0, nr), M);
       vp = v.data_ptr<acc_t>();
-    } else if (!need_grad) {
-      continue;  // the gather route's loss is complete after the epilogue
     }
     acc_t* gp = need_grad ? gb.data_ptr<acc_t>() : nullptr;
-    // after the second GEMM: the M route's d x d term, or the gather route's radial correction
     dynamic_chunks(nr, fin_chunk, threaded, [] { return 0; }, [&](int64_t i0, int64_t i1, int) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t* hr = hp + i * d;
-        if (mroute) {
-          if (yp[r0 + i] == ignore_index) continue;
-          const acc_t *ur = up + i * d, *vr = vp + i * d;
-          const acc_t lcos = dot(ur, vr, d);
-          const acc_t hv = dot(hr, vr, d) * inv_n[i];
-          lossp[r0 + i] += alpha * lcos;
-          if (need_grad) {
-            acc_t* gr = gp + i * d;
-            for (int64_t j = 0; j < d; ++j) gr[j] += gscale * mroute_grad(vr[j], hr[j], inv_n[i], hv, alpha);
-          }
-        } else if (coef[i] != 0) {
-          acc_t* gr = gp + i * d;
-          for (int64_t j = 0; j < d; ++j) gr[j] -= coef[i] * hr[j];
-        }
-      }
+      block_finish<acc_t>(hp + i0 * d, up ? up + i0 * d : nullptr, vp ? vp + i0 * d : nullptr, yp + r0 + i0,
+                          inv_n.data() + i0, coef.data() + i0, i1 - i0, d, alpha, ignore_index, gscale,
+                          lossp + r0 + i0, gp ? gp + i0 * d : nullptr);
     });
   }
 }
@@ -291,10 +349,12 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& features,   
   AT_DISPATCH_FLOATING_TYPES(acc, "haframe_fused_loss_cpu", [&] {
     const scalar_t gscale = reduction == kMean ? (n_valid > 0 ? scalar_t(1) / n_valid : scalar_t(0)) : scalar_t(1);
     if (B > 0) {
-      const at::Tensor S = similarity.has_value() ? similarity->contiguous() : at::Tensor();
-      const at::Tensor M = gram.has_value() ? gram->contiguous() : at::Tensor();
+      // alpha = 0 is cross entropy alone: S, M and the row norms are never read (ce_only, chosen once per call)
+      const bool ce_only = alpha == 0.0;
+      const at::Tensor S = similarity.has_value() && !ce_only ? similarity->contiguous() : at::Tensor();
+      const at::Tensor M = gram.has_value() && !ce_only ? gram->contiguous() : at::Tensor();
       std::vector<scalar_t> inv_wn;  // the M route takes unit rows and needs no norms
-      if (!M.defined()) {
+      if (S.defined()) {
         inv_wn.resize(K);
         inverse_row_norms<scalar_t>(W.data_ptr<scalar_t>(), K, d, inv_wn.data());
       }
