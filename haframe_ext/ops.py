@@ -371,7 +371,8 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
     (frozen: the fused op computes no weight gradient), target [B] int. ``similarity`` [K, K] (row y: the
     target cosines of label y) or ``gram`` [d, d] (weight.T @ weight, unit rows) should be passed when
     the loss is called repeatedly (see :func:`derive_similarity_or_gram`); without them one is derived
-    from the weight's current values on every call, which costs a K x d x K (or d x K x d) product.
+    from the weight's current values on every call, which costs a K x d x K (or d x K x d) product (none at
+    alpha = 0 on the CPU, where the op computes the cross entropy alone).
     alpha: a real number in [0, 1] (numpy and 0-dim tensors included); ignore_index: an int.
     cosine_scale: the cosine term's multiplier c > 0 (module docstring; :func:`cosine_scale_for` gives the
     rule the modules use). The native op computes ``t * fused(alpha')`` with ``t = (1 - alpha) + alpha c`` and
@@ -399,13 +400,16 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
             "weight.requires_grad is True: freeze it (weight.requires_grad_(False), or register it as a "
             "buffer), or pass backend='reference' to train the classifier with the plain-PyTorch loss")
     acc = _acc_dtype(features.dtype)
-    if similarity is None and gram is None:
+    if alpha == 0.0 and gram is None and features.device.type == "cpu":
+        # cross entropy alone: the CPU op reads no S (nor M), so zeros of stride 0 stand in (no K x K work or memory)
+        similarity = features.new_zeros((), dtype=acc).expand(weight.shape[0], weight.shape[0])
+    elif similarity is None and gram is None:
         if compiling:  # traced by torch.compile: no data-dependent route choice
             w = weight.detach().to(acc)
             similarity = w @ w.T
         else:
             similarity, gram = derive_similarity_or_gram(weight, features.dtype)
-    if similarity is not None and (similarity.dtype != acc or not similarity.is_contiguous()):
+    elif similarity is not None and (similarity.dtype != acc or not similarity.is_contiguous()):
         similarity = similarity.to(acc).contiguous()  # a frame's S held by the modules is already both
     if gram is not None:  # the kernels' gradient 2 G u assumes a symmetric G; u^T G u is the same for (G + G^T) / 2
         gram = gram.to(acc)
