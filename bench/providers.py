@@ -21,7 +21,8 @@ Providers (``PROVIDERS``):
   ``S`` (K x K, K <= S_MAX_K) or, for the large low-dimensional frames, the d x d gram ``M = W^T W``
   (the M route) is computed once here and passed in, see ``build_fused``.
 - ``fused_ce``: ``fused`` with ``alpha=0``, cross entropy only: the like-for-like row beside torch's
-  ``F.linear_cross_entropy`` (the op still computes the cosine quantities it would weigh by zero).
+  ``F.linear_cross_entropy`` (on the CPU the op then computes the cross entropy alone; the CUDA kernels still
+  compute the cosine quantities and weigh them by zero).
 - ``eager``: the straightforward vectorised PyTorch loss
   ``(1-a) CE(h W^T, y) + a mean_b sum_k (cos(h_b, w_k) - S[y_b, k])^2`` with ``F.normalize``.
   ``S`` is precomputed once when the shape keeps it (K <= ``S_MAX_K``); for the large low-dim frame the

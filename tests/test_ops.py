@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import haframe_ext as hx
 from haframe_ext import ops
@@ -483,3 +484,178 @@ def test_frame_similarity_equals_default_target():
     a = ops.haframe_loss(h, f.weight, y, similarity=f.similarity)
     b = ops.reference_loss(h, f.weight, y)
     torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- alpha = 0: cross entropy alone
+# On the CPU the op then computes no cosine-term quantity (csrc/cpu/fused_loss.cpp, ce_block_epilogue), and the
+# bare call derives no S or M: equal to the reference and F.cross_entropy, special rows as at alpha > 0.
+A0_ROUTES = ["gather", "m", "bare"]  # similarity=, gram=, neither
+A0_DTYPES = [torch.float64, torch.float32]
+A0_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+# (B, K, d): K = 3 with B = 1 and d = 5; batches with ignored rows; a K above the epilogue's 8 lanes
+A0_SHAPES = [(1, 3, 5), (7, 3, 5), (33, 50, 20), (70, 1010, 64)]
+
+
+def a0_inputs(B, K, d, dtype, seed=0, ignore=True):
+    """Unit-row weight (valid for gram=), features of norm ~3, labels with rows 0 and 3 ignored (when B > 3)."""
+    g = torch.Generator().manual_seed(seed)
+    w = F.normalize(torch.randn(K, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    h = (3 * torch.randn(B, d, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, K, (B,), generator=g)
+    if ignore and B > 3:
+        y[[0, 3]] = -100
+    return h, w, y
+
+
+def a0_route_kw(route, w, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    wa = w.to(acc)
+    return {"gather": {"similarity": wa @ wa.T}, "m": {"gram": wa.T @ wa}, "bare": {}}[route]
+
+
+def a0_loss_and_grad(h, w, y, backend, reduction="none", **kw):
+    hh = h.detach().clone().requires_grad_()
+    loss = ops.haframe_loss(hh, w, y, 0.0, reduction, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), hh.grad
+
+
+def a0_cross_entropy(h, w, y, reduction):
+    """F.cross_entropy(h @ W.T, y) in float64 on the same (rounded) inputs, and its feature gradient."""
+    hh = h.detach().double().requires_grad_()
+    loss = F.cross_entropy(hh @ w.double().T, y, reduction=reduction, ignore_index=-100)
+    loss.sum().backward()
+    return loss.detach(), hh.grad
+
+
+@needs_native
+@pytest.mark.parametrize("route", A0_ROUTES)
+@pytest.mark.parametrize("dtype", A0_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", A0_SHAPES, ids=lambda s: "B{}-K{}-d{}".format(*s))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_alpha0_native_equals_reference_and_cross_entropy(route, dtype, shape, reduction):
+    h, w, y = a0_inputs(*shape, dtype)
+    kw = a0_route_kw(route, w, dtype)
+    got_l, got_g = a0_loss_and_grad(h, w, y, "native", reduction, **kw)
+    ref_l, ref_g = a0_loss_and_grad(h, w, y, "reference", reduction, **kw)
+    ce_l, ce_g = a0_cross_entropy(h, w, y, reduction)
+    rtol = A0_RTOL[dtype]
+    torch.testing.assert_close(got_l, ref_l, rtol=rtol, atol=0)
+    torch.testing.assert_close(got_l.double(), ce_l, rtol=rtol, atol=0)
+    gscale = ce_g.abs().max().item()  # entries near 0 are compared at the gradient's own scale
+    torch.testing.assert_close(got_g, ref_g, rtol=rtol, atol=rtol * gscale)
+    torch.testing.assert_close(got_g.double(), ce_g, rtol=rtol, atol=rtol * gscale)
+    if shape[0] > 3:
+        assert (got_g[[0, 3]] == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("route", A0_ROUTES)
+@pytest.mark.parametrize("dtype", A0_DTYPES, ids=str)
+def test_alpha0_no_grad_forward_equals_the_forward_with_gradient(route, dtype):
+    h, w, y = a0_inputs(33, 50, 20, dtype)
+    kw = a0_route_kw(route, w, dtype)
+    with torch.no_grad():
+        plain = ops.haframe_loss(h, w, y, 0.0, "none", backend="native", **kw)
+    assert torch.equal(plain, a0_loss_and_grad(h, w, y, "native", **kw)[0])
+
+
+@needs_native
+@pytest.mark.parametrize("route", A0_ROUTES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_alpha0_gradcheck_float64(route, reduction):
+    h, w, y = a0_inputs(6, 3, 5, torch.float64, seed=1)
+    kw = a0_route_kw(route, w, torch.float64)
+    fn = lambda x: ops.haframe_loss(x, w, y, 0.0, reduction, backend="native", **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h.clone().requires_grad_(),))
+
+
+@needs_native
+@pytest.mark.parametrize("route", A0_ROUTES)
+@pytest.mark.parametrize("dtype", A0_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", [0.0, 1e-30, 1e-12])
+def test_alpha0_zero_norm_rows_are_log_k_with_the_uniform_gradient(route, dtype, norm):
+    h, w, y = a0_inputs(5, 7, 6, dtype, seed=2, ignore=False)
+    h[1] = norm
+    got_l, got_g = a0_loss_and_grad(h, w, y, "native", **a0_route_kw(route, w, dtype))
+    ref_l, ref_g = a0_loss_and_grad(h, w, y, "reference")
+    assert got_l[1].item() == pytest.approx(math.log(7), rel=A0_RTOL[dtype])
+    torch.testing.assert_close(got_l, ref_l, rtol=A0_RTOL[dtype], atol=0)
+    uniform = (w.double().T @ (torch.full((7,), 1 / 7, dtype=torch.float64) - F.one_hot(y[1], 7).double()))
+    torch.testing.assert_close(got_g[1].double(), uniform, rtol=A0_RTOL[dtype], atol=A0_RTOL[dtype])
+    torch.testing.assert_close(got_g, ref_g, rtol=A0_RTOL[dtype], atol=A0_RTOL[dtype])
+
+
+@needs_native
+@pytest.mark.parametrize("route", A0_ROUTES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_alpha0_nan_and_inf_rows_give_nan_as_at_alpha_above_zero(route, bad):
+    """A NaN or Inf feature gives that row a NaN loss and gradient, as at alpha > 0 (its cosines are undefined); the
+    other rows are the cross entropy, and sum and mean are NaN."""
+    h, w, y = a0_inputs(5, 6, 8, torch.float32, seed=7, ignore=False)
+    h[2, 1] = bad
+    kw = a0_route_kw(route, w, torch.float32)
+    got_l, got_g = a0_loss_and_grad(h, w, y, "native", **kw)
+    assert torch.isnan(got_l[2]) and torch.isnan(got_g[2]).all()
+    keep = [0, 1, 3, 4]
+    ce_l, ce_g = a0_cross_entropy(h[keep], w, y[keep], "none")
+    torch.testing.assert_close(got_l[keep].double(), ce_l, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_g[keep].double(), ce_g, rtol=1e-5, atol=1e-6)
+    for reduction in ("sum", "mean"):
+        assert torch.isnan(ops.haframe_loss(h, w, y, 0.0, reduction, backend="native", **kw))
+    assert torch.isnan(ops.haframe_loss(h, w, y, 0.0, "none", backend="reference")[2])
+
+
+@needs_native
+def test_alpha0_an_ignored_nan_row_is_never_read():
+    h, w, y = a0_inputs(4, 5, 6, torch.float32, seed=8, ignore=False)
+    h[1], y[1] = float("nan"), -100
+    for route in A0_ROUTES:
+        loss, grad = a0_loss_and_grad(h, w, y, "native", "mean", **a0_route_kw(route, w, torch.float32))
+        assert torch.isfinite(loss) and (grad[1] == 0).all() and torch.isfinite(grad).all()
+
+
+@needs_native
+def test_alpha0_nan_in_the_frame_makes_every_row_nan():
+    h, w, y = a0_inputs(4, 5, 6, torch.float32, seed=9, ignore=False)
+    w[3, 0] = float("nan")
+    assert torch.isnan(ops.haframe_loss(h, w, y, 0.0, "none", backend="native", similarity=torch.eye(5))).all()
+
+
+@needs_native
+def test_alpha0_similarity_and_gram_are_not_read_at_alpha_zero():
+    """At alpha = 0 the CPU op computes the cross entropy alone: a NaN similarity or gram leaves it finite (the
+    reference weighs its NaN cosine term by 0 and gives NaN); a gram with rows that are not unit is still refused."""
+    h, w, y = a0_inputs(6, 4, 5, torch.float64, seed=3)
+    ce = F.cross_entropy(h @ w.T, y, ignore_index=-100)
+    nan_s = torch.full((4, 4), float("nan"), dtype=torch.float64)
+    nan_m = torch.full((5, 5), float("nan"), dtype=torch.float64)
+    for kw in ({"similarity": nan_s}, {"gram": nan_m}):
+        torch.testing.assert_close(ops.haframe_loss(h, w, y, 0.0, backend="native", **kw), ce, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="gram= needs unit rows"):
+        ops.haframe_loss(h, 2 * w, y, 0.0, backend="native", gram=nan_m)
+
+
+@needs_native
+def test_alpha0_bare_call_derives_neither_s_nor_m(monkeypatch):
+    """haframe_loss(h, W, y, alpha=0) on the CPU computes no W W^T or W^T W: a 30,000-row weight whose S would
+    need 6.7 GiB (refused at alpha > 0) gives the cross entropy."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("derive_similarity_or_gram called at alpha = 0")
+
+    h, w, y = a0_inputs(9, 30000, 4, torch.float64, seed=4)
+    w = 2 * w  # rows that are not unit: no M route either
+    monkeypatch.setattr(ops, "derive_similarity_or_gram", refuse)
+    for c in (1.0, 0.5):  # cosine_scale leaves alpha at 0
+        got_l, got_g = a0_loss_and_grad(h, w, y, "native", "mean", cosine_scale=c)
+        ce_l, ce_g = a0_cross_entropy(h, w, y, "mean")
+        torch.testing.assert_close(got_l, ce_l, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got_g, ce_g, rtol=1e-12, atol=1e-12 * ce_g.abs().max().item())
+
+
+@needs_native
+def test_alpha0_compiled_bare_call_equals_eager():
+    h, w, y = a0_inputs(7, 3, 5, torch.float32, seed=5)
+    fn = torch.compile(lambda x: ops.haframe_loss(x, w, y, 0.0, backend="native"), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(h), ops.haframe_loss(h, w, y, 0.0, backend="native"), rtol=0, atol=0)
