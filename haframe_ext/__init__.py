@@ -9,6 +9,7 @@ from .native import native_available, native_error
 from . import hierarchy, frame, metrics, ops, nn
 from .hierarchy import Hierarchy, HierarchyError
 from .frame import HAFrame
+from .frame_align import aligned_frame, align_model_frame
 from .ops import haframe_loss
 from .hier_losses import (hxe_loss, soft_label_loss, linear_hierarchical_loss, HXELoss, SoftLabelLoss,
                           LinearHierarchicalLoss)
@@ -16,7 +17,7 @@ from .hier_losses import (hxe_loss, soft_label_loss, linear_hierarchical_loss, H
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hierarchy", "HierarchyError", "HAFrame", "haframe_loss",
+    "Hierarchy", "HierarchyError", "HAFrame", "aligned_frame", "align_model_frame", "haframe_loss",
     "hxe_loss", "soft_label_loss", "linear_hierarchical_loss", "HXELoss", "SoftLabelLoss", "LinearHierarchicalLoss",
     "hierarchy", "frame", "metrics", "ops", "nn",
     "native_available", "native_error", "__version__",
