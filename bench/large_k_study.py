@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.4)
     p.add_argument("--cos-scale", default="sum", help="auto, sum or a number (ops.cosine_scale_for)")
     p.add_argument("--feat-scale", type=float, default=1.0, help="features times this before the loss (logit scale)")
+    p.add_argument("--norm-scale", type=float, default=0.0,
+                   help="> 0: features normalised to this norm before the loss and the logits (a cosine classifier)")
     p.add_argument("--learn-scale", action="store_true", help="learn that scale (no weight decay on it)")
     p.add_argument("--width", type=int, default=0, help="type-II layer width (default: the trainer's rule)")
     p.add_argument("--expand", type=int, default=0, help="append an Expand(dim, this) block to the type-II layer")
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
             x, y = train.inputs[idx], train.targets[idx]
             if fixed:
                 f = model.transform(model.backbone(x)) * log_s.exp()
+                if a.norm_scale > 0:
+                    f = a.norm_scale * nn.functional.normalize(f, dim=1)
                 cl = crit.classifier
                 loss = ops.haframe_loss(f, cl.weight, y, alpha, similarity=cl.similarity, gram=cl.gram,
                                         cosine_scale=c)
