@@ -67,7 +67,7 @@ def pair_cosine_max(weight, threshold: float, block: int = 2048) -> dict:
 def tree_part(args, work: str) -> tuple[dict, str, str]:
     """Build and describe the tree; write its edges and classes; time the ``haframe hierarchy`` CLI."""
     from haframe_ext.hierarchy import Hierarchy
-    from haframe_ext.wordnet import PARENT_RULES
+    from haframe_ext.hierarchy.wordnet import PARENT_RULES
 
     out = {}
     for rule in PARENT_RULES:

@@ -7,7 +7,7 @@ The trainer's own data, model and frame (``build_from_config``) with a plain SGD
 per-step cosine learning rate, batch 64, as ``haframe train``), and the knobs the study varied that the trainer
 does not expose: a fixed or learnable scale on the features (a logit scale), the type-II layer's width, an extra
 K-wide expansion block, and the frame's node directions (``--align rho``: the class-mean offsets of
-haframe_ext.frame_align mixed with Gaussian ones, whitened or not; ``--align 1 --whiten`` is the trainer's
+haframe_ext.frame.align mixed with Gaussian ones, whitened or not; ``--align 1 --whiten`` is the trainer's
 ``--frame-directions features``). Validation metrics after each epoch go to stdout and, as one JSON line per epoch, to
 ``--log``.
 """
@@ -28,8 +28,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_large_k import wordnet_subtree
 from haframe_ext import ops
-from haframe_ext.config import TrainConfig, build_from_config
-from haframe_ext.frame_align import class_feature_means, node_directions
+from haframe_ext.frame.align import class_feature_means, node_directions
+from haframe_ext.training.config import TrainConfig, build_from_config
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.metrics import StreamingEvaluator
 from haframe_ext.nn import TransformationLayerII

@@ -26,7 +26,7 @@ WORDNET_ROOTS = {"artifact": 21939, "animal": 15388}  # WordNet 3.0 noun offsets
 def wordnet_subtree(name: str):
     """The Hierarchy of every leaf synset under a WordNet noun (first hypernyms; leaves: synsets no synset names)."""
     from haframe_ext.hierarchy import Hierarchy
-    from haframe_ext.wordnet import read_synsets
+    from haframe_ext.hierarchy.wordnet import read_synsets
 
     syn = read_synsets()
     parent = {off: next(iter(syn.get(off)[1]), None) for off in syn.lines}  # the first listed hypernym

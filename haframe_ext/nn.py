@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from .ops import fused as ops
 from .sizes import DENSE_MAX_K
 
 __all__ = [

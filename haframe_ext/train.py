@@ -1,10 +1,11 @@
 """Training entry points: :func:`train` (claims the run folder, reports errors, removes a folder a user error
 left empty) and the multi-seed runner :func:`run_seeds`.
 
-The loop itself lives in :mod:`haframe_ext.loop`, the configuration and builders in :mod:`haframe_ext.config`,
-evaluation in :mod:`haframe_ext.evaluation`, the run folder and its log in :mod:`haframe_ext.runlog`, resuming in
-:mod:`haframe_ext.resume`, the step's numerics in :mod:`haframe_ext.optim`, checkpoint files in
-:mod:`haframe_ext.checkpoint` and process groups in :mod:`haframe_ext.distributed`; the names users need
+The loop itself lives in :mod:`haframe_ext.training.loop`, the configuration and builders in
+:mod:`haframe_ext.training.config`, evaluation in :mod:`haframe_ext.training.evaluation`, the run folder and its log
+in :mod:`haframe_ext.training.runlog`, resuming in :mod:`haframe_ext.training.resume`, the step's numerics in
+:mod:`haframe_ext.training.optim`, checkpoint files in :mod:`haframe_ext.checkpoint` and process groups in
+:mod:`haframe_ext.training.distributed`; the names users need
 (:class:`TrainConfig`, :func:`evaluate_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointError`,
 :func:`load_hierarchy`, ...) are importable from here too.
 
@@ -60,17 +61,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from . import metrics as _metrics
+from .metrics import metrics as _metrics
 from .checkpoint import (CheckpointError, FolderInUseError, atomic_save, atomic_write_text, claim_folder,
                          load_checkpoint, release_folder)
-from .config import TrainConfig, build_from_config, checkpoint_convention, load_hierarchy
-from .data import DataError
-from .distributed import DistContext, DistributedError, GlobalBatchSampler, is_comm_error
-from .evaluation import evaluate_checkpoint
-from .loop import TrainingDivergedError, run_training
-from .optim import determinism
-from .runlog import (claim_run_folder, clean_json, earlier_run, new_folders, refuse_earlier_run, remove_new_folder,
-                     run_conflict, write_json)
+from .training.config import TrainConfig, build_from_config, checkpoint_convention, load_hierarchy
+from .training.data.common import DataError
+from .training.distributed import DistContext, DistributedError, GlobalBatchSampler, is_comm_error
+from .training.evaluation import evaluate_checkpoint
+from .training.loop import TrainingDivergedError, run_training
+from .training.optim import determinism
+from .training.runlog import (claim_run_folder, clean_json, earlier_run, new_folders, refuse_earlier_run,
+                              remove_new_folder, run_conflict, write_json)
 
 __all__ = [
     "TrainConfig", "train", "evaluate_checkpoint", "run_seeds", "load_checkpoint", "CheckpointError",

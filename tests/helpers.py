@@ -174,8 +174,8 @@ def raises_hierarchy_error(fn, *keywords):
 
 # ----------------------------------------------------------------------------- the tiny training run and its fault hook
 # A run that must be killed goes through FAULT, a wrapper script (written to tmp_path) that installs a timing hook
-# in haframe_ext.loop / haframe_ext.checkpoint and then calls haframe_ext.cli.main: the hook never changes a value,
-# it only stalls the process (so a test can SIGKILL it at a known point) or SIGKILLs it from inside a checkpoint
+# in haframe_ext.training.loop / haframe_ext.checkpoint and then calls haframe_ext.cli.main: the hook never changes a
+# value, it only stalls the process (so a test can SIGKILL it at a known point) or SIGKILLs it from inside a checkpoint
 # write.  Resumes and the uninterrupted baseline (conftest.py) run the plain ``python -m haframe_ext.cli``.
 REPO = Path(__file__).resolve().parents[1]
 TOY_EDGES = "".join(f"{p}\t{c}\n" for p, c in [
@@ -218,7 +218,7 @@ FAULT = textwrap.dedent('''
     from pathlib import Path
     import torch
     import haframe_ext.checkpoint as C
-    import haframe_ext.loop as L
+    import haframe_ext.training.loop as L
     from haframe_ext import cli
 
     mode, out, marker = os.environ["HF_FAULT"], Path(os.environ["HF_OUT"]), Path(os.environ["HF_MARKER"])

@@ -154,8 +154,8 @@ def test_the_reader_sees_every_import(tmp_path):
 PKG = Path(haframe_ext.__file__).resolve().parent
 
 
-# the one class allowed to subclass pickle.Unpickler, and where: it admits only numpy arrays (data/cifar.py)
-_RESTRICTED_UNPICKLERS = {("data/cifar.py", "CifarUnpickler")}
+# the one class allowed to subclass pickle.Unpickler, and where: it admits only numpy arrays (training/data/cifar.py)
+_RESTRICTED_UNPICKLERS = {("training/data/cifar.py", "CifarUnpickler")}
 _PICKLE_MODULES = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
 _PICKLE_READERS = ("load", "loads", "Unpickler", "open")
 
@@ -223,7 +223,7 @@ def test_package_source_never_unpickles_user_files():
         problems += _unpickling_problems(path.read_text(), path.relative_to(PKG).as_posix())
     assert not problems, problems
     scanned = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")}
-    assert {"data/cifar.py", "data/features.py"} <= scanned  # the loaders of user files are in the scan
+    assert {"training/data/cifar.py", "training/data/features.py"} <= scanned  # the loaders of user files are in the scan
 
 
 @pytest.mark.parametrize("source", [
@@ -249,6 +249,6 @@ def test_unpickling_guard_admits_the_safe_forms():
               "class CifarUnpickler(pickle.Unpickler):\n    pass\n"
               "torch.load(p, map_location='cpu', weights_only=True)\nnp.load(p, allow_pickle=False)\n"
               "raise pickle.UnpicklingError('no')\n")
-    assert _unpickling_problems(source, "data/cifar.py") == []
+    assert _unpickling_problems(source, "training/data/cifar.py") == []
     assert len(_unpickling_problems(source, "data/images.py")) == 1  # the same class elsewhere is not allowed
 

@@ -22,7 +22,7 @@ import torch
 
 import haframe_ext.train as T
 from haframe_ext.checkpoint import CHECKPOINT_FORMAT, FolderInUseError, seal_checkpoint
-from haframe_ext.runlog import RUN_FILES
+from haframe_ext.training.runlog import RUN_FILES
 from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
 from helpers import REPO, env, sha, write_inputs
 from helpers import damage_checkpoint as _damage

@@ -1,4 +1,4 @@
-"""Tests for haframe_ext.cli and haframe_ext.commands: every user mistake at the command line gives exactly
+"""Tests for haframe_ext.cli and haframe_ext.cli.commands: every user mistake at the command line gives exactly
 one line on stderr (``haframe: error: ...``), no traceback, exit code 2 — checked by running the
 console module in child processes, the way a user does.
 
@@ -323,7 +323,7 @@ XFAIL = {}  # case id -> reason, for a strict xfail while a bug is open (bugs 10
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
 import torch._inductor, tqdm.auto, scipy.linalg  # imported lazily by the trainer: pay for them once, here
-import haframe_ext, haframe_ext.train, haframe_ext.data, haframe_ext.models  # the expensive imports, once
+import haframe_ext, haframe_ext.train, haframe_ext.training.data, haframe_ext.training.models  # the expensive imports
 cases, folder = json.load(open(sys.argv[1])), sys.argv[2]
 codes = {}
 for cid, argv in cases:

@@ -1,4 +1,4 @@
-"""``haframe compare`` (haframe_ext/compare.py): methods x seeds with the same trainer, reuse and resume of runs,
+"""``haframe compare`` (haframe_ext/cli/compare.py): methods x seeds with the same trainer, reuse and resume of runs,
 the summary table, compare.json / compare.md / compare.png, and its user errors; the demo built on it (demo.py)."""
 
 import json
@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-import haframe_ext.compare as C
+import haframe_ext.cli.compare as C
 from haframe_ext.cli import main
-from haframe_ext.compare import compare, compare_figure, parse_methods
-from haframe_ext.demo import DEMO_METHODS, demo
+from haframe_ext.cli.compare import compare, compare_figure, parse_methods
+from haframe_ext.cli.demo import DEMO_METHODS, demo
 from haframe_ext.train import TrainConfig
 from helpers import toy_config, write_inputs
 

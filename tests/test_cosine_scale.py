@@ -144,7 +144,7 @@ def test_config_refuses_a_bad_cosine_scale_naming_the_flag(tmp_path, value):
 
 def test_cli_parses_rules_and_numbers():
     from haframe_ext.cli import build_parser
-    from haframe_ext.commands import UserError
+    from haframe_ext.cli.commands import UserError
 
     p = build_parser()
     assert p.parse_args(["train", "--cosine-scale", "sum"]).cosine_scale == "sum"
@@ -155,7 +155,7 @@ def test_cli_parses_rules_and_numbers():
 
 @pytest.mark.parametrize("dim,rule,want", [(None, "auto", 1.0), (4, "auto", 0.5), (4, "sum", 1.0), (4, 0.1, 0.1)])
 def test_the_trainer_builds_the_loss_with_the_rule(tmp_path, dim, rule, want):
-    from haframe_ext.config import build_from_config
+    from haframe_ext.training.config import build_from_config
 
     cfg = _run_config(tmp_path, cosine_scale=rule, feature_dim=dim)
     cfg.validate()
@@ -176,7 +176,7 @@ def _checkpoint_without_the_field(out):
 
 def test_an_old_checkpoint_resumes_at_the_paper_setting_and_is_refused_where_the_rule_changes_the_loss(tmp_path):
     from haframe_ext.checkpoint import CheckpointError
-    from haframe_ext.config import TrainConfig
+    from haframe_ext.training.config import TrainConfig
     from haframe_ext.train import train
 
     cfg = _run_config(tmp_path)  # d = K = 8: "auto" and the old sum give the same loss

@@ -1,4 +1,4 @@
-"""Tests for haframe_ext.data: synthetic hierarchical data, CIFAR-100 files with the restricted
+"""Tests for haframe_ext.training.data: synthetic hierarchical data, CIFAR-100 files with the restricted
 unpickler, ImageFolder trees and feature files."""
 
 import pickle
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from haframe_ext.data import (CIFAR100, CifarUnpickler, DataError, FeaturesDataset, ImageFolderDataset,
+from haframe_ext.training.data import (CIFAR100, CifarUnpickler, DataError, FeaturesDataset, ImageFolderDataset,
                               SyntheticHierarchical, check_labels, load_cifar_pickle, load_features,
                               make_datasets, random_crop_flip)
 from haframe_ext.hierarchy import Hierarchy
@@ -298,7 +298,7 @@ PUBLIC_NAMES = {"DataError", "ArrayDataset", "SyntheticHierarchical", "CIFAR100"
 
 
 def test_the_data_package_exports_the_same_public_names():
-    import haframe_ext.data as data
+    import haframe_ext.training.data as data
 
     assert set(data.__all__) == PUBLIC_NAMES
     assert all(hasattr(data, name) for name in PUBLIC_NAMES)
@@ -310,7 +310,7 @@ def test_frames_and_checkpoints_do_not_import_the_datasets():
     import sys
 
     code = ("import sys, haframe_ext.frame, haframe_ext.checkpoint, haframe_ext.safe_load; "
-            "print(sorted(m for m in sys.modules if m.startswith('haframe_ext.data')))")
+            "print(sorted(m for m in sys.modules if m.startswith('haframe_ext.training.data')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
@@ -389,7 +389,7 @@ class _ReconstructNonArray:
 @pytest.mark.parametrize("attack", ["os.system-p0", "os.system-p2", "os.system-p5", "subprocess.Popen", "exec",
                                     "nested-in-list", "in-meta", "reconstruct-non-ndarray"])
 def test_cifar_loader_refuses_malicious_pickles_without_side_effects(tmp_path, attack):
-    from haframe_ext.data import CIFAR100
+    from haframe_ext.training.data import CIFAR100
 
     root = tmp_path / "cifar-100-python"
     _fake_cifar(root)
@@ -423,7 +423,7 @@ def test_cifar_malicious_pickle_through_the_cli_is_one_line_and_inert(tmp_path):
 
 
 def test_features_files_with_pickled_code_are_refused_without_side_effects(tmp_path):
-    from haframe_ext.data import load_features
+    from haframe_ext.training.data import load_features
 
     marker = tmp_path / "PWNED"
     torch.save({"features": torch.zeros(4, 3), "labels": torch.zeros(4, dtype=torch.long), "x": _Evil(marker)},

@@ -12,7 +12,7 @@ on one rank's half of the data 0.26), per-epoch train loss within 3 % relative, 
 equal a single-process evaluation of the same checkpoint.
 
 Faults. The trainer has no fault-injection switch, so a wrapper script (written to tmp_path) patches
-``haframe_ext.loop.compute_loss`` to make rank 1 ``os._exit(1)`` (or sleep) at its second step and then
+``haframe_ext.training.loop.compute_loss`` to make rank 1 ``os._exit(1)`` (or sleep) at its second step and then
 calls ``haframe_ext.cli.main``.
 """
 
@@ -180,7 +180,7 @@ def test_a_job_into_a_folder_in_use_is_refused_on_every_rank_in_rank_0s_words(tm
 # ----------------------------------------------------------------------------- a rank that dies or hangs
 FAULT = textwrap.dedent('''
     import os, sys, time
-    import haframe_ext.loop as L
+    import haframe_ext.training.loop as L
     from haframe_ext import cli
 
     mode, rank = os.environ["HF_FAULT"], int(os.environ.get("RANK", "0"))

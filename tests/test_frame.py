@@ -444,7 +444,7 @@ def test_integer_frames_and_non_number_gammas_are_refused(kw, error):
 def test_a_json_hierarchy_file_is_read_as_nested_json(tmp_path, capsys):
     """Issue 22 item 14: a .json hierarchy given to the CLI (and load_hierarchy) is nested JSON, not an edge list."""
     from haframe_ext.cli import main
-    from haframe_ext.config import load_hierarchy
+    from haframe_ext.training.config import load_hierarchy
 
     (tmp_path / "t.json").write_text('{"root": {"a": ["x", "y"], "b": ["z", "w"]}}')
     assert load_hierarchy(str(tmp_path / "t.json")).classes == ["w", "x", "y", "z"]

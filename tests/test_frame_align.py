@@ -1,4 +1,4 @@
-"""haframe_ext.frame_align: node directions from class-mean features against a loop-by-node reference, the
+"""haframe_ext.frame.align: node directions from class-mean features against a loop-by-node reference, the
 aligned frame's geometry, the model hook, and the trainer's --frame-directions (docs/design.md 2d)."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from haframe_ext.config import TrainConfig
+from haframe_ext.training.config import TrainConfig
 from haframe_ext.frame import HAFrame
-from haframe_ext.frame_align import align_model_frame, aligned_frame, class_feature_means, node_directions
+from haframe_ext.frame.align import align_model_frame, aligned_frame, class_feature_means, node_directions
 from haframe_ext.hierarchy import Hierarchy
-from haframe_ext.models import build_frame, build_model
+from haframe_ext.training.models import build_frame, build_model
 from haframe_ext.nn import HAFrameLoss
 from haframe_ext.train import train
 
@@ -175,7 +175,7 @@ def test_trainer_aligns_by_default_below_k_checks_the_field_and_resumes_to_the_s
 
 
 def test_checkpoint_frame_directions_rule():
-    from haframe_ext.config import checkpoint_frame_directions as rule
+    from haframe_ext.training.config import checkpoint_frame_directions as rule
 
     assert rule({"method": "haframe", "feature_dim": 16}, 600) == "gaussian"  # written before the field
     assert rule({"method": "haframe-ce", "feature_dim": 16, "frame_directions": "features"}, 600) == "features"

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from haframe_ext.cli import main
-from haframe_ext.hier_metrics import DEFAULT_COMPARE_METRICS, fit_temperature, ranked
+from haframe_ext.metrics.hierarchical import DEFAULT_COMPARE_METRICS, fit_temperature, ranked
 from haframe_ext.hierarchy import BUILTIN_NAMES, Hierarchy
 from haframe_ext.metrics import StreamingEvaluator, evaluate
 from helpers import FAST, trees
@@ -334,7 +334,7 @@ def test_eval_refusals(baseline, capsys, extra, fragment):
 
 
 def test_calibrate_without_a_validation_split_is_refused(baseline, monkeypatch):
-    import haframe_ext.evaluation as E
+    import haframe_ext.training.evaluation as E
 
     real = E.build_from_config
 

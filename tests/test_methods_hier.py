@@ -1,4 +1,4 @@
-"""The baseline methods in the trainer: hxe, soft-labels and multi-level (haframe_ext/baselines.py, models.py,
+"""The baseline methods in the trainer: hxe, soft-labels and multi-level (haframe_ext/training/baselines.py, models.py,
 config.py): their heads, losses, config fields, training runs and checkpoints."""
 
 import json
@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from haframe_ext.baselines import HeadLoss, MultiLevelHead, MultiLevelLoss, level_targets
+from haframe_ext.training.baselines import HeadLoss, MultiLevelHead, MultiLevelLoss, level_targets
 from haframe_ext.checkpoint import CheckpointError, load_checkpoint
 from haframe_ext.cli import main
-from haframe_ext.config import TrainConfig, build_from_config
-from haframe_ext.hier_losses import hxe_loss, soft_label_loss
+from haframe_ext.training.config import TrainConfig, build_from_config
+from haframe_ext.ops.hier_losses import hxe_loss, soft_label_loss
 from haframe_ext.hierarchy import Hierarchy
-from haframe_ext.models import METHODS, build_loss, build_model
+from haframe_ext.training.models import METHODS, build_loss, build_model
 from haframe_ext.train import evaluate_checkpoint, train
 from helpers import TOY_EDGES
 
@@ -77,7 +77,7 @@ def test_multilevel_loss_is_the_sum_of_per_level_cross_entropies(tree, B):
 
 
 def test_multilevel_heads_that_cannot_fit_are_refused_naming_the_size(monkeypatch):
-    import haframe_ext.baselines as B
+    import haframe_ext.training.baselines as B
 
     monkeypatch.setattr(B, "available_memory", lambda: 10_000)
     h = TREES["toy"]()  # 2 + 4 + 8 nodes: 14 x (16 + 1) x 12 bytes = 2,856 fits; width 64 does not

@@ -1,4 +1,4 @@
-"""Tests for haframe_ext.nn and haframe_ext.models: fixed-frame classifier, transformation layers,
+"""Tests for haframe_ext.nn and haframe_ext.training.models: fixed-frame classifier, transformation layers,
 alpha schedules, the HAFrame loss module and the model factory."""
 
 import math
@@ -10,9 +10,9 @@ import torch.nn as nn
 from haframe_ext import ops
 from haframe_ext.frame import HAFrame
 from haframe_ext.hierarchy import Hierarchy
-from haframe_ext.models import (METHODS, build_backbone, build_loss, build_model, mlp, resnet50, small_cnn,
+from haframe_ext.training.models import (METHODS, build_backbone, build_loss, build_model, mlp, resnet50, small_cnn,
                                 wide_resnet28)
-from haframe_ext.optim import compute_loss
+from haframe_ext.training.optim import compute_loss
 from haframe_ext.nn import (SCHEDULES, FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI,
                             TransformationLayerII, alpha_at)
 

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import haframe_ext as hx
 from haframe_ext import ops
+from haframe_ext.ops import fused
 from helpers import make_inputs
 
 pytestmark = pytest.mark.skipif(not hx.native_available(), reason="compiled extension not built")
@@ -202,7 +203,7 @@ def test_python_constants_match_the_cpp_ones():
     assert ops.UNIT_ROW_TOL == _cpp_constant("csrc/fused_loss_checks.h", "kUnitRowTol")
     enum = re.search(r"enum Reduction : int64_t \{([^}]*)\}", (ROOT / "csrc/fused_loss_checks.h").read_text())
     codes = {name.lower(): int(v) for name, v in re.findall(r"k(\w+)\s*=\s*(\d+)", enum.group(1))}
-    assert codes == ops._REDUCTION_CODE == {"none": 0, "mean": 1, "sum": 2}
+    assert codes == fused._REDUCTION_CODE == {"none": 0, "mean": 1, "sum": 2}
     emulated = pytest.importorskip("cuda_emu.emulated")  # the CUDA host's replay uses the same numbers
     assert emulated.EPS == ops.EPS
     assert emulated.CHUNK_BYTES == _cpp_constant("csrc/cuda/fused_loss_host.cpp", "kCudaChunkBytes")

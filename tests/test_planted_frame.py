@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import haframe_ext.frame as frame_module
-import haframe_ext.frame_quality as quality_module
+import haframe_ext.frame.frame as frame_module
+import haframe_ext.frame.quality as quality_module
 from haframe_ext.frame import HAFrame, grid_s_min
 from haframe_ext.hierarchy import Hierarchy
 from helpers import brute_similarity, brute_tree_distances

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from haframe_ext.hierarchy import Hierarchy
-from haframe_ext.resume import inputs_digest
+from haframe_ext.training.resume import inputs_digest
 from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
 from helpers import EPOCHS, TOY_EDGES, brute_tree_distances
 from helpers import toy_train_config as _round2_config

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from haframe_ext.config import build_from_config
+from haframe_ext.training.config import build_from_config
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.train import evaluate_checkpoint, load_checkpoint, train
 from helpers import EPOCHS, brute_similarity, brute_tree_distances

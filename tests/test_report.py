@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haframe_ext import Hierarchy, cli
-from haframe_ext.report import convention_changes, hierarchy_summary
+from haframe_ext.cli.report import convention_changes, hierarchy_summary
 
 
 def brute_changes(h: Hierarchy) -> int:

@@ -1,4 +1,4 @@
-"""Tests for haframe_ext.resume: SIGKILL mid-epoch or mid-checkpoint then --resume, bit for bit on CPU; the
+"""Tests for haframe_ext.training.resume: SIGKILL mid-epoch or mid-checkpoint then --resume, bit for bit on CPU; the
 fallback to prev.pt; resume compares the class list and tree by content (RELIABILITY.md sections 14, 15 and 21).
 
 Killed runs go through helpers.FAULT; ``baseline`` (one uninterrupted run) and ``two_epochs`` come from

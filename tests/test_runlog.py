@@ -1,6 +1,6 @@
-"""Tests for haframe_ext.runlog: the epoch line."""
+"""Tests for haframe_ext.training.runlog: the epoch line."""
 
-from haframe_ext.runlog import epoch_line
+from haframe_ext.training.runlog import epoch_line
 from haframe_ext.train import TrainConfig
 
 

@@ -1,4 +1,4 @@
-"""Tests for haframe_ext.tree and the large-K paths built on it: every tree product against the dense path."""
+"""Tests for haframe_ext.hierarchy.tree and the large-K paths built on it: every tree product against the dense path."""
 
 import numpy as np
 import pytest

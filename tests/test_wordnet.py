@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from haframe_ext import Hierarchy, cli
 from haframe_ext.hierarchy import HierarchyError
-from haframe_ext.wordnet import find_wordnet, wordnet_search_paths
+from haframe_ext.hierarchy.wordnet import find_wordnet, wordnet_search_paths
 
 HEADER = ("  1 This software and database is being provided to you, the LICENSEE, by  \n"
           "  2 Princeton University under the following license.  \n")
@@ -200,7 +200,7 @@ def test_other_spellings_of_an_id_name_the_class_by_its_id(tmp_path):
 
 # ----------------------------------------------------------------------------- mistakes
 def test_missing_wordnet_names_where_it_looked_and_how_to_install(tmp_path, monkeypatch):
-    import haframe_ext.wordnet as wn
+    import haframe_ext.hierarchy.wordnet as wn
 
     monkeypatch.setattr(wn, "wordnet_search_paths", lambda: [str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(HierarchyError) as info:

@@ -1,0 +1,528 @@
+"""Evaluation metrics: top-1, mistake severity, HierDist@k, the hierarchical metrics of the published codebases,
+calibration, CRM re-ranking, neural-collapse diagnostics, seed summaries.
+
+Keys of ``evaluate`` (d the class distances, d_max the largest, ``top_j`` the j-th ranked class, ``sim = 1 -
+d / d_max``, k in ``ks``; ties in the scores go to the lowest class index, as a stable descending sort):
+
+- ``top1``: percentage of samples with top_1 == y.
+- ``mistake_severity``: mean of d[y, top_1] over the mistakes; 0.0 when there are none (an empty mean,
+  reported as 0 so that summaries over seeds stay finite).
+- ``hierdist@k``: mean over samples of the mean of d[y, top_j] over j <= k.
+- ``best@k`` ("Making Better Mistakes", MBM): mean over samples of min_{j<=k} d[y, top_j].
+- ``mistakes@k`` (MBM): mean of d[y, top_j] over j <= k and over the samples whose top_1 is wrong (0.0 if none).
+- ``hprecision@k`` (MBM): sum over samples of sum_{j<=k} sim[y, top_j], divided by the sum over samples of
+  the k largest values of sim[y, :] (each sample's own row; the MBM code divides by the best values over
+  all K rows whatever the batch holds, a slip not copied here).
+- ``hmap@k`` (MBM): mean of hprecision@k' over k' = 1..k.
+- ``hops@k`` (Sani & Anand, "Hier-COS", CVPR 2026, arXiv:2503.07853): the Hierarchically Ordered Preference
+  Score in [0, 1], mean over samples; see :func:`haframe_ext.metrics.hierarchical.hops_scores`.  ``hops@K`` (K in
+  ks) is the paper's HOPS over the whole ranking.
+- ``ece`` / ``mce``: expected / maximum calibration error of the top-1 softmax confidence over 15
+  equal-width bins of (0, 1] (fractions, not percent); ``calibrated_ece`` / ``calibrated_mce`` and
+  ``temperature`` as well when a temperature T != 1 is given (then CRM uses softmax(logits / T)).
+- ``hier_precision`` / ``hier_recall`` / ``hier_f1`` (Kiritchenko et al.; micro-averaged): with A(c) the
+  tree nodes from the root's child down to class c, sum |A(top_1) & A(y)| / sum |A(top_1)|, the same over
+  sum |A(y)|, and 2PR / (P + R).  Hierarchy input only.
+- ``severity_histogram``: list, entry h - 1 = the number of top-1 mistakes at distance (LCA height) h, for
+  h = 1..d_max.  Integer distances with d_max <= ``HISTOGRAM_MAX_BINS`` only.
+- ``level_accuracy``: list, entry l - 1 = the fraction of samples whose top_1 shares y's ancestor at depth
+  l, l = 1..D (classes padded down to the deepest class's depth D, as the published convention does, so
+  the last entry is top-1 as a fraction).  Hierarchy input only.
+- ``crm_*``: the ranking metrics again after conditional risk minimisation re-ranking (``crm``).
+
+k must not exceed K (the default ks are those of ``DEFAULT_KS`` up to K).  Every distances argument accepts
+whatever ``hierarchy.as_distance_matrix`` does, and a :class:`~haframe_ext.hierarchy.Hierarchy` is used through
+its tree (``Hierarchy.tree``: LCA queries for the pairs a metric needs, a label's distance profile from its
+ancestors, tree sums for CRM), so no K x K matrix is formed at any K; the distances follow the hierarchy's
+convention.  Sums are kept in units of d_max, so distances up to the float64 maximum neither overflow nor lose
+the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.stats
+import torch
+
+from .hierarchical import (CALIBRATION_BINS, TreeProfiles, calibration_errors, calibration_sums, dense_profiles,
+                           hops_scores, ideal_positions, ranked, top_confidence)
+from ..hierarchy.hierarchy import Hierarchy, as_distance_matrix
+from ..sizes import DENSE_MAX_K
+
+__all__ = ["evaluate", "StreamingEvaluator", "crm", "neural_collapse", "summarize_seeds", "format_table",
+           "format_report", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
+
+DEFAULT_KS = (1, 5, 20)  # the k of the @k metrics when none are given (those up to K)
+HISTOGRAM_MAX_BINS = 4096  # the most distance values severity_histogram lists (integer distances only)
+_CHUNK_ENTRIES = 1 << 22  # rows per internal chunk: at most this many scores at once
+
+
+class _Distances:
+    """Class distances divided by d_max, from a dense matrix or a tree: pair lookups and CRM expected costs."""
+
+    def __init__(self, distances) -> None:
+        if isinstance(distances, Hierarchy):
+            self.tree, self.dense = distances.tree, None
+            self.num_classes, self.scale = distances.num_classes, distances.tree.d_max
+            t = distances.tree
+            self.key = ("tree", hashlib.sha256(t.parent.tobytes() + t.level.tobytes() + t.class_idx.tobytes()).digest())
+            self.profiles_of = TreeProfiles(t)
+            integer = True
+        else:
+            d = as_distance_matrix(distances)  # [K, K] int64 when integer-valued
+            integer = d.dtype.kind == "i"
+            d = d.astype(np.float64)
+            self.tree, self.num_classes = None, d.shape[0]
+            self.scale = float(d.max()) or 1.0
+            self.dense = d / self.scale
+            self.key = ("dense", self.scale, self.dense.tobytes())  # the scale too: d and 2 d share self.dense
+            self.profiles_of = None
+        # severity_histogram bins: one per integer distance 1..d_max, where that list is short enough
+        self.histogram_bins = int(self.scale) if integer and self.scale <= HISTOGRAM_MAX_BINS else 0
+        self._on: dict = {}  # device -> [K, K] float64 tensor
+
+    def profiles(self, labels: np.ndarray):
+        """(values [u, G] ascending distances / d_max, inf-padded; counts [u, G]) of labels [u]: each sorted row."""
+        if self.profiles_of is not None:
+            return self.profiles_of.profiles(labels, self.scale)
+        return dense_profiles(self.dense, labels)
+
+    def _dense_on(self, device) -> torch.Tensor:
+        """The scaled dense matrix on device (cached)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = torch.as_tensor(self.dense, device=device)
+        return self._on[key]
+
+    def pairs(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """d[i, j] / d_max for label tensors of one shape, float64 on their device."""
+        if self.tree is None:
+            return self._dense_on(i.device)[i, j]
+        d = self.tree.pair_distances(i.cpu().numpy(), j.cpu().numpy()) / self.scale
+        return torch.from_numpy(d).to(i.device)
+
+    def expected(self, probs: torch.Tensor) -> torch.Tensor:
+        """sum_j d[k, j] p_j / d_max for probs [N, K], float64 [N, K] on probs' device."""
+        p = probs.detach().to(torch.float64)
+        if self.tree is None:
+            return p @ self._dense_on(p.device).T
+        return torch.from_numpy(self.tree.expected_distances(p.cpu().numpy()) / self.scale).to(p.device)
+
+
+def _check_labels(target, n: int, K: int, device, what: str = "target") -> torch.Tensor:
+    """Return target on device after checking it is an integer [N] tensor with values in [0, K)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"{what} must be 1-D with {n} entries (one per row), got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer class indices, got dtype {target.dtype}")
+    if n and (int(target.min()) < 0 or int(target.max()) >= K):
+        raise ValueError(
+            f"{what} labels must lie in [0, {K - 1}] for K={K} classes, got values in "
+            f"[{int(target.min())}, {int(target.max())}]")
+    return target.to(device=device, dtype=torch.long)
+
+
+def crm(probs: torch.Tensor, distances) -> torch.Tensor:
+    """Conditional-risk-minimisation scores, float64 [N, K]: -sum_j d[k, j] p_j (Karthik et al., ICLR 2021).
+
+    argmax = least risk; ties (e.g. equally risky classes) are broken as torch.topk/argmax break
+    them.  Computed in float64 in units of d_max and scaled back, so huge distances do not overflow;
+    a Hierarchy is used through tree sums, O(N nodes) with no K x K matrix.
+    """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+        raise ValueError("probs must be a 2-D tensor [N, K] of class probabilities")
+    d = _Distances(distances)
+    if d.num_classes != probs.shape[1]:
+        raise ValueError(f"probs have K={probs.shape[1]} classes but the distances are for K={d.num_classes}")
+    return d.expected(probs) * -d.scale
+
+
+class StreamingEvaluator:
+    """Accumulates the sums behind ``evaluate`` batch by batch (no logits kept) in one all-reducible tensor."""
+
+    def __init__(self, distances, ks: Optional[Iterable[int]] = None, crm: bool = False,
+                 temperature: float = 1.0) -> None:
+        """distances: a Hierarchy (tree queries) or as for as_distance_matrix; ks: the k of the @k metrics
+        (1 <= k <= K; default DEFAULT_KS up to K); crm: add CRM metrics; temperature: T > 0 of the calibrated
+        metrics and of CRM's softmax."""
+        self._d = _Distances(distances)
+        self.num_classes = self._d.num_classes
+        ks = tuple(k for k in DEFAULT_KS if k <= self.num_classes) if ks is None else tuple(ks)
+        for k in ks:
+            if isinstance(k, bool) or int(k) != k or k < 1:
+                raise ValueError(f"ks must be positive integers, got {ks!r}")
+        too_big = sorted({int(k) for k in ks if k > self.num_classes})
+        if too_big:
+            raise ValueError(f"ks {too_big} exceed the K={self.num_classes} classes; give k <= {self.num_classes}")
+        self.ks = tuple(sorted({int(k) for k in ks}))
+        if not self.ks:
+            raise ValueError("ks must hold at least one k")
+        self.crm = bool(crm)
+        temperature = float(temperature)
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        self.temperature = temperature
+        self._tree = self._d.profiles_of  # TreeProfiles, or None for a distance matrix
+        self._layout = self._block_layout()
+        self._state = None  # [state_size] float64 sums, on the device of the first batch
+
+    # one block of sums per ranking (plain, then CRM), each distance sum in units of d_max; then the calibration
+    # bins (at T = 1, and at the temperature where it is not 1)
+    def _block_layout(self) -> Dict[str, Tuple[int, int]]:
+        """name -> (offset, length) of the sums in one ranking block."""
+        nk, kmax = len(self.ks), max(self.ks)
+        tree = self._tree is not None
+        sizes = [("n", 1), ("correct", 1), ("severity", 1), ("hierdist", nk), ("best", nk), ("mistakes", nk),
+                 ("hops", nk), ("hp_num", kmax), ("hp_den", kmax), ("histogram", self._d.histogram_bins),
+                 ("hier", 3 if tree else 0), ("levels", self._tree.max_depth + 1 if tree else 0)]
+        layout, at = {}, 0
+        for name, size in sizes:
+            layout[name] = (at, size)
+            at += size
+        return layout
+
+    @property
+    def _block(self) -> int:
+        return sum(size for _, size in self._layout.values())
+
+    @property
+    def _calibrations(self) -> int:
+        return 1 if self.temperature == 1.0 else 2
+
+    @property
+    def state_size(self) -> int:
+        """Length of state_tensor()."""
+        return self._block * (2 if self.crm else 1) + 3 * CALIBRATION_BINS * self._calibrations
+
+    def reset(self) -> None:
+        """Forget all accumulated batches."""
+        self._state = None
+
+    def _sums(self, scores: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(one block of sums [block], the top-1 classes [N]) of a batch ranked by scores [N, K], labels target [N]."""
+        ks, kmax = self.ks, max(self.ks)
+        top = ranked(scores, kmax)  # [N, kmax]
+        dk = self._d.pairs(target[:, None].expand_as(top), top).cpu().numpy()  # [N, kmax] d[y, top_j] / d_max
+        y, pred = target.cpu().numpy(), top[:, 0].cpu().numpy()
+        correct = pred == y
+        labels, inverse = np.unique(y, return_inverse=True)
+        vals, cnts = self._d.profiles(labels)  # [u, G]
+        rank, weight = ideal_positions(cnts, kmax)  # [u, kmax] each label's ideal ranking
+        obtained = np.empty(dk.shape, dtype=np.int64)  # group of each prediction in its label's profile
+        for u in range(len(labels)):
+            rows = np.flatnonzero(inverse == u)
+            obtained[rows] = np.searchsorted(vals[u], dk[rows])
+        ideal_d = np.take_along_axis(vals, rank, 1)[inverse]  # [N, kmax] the k smallest d[y, :], ascending
+        rank, weight = rank[inverse], weight[inverse]
+        block = np.zeros(self._block)
+
+        def put(name, value):
+            at, size = self._layout[name]
+            block[at:at + size] = value
+
+        put("n", len(y))
+        put("correct", correct.sum())
+        put("severity", dk[:, 0].sum())  # d[y, y] = 0, so this sums over the mistakes only
+        put("hierdist", [dk[:, :k].mean(axis=1).sum() for k in ks])
+        put("best", [dk[:, :k].min(axis=1).sum() for k in ks])
+        put("mistakes", [dk[~correct, :k].sum() for k in ks])
+        put("hops", [hops_scores(rank, weight, obtained, k).sum() for k in ks])
+        put("hp_num", np.cumsum((1.0 - dk).sum(axis=0)))
+        put("hp_den", np.cumsum((1.0 - ideal_d).sum(axis=0)))
+        if self._d.histogram_bins:
+            h = np.rint(dk[~correct, 0] * self._d.scale).astype(np.int64)  # integer distances 1..d_max
+            put("histogram", np.bincount(h - 1, minlength=self._d.histogram_bins))
+        if self._tree is not None:
+            common = self._tree.lca_depths(y, pred)  # |A(pred) & A(y)| (the class's depth where pred == y)
+            put("hier", [common.sum(), self._tree.class_depths(pred).sum(), self._tree.class_depths(y).sum()])
+            shared = np.where(correct, self._tree.max_depth, common)  # deepest level whose ancestor is shared
+            put("levels", np.bincount(shared, minlength=self._tree.max_depth + 1))
+        return torch.from_numpy(block), top[:, 0]
+
+    @staticmethod
+    def _check_rankable(logits: torch.Tensor) -> None:
+        """Refuse rows that cannot be ranked or turned into probabilities (NaN, +Inf, or only -Inf), naming them."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        bad = torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1) | torch.isneginf(logits).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0].tolist()
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise ValueError(f"logits hold NaN, +Inf or only -Inf in {len(rows)} of {logits.shape[0]} rows (rows "
+                             f"{shown}): they cannot be ranked, and nothing of this batch was added; fix the model's "
+                             "output or drop those rows")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: logits [N, K], target [N] integer labels (processed in chunks of rows)."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            got = getattr(logits, "shape", type(logits).__name__)
+            raise ValueError(f"logits must be a 2-D tensor [N, K], got {got}")
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits have {logits.shape[1]} classes but the distance matrix has K={self.num_classes}")
+        target = _check_labels(target, logits.shape[0], self.num_classes, logits.device)
+        if logits.shape[0] == 0:
+            return
+        logits = logits.detach()
+        self._check_rankable(logits)
+        rows = max(1, _CHUNK_ENTRIES // self.num_classes)
+        T = self.temperature
+        total = None
+        for a in range(0, logits.shape[0], rows):
+            z, y = logits[a:a + rows], target[a:a + rows]
+            plain, pred = self._sums(z, y)
+            correct = pred.to(y.device) == y
+            parts = [plain]
+            if self.crm:
+                z64 = z.to(torch.float64)
+                probs = torch.softmax(z64 / T if T != 1.0 else z64, dim=1)
+                parts.append(self._sums(-self._d.expected(probs), y)[0])
+            temperatures = (1.0,) if T == 1.0 else (1.0, T)
+            parts += [calibration_sums(conf, correct).cpu() for conf in top_confidence(z, temperatures)]
+            batch = torch.cat(parts)
+            total = batch if total is None else total + batch
+        total = total.to(logits.device)
+        self._state = total if self._state is None else self._state + total.to(self._state.device)
+
+    def state_tensor(self) -> torch.Tensor:
+        """The accumulated sums as a 1-D float64 tensor (a copy); sum it across ranks, then load_state_tensor."""
+        if self._state is None:
+            return torch.zeros(self.state_size, dtype=torch.float64)
+        return self._state.clone()
+
+    def load_state_tensor(self, t: torch.Tensor) -> None:
+        """Replace the accumulated sums by t (e.g. after a distributed all_reduce of state_tensor())."""
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != self.state_size:
+            raise ValueError(
+                f"state must be a 1-D tensor of {self.state_size} sums (from state_tensor() of an evaluator "
+                f"with the same distances, ks, crm and temperature), got {getattr(t, 'shape', type(t).__name__)}")
+        self._state = t.detach().to(torch.float64).clone()
+
+    def merge(self, other: "StreamingEvaluator") -> None:
+        """Add the sums of another evaluator with the same distances, ks, crm flag and temperature."""
+        if (other.state_size != self.state_size or other.ks != self.ks or other._d.key != self._d.key
+                or other.temperature != self.temperature):
+            raise ValueError("can only merge evaluators built with the same distances, ks and crm flag "
+                             "(and temperature)")
+        if other._state is not None:
+            self.load_state_tensor(self.state_tensor().to(other._state.device) + other._state)
+
+    def _block_metrics(self, v: np.ndarray, prefix: str) -> dict:
+        """The metrics of one ranking block of sums v [block]."""
+        def get(name):
+            at, size = self._layout[name]
+            return v[at:at + size]
+
+        scale, ks = self._d.scale, self.ks
+        n, correct = float(get("n")[0]), float(get("correct")[0])
+        mistakes = n - correct
+        out = {f"{prefix}top1": 100.0 * correct / n,
+               f"{prefix}mistake_severity": float(get("severity")[0]) / mistakes * scale if mistakes > 0 else 0.0}
+        hp = get("hp_num") / get("hp_den")  # hprecision@k' for k' = 1..kmax
+        for i, k in enumerate(ks):
+            out[f"{prefix}hierdist@{k}"] = get("hierdist")[i] / n * scale
+        for i, k in enumerate(ks):
+            out[f"{prefix}best@{k}"] = get("best")[i] / n * scale
+            out[f"{prefix}mistakes@{k}"] = get("mistakes")[i] / (mistakes * k) * scale if mistakes > 0 else 0.0
+            out[f"{prefix}hprecision@{k}"] = float(hp[k - 1])
+            out[f"{prefix}hmap@{k}"] = float(hp[:k].mean())
+            out[f"{prefix}hops@{k}"] = get("hops")[i] / n
+        if self._tree is not None:
+            common, predicted, true = get("hier")
+            p, r = common / predicted, common / true
+            out.update({f"{prefix}hier_precision": p, f"{prefix}hier_recall": r,
+                        f"{prefix}hier_f1": 2 * p * r / (p + r) if p + r > 0 else 0.0})
+        if self._d.histogram_bins:
+            out[f"{prefix}severity_histogram"] = [int(round(c)) for c in get("histogram")]
+        if self._tree is not None:
+            shared = get("levels")  # samples by the deepest depth whose ancestor top_1 shares
+            out[f"{prefix}level_accuracy"] = [float(shared[lvl:].sum() / n) for lvl in range(1, len(shared))]
+        return {key: float(val) if isinstance(val, (np.floating, float)) else val for key, val in out.items()}
+
+    def compute(self) -> dict:
+        """The metrics of everything added so far (see the module docstring)."""
+        if self._state is None or float(self._state[0]) == 0:
+            raise ValueError("no samples to evaluate: call update(logits, target) first")
+        values = self._state.cpu().numpy()
+        B = self._block
+        out = self._block_metrics(values[:B], "")
+        if self.crm:
+            out.update(self._block_metrics(values[B:2 * B], "crm_"))
+        at = B * (2 if self.crm else 1)
+        out["ece"], out["mce"] = calibration_errors(values[at:at + 3 * CALIBRATION_BINS])
+        if self.temperature != 1.0:
+            at += 3 * CALIBRATION_BINS
+            out["calibrated_ece"], out["calibrated_mce"] = calibration_errors(values[at:at + 3 * CALIBRATION_BINS])
+            out["temperature"] = self.temperature
+        out["num_samples"] = int(round(values[0]))
+        return out
+
+
+def evaluate(logits: torch.Tensor, target: torch.Tensor, distances, ks: Optional[Iterable[int]] = None,
+             crm: bool = False, temperature: float = 1.0) -> dict:
+    """Every metric of the module docstring for logits [N, K] and target [N] (ks: the k of the @k metrics, <= K;
+    default DEFAULT_KS up to K)."""
+    ev = StreamingEvaluator(distances, ks, crm=crm, temperature=temperature)
+    ev.update(logits, target)
+    return ev.compute()
+
+
+def _pair_gap_stats(unit: torch.Tensor, S: torch.Tensor, max_block: int = 1 << 22):
+    """Mean and population std over pairs i < j of |unit_i . unit_j - S_ij|, for unit [C, d] and S [C, C],
+    in row blocks of at most ``max_block`` entries (never the C(C-1)/2 x d pair products)."""
+    C = unit.shape[0]
+    rows = max(1, max_block // C)
+    total, total_sq, n = 0.0, 0.0, 0
+    col = torch.arange(C, device=unit.device)
+    for r0 in range(0, C - 1, rows):
+        r1 = min(C - 1, r0 + rows)
+        gap = (unit[r0:r1] @ unit.T - S[r0:r1]).abs()  # [r, C]
+        upper = col[None, :] > torch.arange(r0, r1, device=unit.device)[:, None]  # j > i
+        g = gap[upper]
+        total += float(g.sum())
+        total_sq += float(g.square().sum())
+        n += g.numel()
+    mean = total / n
+    return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
+
+
+def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity,
+                    max_classes: int = DENSE_MAX_K, seed: int = 0) -> dict:
+    """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d] and its similarity.
+
+    similarity: S [K, K] (tensor or array), or a frame with ``similarity_block(rows, cols)`` (an
+    HAFrame, whose large-K rows come from its tree).  Over the classes present in labels, with
+    class means mu_c and global feature mean mu_G: ``angular_collapse_avg`` / ``_std``: mean and
+    population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, over every pair of present classes
+    when there are at most ``max_classes`` of them, else over the pairs of a seeded sample of
+    ``max_classes`` classes (then ``angular_collapse_classes`` says how many); ``self_duality``:
+    ||W/||W||_F - M/||M||_F||_F with M the rows mu_c - mu_G and W the frame rows of the same classes;
+    ``nc1``: tr(Sigma_W) / tr(Sigma_B), the within-class scatter (mean over samples of ||h - mu_y||^2) over the
+    between-class scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError("features must be a 2-D tensor [N, d]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight must be a [K, d] tensor with d={features.shape[1]} (the feature dimension), "
+            f"got {getattr(weight, 'shape', type(weight).__name__)}")
+    K = weight.shape[0]
+    h = features.detach().to(torch.float64)
+    labels = _check_labels(labels, h.shape[0], K, h.device, "labels")
+    if hasattr(similarity, "similarity_block"):
+        if similarity.num_classes != K:
+            raise ValueError(f"the frame has {similarity.num_classes} classes but weight has K={K}")
+        block = similarity.similarity_block
+    else:
+        S = torch.as_tensor(similarity, dtype=torch.float64).to(h.device)
+        if S.shape != (K, K):
+            raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
+        block = None
+    present = torch.unique(labels)  # sorted class ids
+    if present.numel() < 2:
+        raise ValueError("neural_collapse needs samples of at least 2 classes")
+    counts = torch.bincount(labels, minlength=K).to(torch.float64)
+    sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, labels, h)
+    means = sums[present] / counts[present, None]  # [C, d]
+    global_mean = h.mean(dim=0)  # [d]
+
+    unit = means / means.norm(dim=1, keepdim=True)
+    pick = torch.arange(len(present), device=h.device)
+    if len(present) > max_classes:  # a seeded sample of classes: C^2 pairs would be too many
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(present), generator=g)[:max_classes].sort().values.to(h.device)
+    chosen = present[pick]
+    if block is not None:
+        S_pick = block(chosen.cpu().numpy(), chosen.cpu().numpy()).to(h.device)
+    else:
+        S_pick = S[chosen][:, chosen]
+    gap_mean, gap_std = _pair_gap_stats(unit[pick], S_pick)
+
+    M = means - global_mean
+    W = weight.detach().to(device=h.device, dtype=torch.float64)[present]
+    self_duality = (W / W.norm() - M / M.norm()).norm()
+
+    within = (h - means[torch.searchsorted(present, labels)]).pow(2).sum() / h.shape[0]
+    between = M.pow(2).sum() / len(present)
+    sampled = {"angular_collapse_classes": int(len(pick))} if len(pick) < len(present) else {}
+    return {
+        **sampled,
+        "angular_collapse_avg": gap_mean,
+        "angular_collapse_std": gap_std,
+        "self_duality": float(self_duality),
+        "nc1": float(within / between) if between > 0 else float("nan"),
+    }
+
+
+def summarize_seeds(runs: Sequence[Mapping]) -> dict:
+    """Per metric over runs (e.g. seeds): {"mean", "ci95" (t-distribution half-width; 0 for one run), "n"}.
+
+    Metrics are the numeric entries of the first run; other (e.g. string) entries are skipped.
+    """
+    runs = list(runs)
+    if not runs:
+        raise ValueError("summarize_seeds needs at least one run")
+    out = {}
+    for key, first in runs[0].items():
+        if isinstance(first, bool) or not isinstance(first, (int, float, np.number)):
+            continue
+        values = []
+        for r, run in enumerate(runs):
+            if key not in run:
+                raise ValueError(f"run {r} has no {key!r}; every run must report the same metrics")
+            values.append(float(run[key]))
+        x = np.asarray(values)
+        n = len(x)
+        ci = float(scipy.stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        out[key] = {"mean": float(x.mean()), "ci95": ci, "n": n}
+    return out
+
+
+def format_table(rows: Mapping[str, Mapping], metrics: Sequence[str] | None = None,
+                 digits: int = 2, ci_digits: int = 4) -> str:
+    """A plain-text table, one row per method, cells like the paper's "77.71 +/- 0.2319" (from summarize_seeds)."""
+    if metrics is None:
+        metrics = list(dict.fromkeys(k for summary in rows.values() for k in summary))
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, Mapping):
+            return f"{v['mean']:.{digits}f} +/- {v['ci95']:.{ci_digits}f}"
+        return f"{float(v):.{digits}f}"
+
+    table = [["method", *metrics]]
+    table += [[str(method), *(cell(summary.get(m)) for m in metrics)] for method, summary in rows.items()]
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    lines = [" | ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(r, widths))).rstrip()
+             for r in table]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_report(rows: Mapping[str, Mapping], digits: int = 4, width: int = 7) -> str:
+    """Every metric of evaluate results (one row per method) as text: top-1, severity and HierDist@k first, the
+    other scalar metrics in tables of at most ``width`` columns, then each severity histogram and level accuracy."""
+    keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
+                              if not isinstance(v, (list, str, bool)) and k != "num_samples"))
+    first = [k for k in keys if k in ("top1", "mistake_severity") or k.startswith("hierdist@")]
+    rest = [k for k in keys if k not in first]
+    families = list(dict.fromkeys(k.split("@")[0] for k in rest))
+    rest.sort(key=lambda k: families.index(k.split("@")[0]))  # best@1, best@5, ..., mistakes@1, ...
+    tables = [format_table(rows, first, digits)] if first else []
+    tables += [format_table(rows, rest[i:i + width], digits) for i in range(0, len(rest), width)]
+    lines = ["\n\n".join(tables)]
+    for name, m in rows.items():
+        if m.get("severity_histogram") is not None:
+            hist = m["severity_histogram"]
+            lines.append(f"{name}: top-1 mistakes at LCA height 1..{len(hist)}: {' '.join(map(str, hist))}")
+        if m.get("level_accuracy") is not None:
+            acc = m["level_accuracy"]
+            lines.append(f"{name}: accuracy at depth 1..{len(acc)}: {' '.join(f'{a:.4f}' for a in acc)}")
+    return "\n".join(lines)
