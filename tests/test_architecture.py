@@ -1,5 +1,6 @@
 """The package's source, read with ``ast``: no import cycle among haframe_ext modules, no private names across
-them, and no loading of user files that could unpickle code."""
+them, no import from a higher layer, every name imported from the module that defines it, and no loading of user files
+that could unpickle code."""
 
 from __future__ import annotations
 
@@ -136,6 +137,89 @@ def test_no_private_names_across_modules():
                      "defined, or keep its use inside that module):\n" + "\n".join(bad))
 
 
+# The package's layers, lowest first, each named by its first path component. A module imports only from its own
+# layer and the ones before it; the package's __init__.py (the public face) stands above them all.
+LAYERS = (
+    ("startup", "sizes", "safe_load", "checkpoint"),  # shared by every stage
+    ("hierarchy",),  # hierarchy input, the tree and its distances, tree operators
+    ("frame", "ops", "metrics"),  # frames, the compiled ops and their Python faces, metrics: each on the hierarchy
+    ("nn",),  # modules built on the ops
+    ("training",),  # the trainer's parts and the datasets
+    ("train",),  # the trainer's entry points
+    ("cli",),  # the haframe command
+)
+
+
+def _layer(module: str, layers=LAYERS) -> int:
+    """The index of a package-relative module's layer; len(layers) for the package's face, -1 when unplaced."""
+    if module == "":
+        return len(layers)
+    head = module.split(".")[0]
+    return next((i for i, names in enumerate(layers) if head in names), -1)
+
+
+def _upward_imports(modules: Dict[str, Path], layers=LAYERS) -> List[str]:
+    """Imports of a module from a higher layer than the importer's, and modules in no layer."""
+    bad = [f"{_shown(m)} is in no layer of LAYERS" for m in modules if _layer(m, layers) < 0]
+    for importer, target, name, line in _imports(modules):
+        if target not in modules or (modules[target].name == "__init__.py" and
+                                     (target == "" or importer.startswith(target + "."))):
+            continue  # the face of a package the importer is in (__version__) is loaded before the importer anyway
+        if _layer(target, layers) > _layer(importer, layers) >= 0:
+            bad.append(f"{_shown(importer)} (line {line}) imports {name or 'the module'} from the higher layer "
+                       f"{_shown(target)}")
+    return bad
+
+
+def _defined(path: Path) -> Set[str]:
+    """The names a module's top level defines itself (functions, classes, assignments, also inside a top-level
+    if/try/with); names it imports are not among them."""
+    found: Set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                found.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    found.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            for block in ("body", "orelse", "finalbody", "handlers"):
+                if isinstance(node, (ast.If, ast.Try, ast.With, ast.ExceptHandler)) and hasattr(node, block):
+                    visit(getattr(node, block))
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)).body)
+    return found
+
+
+def _not_from_the_definer(modules: Dict[str, Path]) -> List[str]:
+    """Imports of a name from a module that does not define it (it only hands it on), and imports of a package's face
+    as a module by anything but another face."""
+    defined = {m: _defined(p) for m, p in modules.items()}
+    bad = []
+    for importer, target, name, line in _imports(modules):
+        if target not in modules:
+            continue
+        if name and name not in defined[target]:
+            bad.append(f"{_shown(importer)} (line {line}) imports {name} from {_shown(target)}, "
+                       "which does not define it")
+        elif not name and modules[target].name == "__init__.py" and modules[importer].name != "__init__.py":
+            bad.append(f"{_shown(importer)} (line {line}) imports the package {_shown(target)} as a module")
+    return bad
+
+
+def test_no_import_from_a_higher_layer():
+    bad = _upward_imports(_modules())
+    assert not bad, ("haframe_ext modules import from a higher layer (move the shared names down, or place a new "
+                     "module in LAYERS):\n" + "\n".join(bad))
+
+
+def test_names_are_imported_from_the_module_that_defines_them():
+    bad = _not_from_the_definer(_modules())
+    assert not bad, ("haframe_ext modules import names from a module that only hands them on (import from the "
+                     "defining module; a package's __init__.py is the face for users, not for the package):\n"
+                     + "\n".join(bad))
+
+
 def test_the_reader_sees_every_import(tmp_path):
     """The checks above see ``from . import x``, lazy imports inside functions, subpackages and absolute imports."""
     (tmp_path / "data").mkdir()
@@ -148,6 +232,28 @@ def test_the_reader_sees_every_import(tmp_path):
     assert found == {("", "a", "run"), ("a", "b", ""), ("a", "data.images", "_load"), ("b", "a", ""),
                      ("b", "", "__version__"), ("data.images", "b", "thing")}
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}, "d": {"d"}}) == [["a", "b"], ["d"]]
+
+
+def test_the_layer_and_definer_checks_catch_each_form(tmp_path):
+    (tmp_path / "low").mkdir()
+    (tmp_path / "__init__.py").write_text("from .low.core import Thing\n")
+    (tmp_path / "low" / "__init__.py").write_text("from .core import Thing\n")
+    (tmp_path / "low" / "core.py").write_text("from ..base import helper\n\nclass Thing:\n    pass\n\n"
+                                              "def f():\n    from ..high import run\n")
+    (tmp_path / "base.py").write_text("import os\n\ntry:\n    import fcntl\nexcept ImportError:\n    fcntl = None\n"
+                                      "helper = 1\n")
+    (tmp_path / "high.py").write_text("from .low import Thing\nfrom . import low\nfrom .base import os\n\n"
+                                      "def run():\n    pass\n")
+    (tmp_path / "loose.py").write_text("")
+    modules = _modules(tmp_path)
+    layers = (("base",), ("low",), ("high",))
+    assert _upward_imports(modules, layers) == ["loose is in no layer of LAYERS",
+                                                "low.core (line 7) imports run from the higher layer high"]
+    assert _not_from_the_definer(modules) == [
+        "high (line 1) imports Thing from low, which does not define it",
+        "high (line 2) imports the package low as a module",
+        "high (line 3) imports os from base, which does not define it"]
+    assert _defined(tmp_path / "base.py") == {"fcntl", "helper"}
 
 
 
@@ -223,7 +329,7 @@ def test_package_source_never_unpickles_user_files():
         problems += _unpickling_problems(path.read_text(), path.relative_to(PKG).as_posix())
     assert not problems, problems
     scanned = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")}
-    assert {"training/data/cifar.py", "training/data/features.py"} <= scanned  # the loaders of user files are in the scan
+    assert {"training/data/cifar.py", "training/data/features.py"} <= scanned  # the user files' loaders are scanned
 
 
 @pytest.mark.parametrize("source", [
