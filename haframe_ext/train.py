@@ -4,8 +4,8 @@ left empty) and the multi-seed runner :func:`run_seeds`.
 The loop itself lives in :mod:`haframe_ext.training.loop`, the configuration and builders in
 :mod:`haframe_ext.training.config`, evaluation in :mod:`haframe_ext.training.evaluation`, the run folder and its log
 in :mod:`haframe_ext.training.runlog`, resuming in :mod:`haframe_ext.training.resume`, the step's numerics in
-:mod:`haframe_ext.training.optim`, checkpoint files in :mod:`haframe_ext.checkpoint` and process groups in
-:mod:`haframe_ext.training.distributed`; the names users need
+:mod:`haframe_ext.training.optim`, checkpoints in :mod:`haframe_ext.training.checkpoint` (their files in
+:mod:`haframe_ext.files`) and process groups in :mod:`haframe_ext.training.distributed`; the names users need
 (:class:`TrainConfig`, :func:`evaluate_checkpoint`, :func:`load_checkpoint`, :class:`CheckpointError`,
 :func:`load_hierarchy`, ...) are importable from here too.
 
@@ -62,8 +62,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from .metrics import metrics as _metrics
-from .checkpoint import (CheckpointError, FolderInUseError, atomic_save, atomic_write_text, claim_folder,
-                         load_checkpoint, release_folder)
+from .files import FolderInUseError, atomic_save, atomic_write_text, claim_folder, release_folder
+from .training.checkpoint import CheckpointError, load_checkpoint
 from .training.config import TrainConfig, build_from_config, checkpoint_convention, load_hierarchy
 from .training.data.common import DataError
 from .training.distributed import DistContext, DistributedError, GlobalBatchSampler, is_comm_error

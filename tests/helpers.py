@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from haframe_ext import ops
-from haframe_ext.checkpoint import seal_checkpoint
+from haframe_ext.training.checkpoint import seal_checkpoint
 from haframe_ext.hierarchy import HierarchyError
 from haframe_ext.train import TrainConfig, load_checkpoint
 
@@ -174,7 +174,7 @@ def raises_hierarchy_error(fn, *keywords):
 
 # ----------------------------------------------------------------------------- the tiny training run and its fault hook
 # A run that must be killed goes through FAULT, a wrapper script (written to tmp_path) that installs a timing hook
-# in haframe_ext.training.loop / haframe_ext.checkpoint and then calls haframe_ext.cli.main: the hook never changes a
+# in haframe_ext.training.loop / haframe_ext.files and then calls haframe_ext.cli.main: the hook never changes a
 # value, it only stalls the process (so a test can SIGKILL it at a known point) or SIGKILLs it from inside a checkpoint
 # write.  Resumes and the uninterrupted baseline (conftest.py) run the plain ``python -m haframe_ext.cli``.
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ FAULT = textwrap.dedent('''
     import os, signal, sys, time
     from pathlib import Path
     import torch
-    import haframe_ext.checkpoint as C
+    import haframe_ext.files as C
     import haframe_ext.training.loop as L
     from haframe_ext import cli
 

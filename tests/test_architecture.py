@@ -140,7 +140,7 @@ def test_no_private_names_across_modules():
 # The package's layers, lowest first, each named by its first path component. A module imports only from its own
 # layer and the ones before it; the package's __init__.py (the public face) stands above them all.
 LAYERS = (
-    ("startup", "sizes", "safe_load", "checkpoint"),  # shared by every stage
+    ("startup", "sizes", "safe_load", "files"),  # shared by every stage
     ("hierarchy",),  # hierarchy input, the tree and its distances, tree operators
     ("frame", "ops", "metrics"),  # frames, the compiled ops and their Python faces, metrics: each on the hierarchy
     ("nn",),  # modules built on the ops

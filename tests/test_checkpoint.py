@@ -1,5 +1,6 @@
-"""Tests for haframe_ext.checkpoint: corrupted and malicious checkpoints, weights_only loading, the claim on the
-output folder, and a checkpoint that does not fit the model (RELIABILITY.md sections 15, 17, 21 and 23).
+"""Tests for haframe_ext.training.checkpoint and haframe_ext.files: corrupted and malicious checkpoints, weights_only
+loading, the claim on the output folder, and a checkpoint that does not fit the model (RELIABILITY.md sections 15,
+17, 21 and 23).
 
 The runs come from conftest.py (``two_epochs``: a tiny run stopped after 2 of 3 epochs, copied per test) and
 helpers.py (the tiny run's config and the CLI runner).
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 import haframe_ext.train as T
-from haframe_ext.checkpoint import CHECKPOINT_FORMAT, FolderInUseError, seal_checkpoint
+from haframe_ext.files import FolderInUseError
+from haframe_ext.training.checkpoint import CHECKPOINT_FORMAT, seal_checkpoint
 from haframe_ext.training.runlog import RUN_FILES
 from haframe_ext.train import CheckpointError, TrainConfig, load_checkpoint, train
 from helpers import REPO, env, sha, write_inputs
@@ -98,7 +100,7 @@ def test_malicious_checkpoint_is_refused_and_never_executed(two_epochs, tmp_path
 # ----------------------------------------------------------------------------- the claim on the output folder
 def _hold_lock(out: Path):
     """A forked child that claims ``out`` and sleeps (another trainer); returns its pid once it holds the lock."""
-    from haframe_ext.checkpoint import claim_folder
+    from haframe_ext.files import claim_folder
 
     r, w = os.pipe()
     pid = os.fork()
@@ -158,11 +160,11 @@ def test_two_trainers_started_at_once_into_one_out_one_is_refused(tmp_path):
 
 def test_a_claim_ends_with_its_process_not_with_a_forked_straggler(tmp_path):
     """A DataLoader worker forked by a run inherits its lock descriptor; the claim must not outlive the run."""
-    from haframe_ext.checkpoint import claim_folder, release_folder
+    from haframe_ext.files import claim_folder, release_folder
 
     script = ("import os, sys, time\n"
               "from pathlib import Path\n"
-              "from haframe_ext.checkpoint import claim_folder\n"
+              "from haframe_ext.files import claim_folder\n"
               "claim_folder(Path(sys.argv[1]))\n"
               "if os.fork() == 0:\n"
               "    time.sleep(20); os._exit(0)\n"  # the straggler: still alive after its parent is gone

@@ -165,7 +165,8 @@ def test_the_trainer_builds_the_loss_with_the_rule(tmp_path, dim, rule, want):
 
 def _checkpoint_without_the_field(out):
     """Rewrite last.pt as a checkpoint written before cosine_scale was a field (config without the key)."""
-    from haframe_ext.checkpoint import atomic_save, load_checkpoint, seal_checkpoint
+    from haframe_ext.files import atomic_save
+    from haframe_ext.training.checkpoint import load_checkpoint, seal_checkpoint
 
     path = out / "last.pt"
     ck = load_checkpoint(path)
@@ -175,7 +176,7 @@ def _checkpoint_without_the_field(out):
 
 
 def test_an_old_checkpoint_resumes_at_the_paper_setting_and_is_refused_where_the_rule_changes_the_loss(tmp_path):
-    from haframe_ext.checkpoint import CheckpointError
+    from haframe_ext.training.checkpoint import CheckpointError
     from haframe_ext.training.config import TrainConfig
     from haframe_ext.train import train
 

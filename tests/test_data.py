@@ -309,7 +309,7 @@ def test_frames_and_checkpoints_do_not_import_the_datasets():
     import subprocess
     import sys
 
-    code = ("import sys, haframe_ext.frame, haframe_ext.checkpoint, haframe_ext.safe_load; "
+    code = ("import sys, haframe_ext.frame, haframe_ext.files, haframe_ext.training.checkpoint, haframe_ext.safe_load; "
             "print(sorted(m for m in sys.modules if m.startswith('haframe_ext.training.data')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr

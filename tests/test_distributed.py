@@ -160,7 +160,7 @@ def test_a_job_into_a_folder_in_use_is_refused_on_every_rank_in_rank_0s_words(tm
     cfg = write_config(tmp_path, epochs=1)
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from haframe_ext.checkpoint import claim_folder; claim_folder(Path(sys.argv[1])); "
+                               "from haframe_ext.files import claim_folder; claim_folder(Path(sys.argv[1])); "
                                "print('held', flush=True); time.sleep(300)", str(out)],
                               stdout=subprocess.PIPE, text=True, env=env())
     try:

@@ -360,7 +360,7 @@ def test_single_class_frames_are_refused_by_the_frame_builders():
 # ----------------------------------------------------------------------------- issue 22
 def _resave(path, **edits):
     """Rewrite a saved frame with edited fields and a digest recomputed over them (an edit the digest cannot see)."""
-    from haframe_ext.checkpoint import content_digest
+    from haframe_ext.files import content_digest
 
     state = torch.load(path, weights_only=True)
     state.pop("digest")

@@ -157,7 +157,7 @@ def _cfg(tmp_path, name, **kw):
 
 
 def test_trainer_aligns_by_default_below_k_checks_the_field_and_resumes_to_the_same_run(tmp_path):
-    from haframe_ext.checkpoint import CheckpointError
+    from haframe_ext.training.checkpoint import CheckpointError
 
     with pytest.raises(ValueError, match=r"frame_directions must be one of features, gaussian.*--frame-directions"):
         _cfg(tmp_path, "bad", frame_directions="pca").validate()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from haframe_ext.training.baselines import HeadLoss, MultiLevelHead, MultiLevelLoss, level_targets
-from haframe_ext.checkpoint import CheckpointError, load_checkpoint
+from haframe_ext.training.checkpoint import CheckpointError, load_checkpoint
 from haframe_ext.cli import main
 from haframe_ext.training.config import TrainConfig, build_from_config
 from haframe_ext.ops.hier_losses import hxe_loss, soft_label_loss

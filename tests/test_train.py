@@ -16,7 +16,7 @@ import haframe_ext.train as T
 from _torchrun import run_torchrun
 from helpers import HostileGlobal, assert_same_run, cli, start_fault, write_inputs
 from helpers import toy_train_config as _round2_config
-from haframe_ext.checkpoint import seal_checkpoint
+from haframe_ext.training.checkpoint import seal_checkpoint
 from haframe_ext.cli.demo import demo
 from haframe_ext.train import (CheckpointError, TrainConfig, TrainingDivergedError, evaluate_checkpoint,
                                load_checkpoint, run_seeds, train)

@@ -178,7 +178,7 @@ def _check_plot_path(plot: Optional[str]) -> None:
 
 def _save_frame(frame, out: Path) -> None:
     """``frame.save`` atomically (a temp file beside ``out``, renamed); an unwritable path is a UserError."""
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     try:  # into a file object: an OS error stays an OSError, not torch's RuntimeError
         atomic_write(out, frame.save)
@@ -287,7 +287,7 @@ def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
 
 def cmd_eval(args) -> int:
     """``haframe eval``: a checkpoint's metrics on one split of its dataset."""
-    from ..checkpoint import atomic_write_text
+    from ..files import atomic_write_text
     from ..training.evaluation import evaluate_checkpoint
 
     if not os.path.isfile(args.checkpoint):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..checkpoint import atomic_write, atomic_write_text, claim_folder, release_folder
+from ..files import atomic_write, atomic_write_text, claim_folder, release_folder
 from ..training.config import TrainConfig
 from ..metrics.hierarchical import DEFAULT_COMPARE_METRICS
 from ..metrics.metrics import format_table, summarize_seeds

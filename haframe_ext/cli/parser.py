@@ -443,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(argv: list) -> int:
     """Parse ``argv``, run its command and map each kind of failure to its exit code."""
-    from ..checkpoint import CheckpointError
+    from ..training.checkpoint import CheckpointError
     from ..training.data.common import DataError
     from ..training.distributed import DistributedError
     from ..training.loop import TrainingDivergedError

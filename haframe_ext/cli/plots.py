@@ -8,7 +8,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 
 __all__ = ["MATPLOTLIB_MISSING", "matplotlib_available", "tree_order", "plot_frame", "demo_figure", "severity_figure"]
 

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, content_digest
+from ..files import atomic_write, content_digest
 from .factorization import check_approximate, check_dim, dim_error, factorize, normalise_rows, rotate
 from .quality import NEAR_TWIN, measure, sampled_pairs
 from ..hierarchy.edges import HierarchyError

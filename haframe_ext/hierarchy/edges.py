@@ -280,6 +280,6 @@ def write_text(path, text: str) -> None:
     if hasattr(path, "write"):
         path.write(text)
     else:
-        from ..checkpoint import atomic_write_text  # the package's one temp-file writer
+        from ..files import atomic_write_text  # the package's one temp-file writer
 
         atomic_write_text(text, path)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checkpoint import rng_state
+from .checkpoint import rng_state
 
 if TYPE_CHECKING:
     from .config import TrainConfig

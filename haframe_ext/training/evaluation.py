@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..metrics import metrics as _metrics
-from ..checkpoint import CheckpointError, load_checkpoint, state_mismatch
+from .checkpoint import CheckpointError, load_checkpoint, state_mismatch
 from .config import TrainConfig, build_from_config, checkpoint_convention
 from .distributed import DistContext, gather_rows
 from ..metrics.hierarchical import fit_temperature

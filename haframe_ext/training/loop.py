@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, rotate_save,
-                         seal_checkpoint)
+from ..files import atomic_save, rotate_save
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, seal_checkpoint
 from .config import TrainConfig, build_from_config
 from .distributed import DistContext, GlobalBatchSampler, derive_seed, gather_rng
 from .evaluation import crm_part, eval_loader, evaluate, neural_collapse, plain_part, valid_ks

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, set_rng_state, state_mismatch
+from .checkpoint import CheckpointError, load_checkpoint, set_rng_state, state_mismatch
 from .config import TrainConfig, checkpoint_convention, checkpoint_cosine_scale, checkpoint_frame_directions
 
 __all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_state"]

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import FolderInUseError, atomic_write_text, claim_folder, release_folder
+from ..files import FolderInUseError, atomic_write_text, claim_folder, release_folder
 from .config import TrainConfig
 from .distributed import DistContext
 
