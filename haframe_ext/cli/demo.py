@@ -13,10 +13,10 @@ import torch
 from .compare import compare
 from ..training.config import TrainConfig, distances_for, load_hierarchy
 from ..training.models import check_method
-from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available, tree_order
+from .plots import MATPLOTLIB_MISSING, demo_figure, matplotlib_available
 from ..training.runlog import clean_json, earlier_run, write_json
 
-__all__ = ["DEMO_METHODS", "DEMO_COLUMNS", "DEMO_EPOCHS", "DEMO_SEEDS", "demo_config", "demo", "tree_order"]
+__all__ = ["DEMO_METHODS", "DEMO_COLUMNS", "DEMO_EPOCHS", "DEMO_SEEDS", "demo_config", "demo"]
 
 DEMO_METHODS = ("cross-entropy", "hxe", "soft-labels", "haframe")
 # 4 methods x 3 seeds x 10 epochs of 4,000 samples: about 75 s of one core's time (measured, docs in README)

@@ -31,7 +31,7 @@ from ..sizes import DENSE_MAX_K
 from .similarity import (PSD_RTOL, check_gamma, check_two_classes, eigenvalues, etf_similarity, exact_s_min,
                          grid_s_min, kernel_matrix, min_eigenvalue, similarity_from_kernel, similarity_matrix)
 
-__all__ = ["HAFrame", "similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "DENSE_MAX_K"]
+__all__ = ["HAFrame"]
 
 _EXACT_MAX_BYTES = 2 << 30  # the dense node-space factor of an exact tree frame may take at most this
 _FORMAT = "haframe_ext.HAFrame"

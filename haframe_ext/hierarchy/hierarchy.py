@@ -46,8 +46,8 @@ from ..sizes import available_memory
 from .edges import (EdgeSet, HierarchyError, listed, parse_classes, parse_edges, parse_nested, quote, read_text,
                     write_text)
 
-__all__ = ["Hierarchy", "HierarchyError", "as_distance_matrix", "inner_node_name", "BUILTIN_NAMES", "CONVENTIONS",
-           "INTERNAL_CLASSES", "INNER_SUFFIX"]
+__all__ = ["Hierarchy", "as_distance_matrix", "inner_node_name", "BUILTIN_NAMES", "CONVENTIONS", "INTERNAL_CLASSES",
+           "INNER_SUFFIX"]
 
 BUILTIN_NAMES = ("cifar100", "fgvc_aircraft", "inat19", "tiered_imagenet_h")
 CONVENTIONS = ("published", "height")  # distance conventions (module docstring); the first is the default
