@@ -61,7 +61,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from .metrics import metrics as _metrics
+from .metrics import summary as _summary
 from .files import FolderInUseError, atomic_save, atomic_write_text, claim_folder, release_folder
 from .training.checkpoint import CheckpointError, load_checkpoint
 from .training.config import TrainConfig, build_from_config, checkpoint_convention, load_hierarchy
@@ -160,13 +160,13 @@ def _summarize_seeds(config: TrainConfig, seeds: List[int], runs: List[Dict[str,
                      verbose: bool) -> Dict[str, Any]:
     """Mean and 95% CI over the seeds' test metrics; rank 0 writes summary.json and summary.txt."""
     tests = [r["test"] for r in runs if "test" in r]
-    summary = _metrics.summarize_seeds(tests)
+    summary = _summary.summarize_seeds(tests)
     crm = [r["test_crm"] for r in runs if r.get("test_crm")]
-    summary_crm = _metrics.summarize_seeds(crm) if len(crm) == len(tests) and crm else None
+    summary_crm = _summary.summarize_seeds(crm) if len(crm) == len(tests) and crm else None
     rows = {config.method: summary}
     if summary_crm is not None:
         rows[f"{config.method} + CRM"] = summary_crm
-    table = _metrics.format_report(rows)  # every metric, in tables of a few columns
+    table = _summary.format_report(rows)  # every metric, in tables of a few columns
     result = {"seeds": seeds, "runs": runs, "summary": clean_json(summary), "summary_crm": clean_json(summary_crm),
               "table": table}
     if int(os.environ.get("RANK", "0") or 0) == 0:

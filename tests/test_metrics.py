@@ -192,7 +192,7 @@ def test_collapse_uses_only_present_classes():
 @pytest.mark.parametrize("max_block", [1 << 22, 7, 1])
 def test_angular_collapse_matches_the_pairwise_definition(max_block):
     """Mean and population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, also when done in row blocks."""
-    from haframe_ext.metrics import metrics as M
+    from haframe_ext.metrics import collapse as M
 
     g = torch.Generator().manual_seed(0)
     f = HAFrame.from_hierarchy("cifar100", 2.0, dtype=torch.float64)

@@ -279,7 +279,7 @@ def _print_neural_collapse(nc: Optional[dict]) -> None:
 
 def _print_metrics(name: str, m: dict, crm: Optional[dict] = None) -> None:
     """Every test metric as tables with a row per method (and one after CRM re-ranking), then severity by level."""
-    from ..metrics.metrics import format_report
+    from ..metrics.summary import format_report
 
     rows = {name: m, **({name + " + CRM": crm} if crm else {})}
     print(format_report(rows))

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..files import atomic_write, atomic_write_text, claim_folder, release_folder
 from ..training.config import TrainConfig
 from ..metrics.hierarchical import DEFAULT_COMPARE_METRICS
-from ..metrics.metrics import format_table, summarize_seeds
+from ..metrics.summary import format_table, summarize_seeds
 from ..training.models import check_method
 from .plots import MATPLOTLIB_MISSING, matplotlib_available
 from ..training.runlog import clean_json, write_json

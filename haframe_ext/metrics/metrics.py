@@ -1,5 +1,5 @@
 """Evaluation metrics: top-1, mistake severity, HierDist@k, the hierarchical metrics of the published codebases,
-calibration, CRM re-ranking, neural-collapse diagnostics, seed summaries.
+calibration, CRM re-ranking (neural-collapse diagnostics: :mod:`.collapse`; seed summaries: :mod:`.summary`).
 
 Keys of ``evaluate`` (d the class distances, d_max the largest, ``top_j`` the j-th ranked class, ``sim = 1 -
 d / d_max``, k in ``ks``; ties in the scores go to the lowest class index, as a stable descending sort):
@@ -42,19 +42,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
-import scipy.stats
 import torch
 
 from .hierarchical import (CALIBRATION_BINS, TreeProfiles, calibration_errors, calibration_sums, dense_profiles,
                            hops_scores, ideal_positions, ranked, top_confidence)
 from ..hierarchy.hierarchy import Hierarchy, as_distance_matrix
-from ..sizes import DENSE_MAX_K
 
-__all__ = ["evaluate", "StreamingEvaluator", "crm", "neural_collapse", "summarize_seeds", "format_table",
-           "format_report", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
+__all__ = ["evaluate", "StreamingEvaluator", "crm", "check_labels", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
 
 DEFAULT_KS = (1, 5, 20)  # the k of the @k metrics when none are given (those up to K)
 HISTOGRAM_MAX_BINS = 4096  # the most distance values severity_histogram lists (integer distances only)
@@ -113,7 +110,7 @@ class _Distances:
         return torch.from_numpy(self.tree.expected_distances(p.cpu().numpy()) / self.scale).to(p.device)
 
 
-def _check_labels(target, n: int, K: int, device, what: str = "target") -> torch.Tensor:
+def check_labels(target, n: int, K: int, device, what: str = "target") -> torch.Tensor:
     """Return target on device after checking it is an integer [N] tensor with values in [0, K)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor of class indices, got {type(target).__name__}")
@@ -266,7 +263,7 @@ class StreamingEvaluator:
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits have {logits.shape[1]} classes but the distance matrix has K={self.num_classes}")
-        target = _check_labels(target, logits.shape[0], self.num_classes, logits.device)
+        target = check_labels(target, logits.shape[0], self.num_classes, logits.device)
         if logits.shape[0] == 0:
             return
         logits = logits.detach()
@@ -371,158 +368,3 @@ def evaluate(logits: torch.Tensor, target: torch.Tensor, distances, ks: Optional
     ev = StreamingEvaluator(distances, ks, crm=crm, temperature=temperature)
     ev.update(logits, target)
     return ev.compute()
-
-
-def _pair_gap_stats(unit: torch.Tensor, S: torch.Tensor, max_block: int = 1 << 22):
-    """Mean and population std over pairs i < j of |unit_i . unit_j - S_ij|, for unit [C, d] and S [C, C],
-    in row blocks of at most ``max_block`` entries (never the C(C-1)/2 x d pair products)."""
-    C = unit.shape[0]
-    rows = max(1, max_block // C)
-    total, total_sq, n = 0.0, 0.0, 0
-    col = torch.arange(C, device=unit.device)
-    for r0 in range(0, C - 1, rows):
-        r1 = min(C - 1, r0 + rows)
-        gap = (unit[r0:r1] @ unit.T - S[r0:r1]).abs()  # [r, C]
-        upper = col[None, :] > torch.arange(r0, r1, device=unit.device)[:, None]  # j > i
-        g = gap[upper]
-        total += float(g.sum())
-        total_sq += float(g.square().sum())
-        n += g.numel()
-    mean = total / n
-    return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
-
-
-def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity,
-                    max_classes: int = DENSE_MAX_K, seed: int = 0) -> dict:
-    """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d] and its similarity.
-
-    similarity: S [K, K] (tensor or array), or a frame with ``similarity_block(rows, cols)`` (an
-    HAFrame, whose large-K rows come from its tree).  Over the classes present in labels, with
-    class means mu_c and global feature mean mu_G: ``angular_collapse_avg`` / ``_std``: mean and
-    population std over pairs i < j of |cos(mu_i, mu_j) - S_ij|, over every pair of present classes
-    when there are at most ``max_classes`` of them, else over the pairs of a seeded sample of
-    ``max_classes`` classes (then ``angular_collapse_classes`` says how many); ``self_duality``:
-    ||W/||W||_F - M/||M||_F||_F with M the rows mu_c - mu_G and W the frame rows of the same classes;
-    ``nc1``: tr(Sigma_W) / tr(Sigma_B), the within-class scatter (mean over samples of ||h - mu_y||^2) over the
-    between-class scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
-    """
-    if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError("features must be a 2-D tensor [N, d]")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"weight must be a [K, d] tensor with d={features.shape[1]} (the feature dimension), "
-            f"got {getattr(weight, 'shape', type(weight).__name__)}")
-    K = weight.shape[0]
-    h = features.detach().to(torch.float64)
-    labels = _check_labels(labels, h.shape[0], K, h.device, "labels")
-    if hasattr(similarity, "similarity_block"):
-        if similarity.num_classes != K:
-            raise ValueError(f"the frame has {similarity.num_classes} classes but weight has K={K}")
-        block = similarity.similarity_block
-    else:
-        S = torch.as_tensor(similarity, dtype=torch.float64).to(h.device)
-        if S.shape != (K, K):
-            raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
-        block = None
-    present = torch.unique(labels)  # sorted class ids
-    if present.numel() < 2:
-        raise ValueError("neural_collapse needs samples of at least 2 classes")
-    counts = torch.bincount(labels, minlength=K).to(torch.float64)
-    sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, labels, h)
-    means = sums[present] / counts[present, None]  # [C, d]
-    global_mean = h.mean(dim=0)  # [d]
-
-    unit = means / means.norm(dim=1, keepdim=True)
-    pick = torch.arange(len(present), device=h.device)
-    if len(present) > max_classes:  # a seeded sample of classes: C^2 pairs would be too many
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(present), generator=g)[:max_classes].sort().values.to(h.device)
-    chosen = present[pick]
-    if block is not None:
-        S_pick = block(chosen.cpu().numpy(), chosen.cpu().numpy()).to(h.device)
-    else:
-        S_pick = S[chosen][:, chosen]
-    gap_mean, gap_std = _pair_gap_stats(unit[pick], S_pick)
-
-    M = means - global_mean
-    W = weight.detach().to(device=h.device, dtype=torch.float64)[present]
-    self_duality = (W / W.norm() - M / M.norm()).norm()
-
-    within = (h - means[torch.searchsorted(present, labels)]).pow(2).sum() / h.shape[0]
-    between = M.pow(2).sum() / len(present)
-    sampled = {"angular_collapse_classes": int(len(pick))} if len(pick) < len(present) else {}
-    return {
-        **sampled,
-        "angular_collapse_avg": gap_mean,
-        "angular_collapse_std": gap_std,
-        "self_duality": float(self_duality),
-        "nc1": float(within / between) if between > 0 else float("nan"),
-    }
-
-
-def summarize_seeds(runs: Sequence[Mapping]) -> dict:
-    """Per metric over runs (e.g. seeds): {"mean", "ci95" (t-distribution half-width; 0 for one run), "n"}.
-
-    Metrics are the numeric entries of the first run; other (e.g. string) entries are skipped.
-    """
-    runs = list(runs)
-    if not runs:
-        raise ValueError("summarize_seeds needs at least one run")
-    out = {}
-    for key, first in runs[0].items():
-        if isinstance(first, bool) or not isinstance(first, (int, float, np.number)):
-            continue
-        values = []
-        for r, run in enumerate(runs):
-            if key not in run:
-                raise ValueError(f"run {r} has no {key!r}; every run must report the same metrics")
-            values.append(float(run[key]))
-        x = np.asarray(values)
-        n = len(x)
-        ci = float(scipy.stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        out[key] = {"mean": float(x.mean()), "ci95": ci, "n": n}
-    return out
-
-
-def format_table(rows: Mapping[str, Mapping], metrics: Sequence[str] | None = None,
-                 digits: int = 2, ci_digits: int = 4) -> str:
-    """A plain-text table, one row per method, cells like the paper's "77.71 +/- 0.2319" (from summarize_seeds)."""
-    if metrics is None:
-        metrics = list(dict.fromkeys(k for summary in rows.values() for k in summary))
-
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, Mapping):
-            return f"{v['mean']:.{digits}f} +/- {v['ci95']:.{ci_digits}f}"
-        return f"{float(v):.{digits}f}"
-
-    table = [["method", *metrics]]
-    table += [[str(method), *(cell(summary.get(m)) for m in metrics)] for method, summary in rows.items()]
-    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
-    lines = [" | ".join(s.ljust(w) if c == 0 else s.rjust(w) for c, (s, w) in enumerate(zip(r, widths))).rstrip()
-             for r in table]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def format_report(rows: Mapping[str, Mapping], digits: int = 4, width: int = 7) -> str:
-    """Every metric of evaluate results (one row per method) as text: top-1, severity and HierDist@k first, the
-    other scalar metrics in tables of at most ``width`` columns, then each severity histogram and level accuracy."""
-    keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
-                              if not isinstance(v, (list, str, bool)) and k != "num_samples"))
-    first = [k for k in keys if k in ("top1", "mistake_severity") or k.startswith("hierdist@")]
-    rest = [k for k in keys if k not in first]
-    families = list(dict.fromkeys(k.split("@")[0] for k in rest))
-    rest.sort(key=lambda k: families.index(k.split("@")[0]))  # best@1, best@5, ..., mistakes@1, ...
-    tables = [format_table(rows, first, digits)] if first else []
-    tables += [format_table(rows, rest[i:i + width], digits) for i in range(0, len(rest), width)]
-    lines = ["\n\n".join(tables)]
-    for name, m in rows.items():
-        if m.get("severity_histogram") is not None:
-            hist = m["severity_histogram"]
-            lines.append(f"{name}: top-1 mistakes at LCA height 1..{len(hist)}: {' '.join(map(str, hist))}")
-        if m.get("level_accuracy") is not None:
-            acc = m["level_accuracy"]
-            lines.append(f"{name}: accuracy at depth 1..{len(acc)}: {' '.join(f'{a:.4f}' for a in acc)}")
-    return "\n".join(lines)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..metrics import collapse as _collapse
 from ..metrics import metrics as _metrics
 from .checkpoint import CheckpointError, load_checkpoint, state_mismatch
 from .config import TrainConfig, build_from_config, checkpoint_convention
@@ -97,7 +98,7 @@ def neural_collapse(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
     if similarity is None:
         return None
     try:
-        return clean_json(_metrics.neural_collapse(feats, labels, clf.weight.detach().cpu(), similarity))
+        return clean_json(_collapse.neural_collapse(feats, labels, clf.weight.detach().cpu(), similarity))
     except Exception as exc:  # diagnostics must never lose a finished run
         return {"error": f"{type(exc).__name__}: {exc}"}
 
