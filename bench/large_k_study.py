@@ -75,7 +75,11 @@ def align_frame(model, crit, h, data, a):
     if a.align >= 0:
         G = np.random.default_rng(a.seed + 17).standard_normal((tree.num_nodes, a.dim))
         G /= np.linalg.norm(G, axis=1, keepdims=True)
-        G = np.sqrt(1 - a.align) * G + np.sqrt(a.align) * node_directions(h, sums, counts, a.seed, whiten=a.whiten)
+        rho = np.full((tree.num_nodes, 1), a.align)
+        if a.shrink > 0:  # a node seen through n samples keeps weight n / (n + shrink) on its data offset
+            n = np.asarray(tree.ancestry.T @ counts).reshape(-1, 1)
+            rho = rho * n / (n + a.shrink)
+        G = np.sqrt(1 - rho) * G + np.sqrt(rho) * node_directions(h, sums, counts, a.seed, whiten=a.whiten)
         W = tree.projected_frame(a.gamma, s, a.dim, a.seed, directions=G / np.linalg.norm(G, axis=1, keepdims=True))
     if a.align_procrustes:  # the rotation R maximising tr(R^T W^T mu)
         U, _, Vt = np.linalg.svd(W.T @ (sums / np.maximum(counts, 1)[:, None]), full_matrices=False)
@@ -110,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--align", type=float, default=-1.0,
                    help="rho in [0, 1]: rebuild the frame with node directions mixing the initial features' node "
                         "offsets (weight rho) and Gaussian ones (the default -1 keeps the Gaussian frame)")
+    p.add_argument("--shrink", type=float, default=0.0,
+                   help="> 0: a node's data-offset weight is rho * n / (n + this), n = training samples under it")
     p.add_argument("--whiten", action="store_true", help="whiten the class means before taking node offsets")
     p.add_argument("--align-procrustes", action="store_true", help="rotate the frame towards the class means")
     p.add_argument("--lr", type=float, default=0.1)
