@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..files import atomic_save, rotate_save
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, seal_checkpoint
-from .config import TrainConfig, build_from_config
+from .config import TrainConfig, build_from_config, checkpoint_frame_directions
 from .distributed import DistContext, GlobalBatchSampler, derive_seed, gather_rng
 from .evaluation import crm_part, eval_loader, evaluate, neural_collapse, plain_part, valid_ks
 from ..frame.align import align_model_frame
@@ -139,10 +139,9 @@ def _resume(run: _Run) -> None:
 def _align_frame(run: _Run) -> None:
     """A projected HAFrame (dim < K, from a tree) takes its node directions from the untrained model's class-mean
     features (TrainConfig.frame_directions, haframe_ext.frame.align); the RNG streams are untouched."""
-    config, frame, dctx = run.config, run.built["frame"], run.dctx
-    tree = run.built["distances"]
-    if (config.frame_directions != "features" or config.method not in ("haframe", "haframe-ce") or frame is None
-            or frame.dim >= frame.num_classes or not isinstance(tree, Hierarchy)):
+    config, dctx, tree = run.config, run.dctx, run.built["distances"]
+    if (not isinstance(tree, Hierarchy)
+            or checkpoint_frame_directions(config.to_dict(), tree.num_classes) != "features"):
         return
     train_set = run.built["datasets"]["train"]
     loader = torch.utils.data.DataLoader(train_set, batch_size=config.eval_batch_size, shuffle=False,
