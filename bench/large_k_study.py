@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_large_k import wordnet_subtree
 from haframe_ext import ops
 from haframe_ext.frame.align import class_feature_means, node_directions
+from haframe_ext.frame.profile import Profile, fitted_profile
 from haframe_ext.training.config import TrainConfig, build_from_config
 from haframe_ext.hierarchy import Hierarchy
 from haframe_ext.metrics import StreamingEvaluator
@@ -69,6 +70,18 @@ def align_frame(model, crit, h, data, a):
     batches = [(data.inputs[j:j + 4096], data.targets[j:j + 4096]) for j in range(0, len(data), 4096)]
     model.eval()
     sums, counts = class_feature_means(lambda x: model.transform(model.backbone(x)), batches, K, len(data))
+    fitted = Profile(a.gamma, *fitted_profile(h, sums, counts), weight=a.fit_profile) if a.fit_profile > 0 else None
+
+    def profile(lv):  # S's kernel at level (distance) lv: exp(-gamma lv/d_max), or its mix with a coarse-heavy one
+        x = np.asarray(lv, np.float64) / tree.d_max
+        hf = np.exp(-a.gamma * x)
+        if fitted is not None:  # the library's kernel (trainer: --frame-profile features)
+            return fitted(lv, tree.d_max)
+        if a.kappa <= 0:
+            return hf
+        return a.mix * (1.0 - np.expm1(a.kappa * x) / math.expm1(a.kappa)) + (1 - a.mix) * hf
+
+    tree.kernel_values = lambda gamma: profile(tree.level)
     cl = crit.classifier
     W = cl.weight.double().numpy()
     s = tree.exact_s_min(a.gamma)
@@ -86,11 +99,18 @@ def align_frame(model, crit, h, data, a):
         W = W @ (U @ Vt)
     state = cl.state_dict()
     state["weight"] = torch.as_tensor(W, dtype=cl.weight.dtype)
+    if state.get("similarity") is not None:  # K <= 4096: the cosine term's target follows the kernel
+        S = (1 - s) * profile(h.distances()) + s
+        np.fill_diagonal(S, 1.0)
+        state["similarity"] = torch.as_tensor(S, dtype=cl.weight.dtype)
     cl.load_state_dict(state)
     i, j = np.random.default_rng(0).integers(0, K, (2, 20000))
     i, j = i[i != j], j[i != j]
     got = (W[i] * W[j]).sum(1)
-    err = np.abs(got - tree.similarity_from_distances(a.gamma, s, tree.pair_distances(i, j)))
+    dij = tree.pair_distances(i, j)
+    err = np.abs(got - ((1 - s) * profile(dij) + s))
+    for dv in np.unique(dij):
+        print(f"d={dv:g}: target {(1 - s) * profile(dv) + s:.3f} got {got[dij == dv].mean():.3f}", flush=True)
     print(json.dumps(dict(align=a.align, whiten=a.whiten, gram_err=float(err.mean()), max_cos=float(got.max()))),
           flush=True)
 
@@ -116,8 +136,17 @@ def main(argv=None) -> int:
                         "offsets (weight rho) and Gaussian ones (the default -1 keeps the Gaussian frame)")
     p.add_argument("--shrink", type=float, default=0.0,
                    help="> 0: a node's data-offset weight is rho * n / (n + this), n = training samples under it")
+    p.add_argument("--kappa", type=float, default=0.0,
+                   help="> 0: S's kernel mixes (weight --mix) 1 - (e^(kappa d/d_max) - 1)/(e^kappa - 1), a "
+                        "coarse-heavy kernel, into exp(-gamma d/d_max)")
+    p.add_argument("--fit-profile", type=float, default=0.0,
+                   help="> 0: S's kernel is frame.profile.Profile with this weight (--frame-profile features: 0.8)")
+    p.add_argument("--mix", type=float, default=1.0, help="the coarse-heavy kernel's weight in the profile (--kappa)")
     p.add_argument("--whiten", action="store_true", help="whiten the class means before taking node offsets")
     p.add_argument("--align-procrustes", action="store_true", help="rotate the frame towards the class means")
+    p.add_argument("--frame-file", default="",
+                   help="a saved [K, d] tensor (--save-classifier) whose normalised rows replace the fixed frame")
+    p.add_argument("--save-classifier", default="", help="cross-entropy: save the trained classifier's weight here")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=3)
@@ -147,6 +176,11 @@ def main(argv=None) -> int:
         model.transform = nn.Sequential(model.transform, Expand(a.dim, a.expand))
     if fixed and (a.align >= 0 or a.align_procrustes):
         align_frame(model, crit, h, built["datasets"]["train"], a)
+    if fixed and a.frame_file:
+        rows = nn.functional.normalize(torch.load(a.frame_file, weights_only=True).double(), dim=1)
+        state = crit.classifier.state_dict()
+        state["weight"] = rows.to(crit.classifier.weight.dtype)
+        crit.classifier.load_state_dict(state)
     log_s = nn.Parameter(torch.tensor(math.log(a.feat_scale)), requires_grad=a.learn_scale)
     groups = [{"params": [q for q in model.parameters() if q.requires_grad], "weight_decay": a.wd}]
     if a.learn_scale:
@@ -196,6 +230,8 @@ def main(argv=None) -> int:
         print(json.dumps(out), flush=True)
         with open(a.log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({**vars(a), **out}) + "\n")
+    if a.save_classifier and not fixed:
+        torch.save(model.classifier.weight.detach().clone(), a.save_classifier)
     return 0
 
 

@@ -6,7 +6,8 @@ send every class to a direction unrelated to its inputs; at d << K that is what 
 slower than a learned classifier. Here each node's direction is instead its offset from its parent in the
 whitened class means of the untrained model's features: the frame keeps the tree's cosines as well as the
 Gaussian does (whitening spreads the offsets over all d directions), and each class vector starts where
-the network already puts that class.
+the network already puts that class. The kernel of the target similarity can follow the same class means
+(``frame.profile``): the frame then separates the tree's levels as far as the features do.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .frame import HAFrame
+from .profile import FRAME_PROFILES, PROFILE_WEIGHT, Profile, fitted_profile
 from ..hierarchy.hierarchy import Hierarchy
 
 __all__ = ["ALIGN_MAX_SAMPLES", "FRAME_DIRECTIONS", "align_model_frame", "aligned_frame", "class_feature_means",
@@ -99,22 +101,34 @@ def node_directions(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, 
 
 
 def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, gamma: float, s_min="exact",
-                  seed: int = 0, dtype: torch.dtype = torch.float32) -> HAFrame:
-    """The projected HAFrame in d = sums.shape[1] < K dimensions with node directions from the class means."""
+                  seed: int = 0, dtype: torch.dtype = torch.float32, *, directions: str = "features",
+                  profile: str = "features", profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
+    """The projected HAFrame in d = sums.shape[1] < K dimensions that follows the class means.
+
+    sums [K, d], counts [K]: :func:`class_feature_means`. directions: "features" (:func:`node_directions`) or
+    "gaussian" (the seeded projection). profile: "features" (the kernel of S blends ``fitted_profile`` of the
+    class means, weight profile_weight, into exp(-gamma d / d_max); docs/design.md 2e) or "exp" (the paper's).
+    """
     K, d = sums.shape
     if d >= hierarchy.num_classes:
         raise ValueError(f"an aligned frame is a projection: dim {d} must be below K = {hierarchy.num_classes} "
                          "(at dim >= K the frame is exact and needs no directions)")
-    dirs = node_directions(hierarchy, sums, counts, seed)
+    for name, value, valid in (("directions", directions, FRAME_DIRECTIONS), ("profile", profile, FRAME_PROFILES)):
+        if value not in valid:
+            raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+    dirs = node_directions(hierarchy, sums, counts, seed) if directions == "features" else None
+    kernel = (Profile(gamma, *fitted_profile(hierarchy, sums, counts), weight=profile_weight)
+              if profile == "features" else None)
     return HAFrame.from_hierarchy(hierarchy, gamma, s_min=s_min, dim=d, seed=seed, dtype=dtype, approximate=True,
-                                  directions=dirs)
+                                  directions=dirs, profile=kernel)
 
 
 def align_model_frame(model: torch.nn.Module, hierarchy: Hierarchy,
                       batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], gamma: float, s_min="exact",
-                      seed: int = 0, max_samples: int = ALIGN_MAX_SAMPLES) -> HAFrame:
+                      seed: int = 0, max_samples: int = ALIGN_MAX_SAMPLES, *, directions: str = "features",
+                      profile: str = "features") -> HAFrame:
     """Replace the fixed frame of an untrained ``HAFrameModel`` (backbone, transform, classifier) by the frame
-    aligned to its own features on ``batches`` of (inputs, labels); returns that frame.
+    aligned to its own features on ``batches`` of (inputs, labels) (:func:`aligned_frame`); returns that frame.
 
     The model's classifier (and so every loss sharing it) gets the new weight through ``load_state_dict``.
     """
@@ -127,8 +141,11 @@ def align_model_frame(model: torch.nn.Module, hierarchy: Hierarchy,
                                            cl.weight.shape[0], max_samples)
     finally:
         model.train(was_training)
-    frame = aligned_frame(hierarchy, sums, counts, gamma, s_min=s_min, seed=seed, dtype=cl.weight.dtype)
+    frame = aligned_frame(hierarchy, sums, counts, gamma, s_min=s_min, seed=seed, dtype=cl.weight.dtype,
+                          directions=directions, profile=profile)
     state = cl.state_dict()
     state["weight"] = frame.weight.to(device)
+    if state.get("similarity") is not None:  # the cosine term's target [K, K] (up to DENSE_MAX_K classes)
+        state["similarity"] = frame.similarity.to(device=device, dtype=state["similarity"].dtype)
     cl.load_state_dict(state)
     return frame

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..files import atomic_write, content_digest
 from .factorization import check_approximate, check_dim, dim_error, factorize, normalise_rows, rotate
+from .profile import Profile
 from .quality import NEAR_TWIN, measure, sampled_pairs
 from ..hierarchy.edges import HierarchyError
 from ..hierarchy.hierarchy import BUILTIN_NAMES, Hierarchy, as_distance_matrix
@@ -41,8 +43,9 @@ class HAFrame:
     """A fixed classifier frame: unit class vectors (rows of ``weight``) whose Gram matrix is the target similarity."""
 
     def __init__(self, weight: torch.Tensor, similarity, *, s_min: float, gamma=None, distances=None,
-                 hierarchy=None, etf: bool = False) -> None:
-        """Wrap a frame: weight [K, dim]; similarity [K, K] (float64 copy kept), or None with a hierarchy or etf."""
+                 hierarchy=None, etf: bool = False, profile: Optional[Profile] = None) -> None:
+        """Wrap a frame: weight [K, dim]; similarity [K, K] (float64 copy kept), or None with a hierarchy or etf;
+        profile: the kernel in place of exp(-gamma d / d_max) (frame.profile), with its own gamma."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a 2-D torch.Tensor [K, dim]")
         K = weight.shape[0]
@@ -64,7 +67,10 @@ class HAFrame:
         self._similarity64 = S  # [K, K] float64, or None (rows from the hierarchy)
         self.similarity = None if S is None else torch.as_tensor(S, dtype=weight.dtype, device=weight.device)
         self.s_min = float(s_min)
-        self.gamma = None if gamma is None else float(gamma)
+        if profile is not None and not isinstance(profile, Profile):
+            raise TypeError(f"profile must be a frame.profile.Profile, got {type(profile).__name__}")
+        self.profile = profile
+        self.gamma = profile.gamma if profile is not None else None if gamma is None else float(gamma)
         self.hierarchy = hierarchy
         self.etf_frame = bool(etf)  # a simplex ETF: S has a closed form
         self.distances = None if distances is None else as_distance_matrix(distances)  # [K, K]
@@ -115,7 +121,8 @@ class HAFrame:
 
     @classmethod
     def from_hierarchy(cls, h, gamma: float, s_min="exact", dim=None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, approximate=False, directions=None) -> "HAFrame":
+                       dtype: torch.dtype = torch.float32, approximate=False, directions=None,
+                       profile: Optional[Profile] = None) -> "HAFrame":
         """Build the frame for a Hierarchy (or a builtin name) from its tree, with no K x K work when dim < K.
 
         s_min: "exact" (O(nodes)), "grid" (the paper's search; dense, K <= DENSE_MAX_K) or a float >= the
@@ -123,6 +130,8 @@ class HAFrame:
         memory allows), with dim < K pass approximate=True (Gaussian projection) or "truncate".
         directions: for the projection, [nodes, dim] unit node directions in place of the Gaussian
         (``align.aligned_frame`` builds them from class-mean features).
+        profile: a :class:`~haframe_ext.frame.profile.Profile` (with this gamma) as the kernel of S in place of
+        exp(-gamma d / d_max); tree routes only (not with "truncate" or s_min="grid").
         """
         if isinstance(h, str) and h in BUILTIN_NAMES:
             h = Hierarchy.builtin(h)
@@ -134,6 +143,12 @@ class HAFrame:
         _check_dtype(dtype)
         check_two_classes(h)
         tree, K = h.tree, h.num_classes
+        if profile is not None and (not isinstance(profile, Profile) or profile.gamma != g):
+            raise ValueError(f"profile must be a frame.profile.Profile built with gamma={g:g}, got {profile!r}")
+        if profile is not None and (approximate == "truncate" or (isinstance(s_min, str) and s_min == "grid")):
+            raise ValueError("a profile applies to the tree routes only: use approximate=True or False and "
+                             "s_min='exact' or a number")
+        k = g if profile is None else profile  # the kernel: gamma, or the profile's
         if directions is not None and not (approximate is True and dim is not None and int(dim) < K):
             raise ValueError("directions apply to the projected frame only: pass dim < K with approximate=True")
         if approximate == "truncate" or (isinstance(s_min, str) and s_min == "grid"):
@@ -144,7 +159,8 @@ class HAFrame:
                                        approximate=approximate)
             frame.hierarchy = h
             return frame
-        if dim == K - 1 and K <= DENSE_MAX_K and (s_min == "exact" or s_min == tree.exact_s_min(g)):
+        if profile is None and dim == K - 1 and K <= DENSE_MAX_K and (s_min == "exact" or
+                                                                     s_min == tree.exact_s_min(g)):
             # S has rank K - 1 at the exact s_min: an exact frame exists in K - 1 dimensions
             frame = cls.from_distances(h.distances(), g, s_min="exact", dim=dim, seed=seed, dtype=dtype)
             frame.hierarchy = h
@@ -153,7 +169,7 @@ class HAFrame:
             _missing_dim(K)
         dim = check_dim(dim, K)
         _check_gamma_resolves(g, float(tree.d_min), float(tree.d_max))
-        s_exact = tree.exact_s_min(g)
+        s_exact = tree.exact_s_min(k)
         if isinstance(s_min, str):
             if s_min != "exact":
                 raise ValueError(f"s_min must be 'exact', 'grid' or a number, got {s_min!r}")
@@ -170,16 +186,16 @@ class HAFrame:
                 raise MemoryError(
                     f"an exact frame for K={K} classes needs a dense {K} x {tree.num_nodes} factor "
                     f"({8 * K * tree.num_nodes / 2**30:.1f} GiB); pass dim < K with approximate=True")
-            Wn = tree.dense_frame(g, s)  # [K, n], exact
+            Wn = tree.dense_frame(k, s)  # [K, n], exact
             R = np.linalg.qr(Wn.T, mode="r")  # Wn = R^T Q^T: R^T [K, K] has the same Gram matrix
             W = normalise_rows(rotate(R.T[:, :min(K, R.shape[0])], dim, seed), "the frame")
         elif not approximate:
             raise dim_error(dim, K, K)
         else:
-            W = tree.projected_frame(g, s, dim, seed, directions=directions)
+            W = tree.projected_frame(k, s, dim, seed, directions=directions)
         d = h.distances() if K <= DENSE_MAX_K else None  # [K, K], kept only up to DENSE_MAX_K classes
-        S = None if d is None else similarity_matrix(d, g, s)
-        frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g, distances=d, hierarchy=h)
+        S = None if d is None else similarity_matrix(d, k, s)
+        frame = cls(torch.as_tensor(W, dtype=dtype), S, s_min=s, gamma=g, distances=d, hierarchy=h, profile=profile)
         frame._check_classes_apart()
         if dim < K:
             frame._measure(W, "projection" if directions is None else "aligned projection", seed)
@@ -227,6 +243,11 @@ class HAFrame:
         return self.weight.shape[1]
 
     @property
+    def kernel(self):
+        """What the tree routes take for gamma: the profile when there is one, else gamma."""
+        return self.gamma if self.profile is None else self.profile
+
+    @property
     def convention(self):
         """The distance convention of the hierarchy this frame was built from (None for a distance matrix or an ETF)."""
         return None if self.hierarchy is None else self.hierarchy.convention
@@ -241,7 +262,7 @@ class HAFrame:
             out = np.full((len(rows), K), -1.0 / (K - 1))
             out[np.arange(len(rows)), rows] = 1.0
             return torch.from_numpy(out)
-        return torch.from_numpy(self.hierarchy.tree.similarity_rows(self.gamma, self.s_min, rows))
+        return torch.from_numpy(self.hierarchy.tree.similarity_rows(self.kernel, self.s_min, rows))
 
     def similarity_block(self, rows, cols) -> torch.Tensor:
         """S[rows][:, cols] in float64 [len(rows), len(cols)], from the stored matrix or from the tree."""
@@ -256,7 +277,7 @@ class HAFrame:
         if self.hierarchy is None:
             return np.where(i == j, 1.0, -1.0 / (self.num_classes - 1))
         tree = self.hierarchy.tree
-        return tree.similarity_from_distances(self.gamma, self.s_min, tree.pair_distances(i, j))
+        return tree.similarity_from_distances(self.kernel, self.s_min, tree.pair_distances(i, j))
 
     def _exact_margin(self) -> float:
         """1 - max_{j != k} S[j, k]: the separation margin of the exact frame."""
@@ -266,7 +287,7 @@ class HAFrame:
         if self.hierarchy is None:
             return 1.0 + 1.0 / (self.num_classes - 1)
         tree = self.hierarchy.tree
-        return float(1.0 - tree.similarity_from_distances(self.gamma, self.s_min, np.array([tree.d_min]))[0])
+        return float(1.0 - tree.similarity_from_distances(self.kernel, self.s_min, np.array([tree.d_min]))[0])
 
     def _check_classes_apart(self) -> None:
         """Refuse an exact frame that gives two classes the same vector, and warn when its closest pair has a target
@@ -306,6 +327,8 @@ class HAFrame:
         """Summary of the frame: sizes, gamma, s_min, Gram error, off-diagonal similarity range, min eigenvalue of S."""
         out = {"K": self.num_classes, "dim": self.dim, "gamma": self.gamma, "s_min": self.s_min,
                "gram_error": self.gram_error()}
+        if self.profile is not None:
+            out["profile"] = self.profile.state()
         S = self._similarity64
         if S is not None:
             off = S[~np.eye(len(S), dtype=bool)]
@@ -340,7 +363,7 @@ class HAFrame:
         large = self._similarity64 is None
         state = {
             "format": _FORMAT,
-            "version": 3,
+            "version": 3 if self.profile is None else 4,
             "weight": self.weight.detach().cpu(),
             "similarity": None if large else torch.from_numpy(self._similarity64),
             "s_min": self.s_min,
@@ -350,6 +373,8 @@ class HAFrame:
             "approximation": self.approximation,
             "etf": self.etf_frame,
         }
+        if self.profile is not None:  # version 4: older readers refuse the file instead of ignoring the kernel
+            state["profile"] = self.profile.state()
         state = dict(state, digest=content_digest(state))  # load() checks the content against it
         if isinstance(path, (str, os.PathLike)):  # a full disk keeps the earlier file (temp file, then rename)
             atomic_write(path, lambda f: torch.save(state, f))
@@ -381,7 +406,7 @@ class HAFrame:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise HierarchyError(
                 f"{str(path)!r} is not a saved HAFrame (no format={_FORMAT!r} entry); write it with HAFrame.save")
-        if state.get("version") not in (1, 2, 3):
+        if state.get("version") not in (1, 2, 3, 4):
             raise HierarchyError(f"{str(path)!r}: unsupported HAFrame file version {state.get('version')!r}; "
                                  "upgrade haframe_ext to read it")
         if state.get("version", 0) >= 3 and content_digest({k: v for k, v in state.items() if k != "digest"}) != \
@@ -393,7 +418,8 @@ class HAFrame:
             frame = cls(state["weight"], state["similarity"], s_min=state["s_min"], gamma=state["gamma"],
                         distances=None if dist is None else dist.numpy(),
                         hierarchy=None if hier is None else _hierarchy_from_state(hier),
-                        etf=bool(state.get("etf", False)))
+                        etf=bool(state.get("etf", False)),
+                        profile=None if state.get("profile") is None else Profile.from_state(state["profile"]))
             frame.approximation = state.get("approximation")
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             raise HierarchyError(f"{str(path)!r} is an incomplete or malformed HAFrame file "
@@ -424,7 +450,7 @@ class HAFrame:
             raise ValueError("the class vectors are not unit vectors")
         source = self.hierarchy.distances() if self.hierarchy is not None and K <= DENSE_MAX_K else self.distances
         if self._similarity64 is not None and source is not None and self.gamma is not None:
-            if float(np.abs(similarity_matrix(source, self.gamma, self.s_min) - self._similarity64).max()) > 1e-9:
+            if float(np.abs(similarity_matrix(source, self.kernel, self.s_min) - self._similarity64).max()) > 1e-9:
                 raise ValueError("the similarity is not the one its hierarchy (or distances), gamma and s_min give: "
                                  "a reordered class list, or an edited matrix")
         if self.approximation is None and self.gram_error() > max(1e-6, 1000 * eps):
@@ -433,6 +459,8 @@ class HAFrame:
     def __repr__(self) -> str:
         gamma = "None" if self.gamma is None else f"{self.gamma:g}"
         approx = "" if self.approximation is None else f", approximate={self.approximation['method']!r}"
+        if self.profile is not None:
+            gamma += f", profile weight {self.profile.weight:g}"
         return (f"HAFrame(K={self.num_classes}, dim={self.dim}, gamma={gamma}, s_min={self.s_min:.6f}, "
                 f"dtype={self.weight.dtype}, device={self.weight.device}{approx})")
 

@@ -18,9 +18,10 @@ import scipy.linalg
 
 from ..hierarchy.edges import HierarchyError
 from ..hierarchy.hierarchy import Hierarchy, as_distance_matrix
+from .profile import Profile
 
-__all__ = ["similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "check_gamma", "kernel_matrix",
-           "similarity_from_kernel", "eigenvalues", "min_eigenvalue", "check_two_classes", "PSD_RTOL"]
+__all__ = ["similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "check_gamma", "check_kernel",
+           "kernel_matrix", "similarity_from_kernel", "eigenvalues", "min_eigenvalue", "check_two_classes", "PSD_RTOL"]
 
 PSD_RTOL = 1e-9  # a user-given s_min is rejected when lambda_min(S) < -PSD_RTOL * lambda_max(S)
 _GRID_ZERO = 1e-6  # the paper code treats eigenvalues with |lambda| below this as 0
@@ -36,14 +37,19 @@ def check_gamma(gamma) -> float:
     return g
 
 
+def check_kernel(gamma):
+    """gamma as check_gamma returns it, or a :class:`~haframe_ext.frame.profile.Profile` as it is."""
+    return gamma if isinstance(gamma, Profile) else check_gamma(gamma)
+
+
 def kernel_matrix(d, gamma) -> np.ndarray:
-    """E = exp(-gamma d / d_max) in float64, [K, K]."""
+    """E = exp(-gamma d / d_max) in float64, [K, K]; with a Profile for gamma, the profile's kernel."""
     d = as_distance_matrix(d).astype(np.float64)
-    g = check_gamma(gamma)
+    g = check_kernel(gamma)
     d_max = d.max()
     if d_max == 0:
         raise ValueError("all distances are 0, so the classes cannot be told apart; d_max must be > 0")
-    return np.exp(-g * d / d_max)
+    return g(d, d_max) if isinstance(g, Profile) else np.exp(-g * d / d_max)
 
 
 def similarity_from_kernel(E: np.ndarray, s_min: float) -> np.ndarray:  # E: [K, K]
@@ -121,7 +127,7 @@ def exact_s_min(d, gamma: float) -> float:
     """
     if isinstance(d, Hierarchy):
         check_two_classes(d)
-        return d.tree.exact_s_min(check_gamma(gamma))
+        return d.tree.exact_s_min(check_kernel(gamma))
     E = kernel_matrix(d, gamma)
     try:
         L = scipy.linalg.cholesky(E, lower=True)

@@ -8,7 +8,9 @@ gives as a lowest common ancestor, so that ``d[i, j] = h(LCA(i, j))``.  For any 
 
 with A the [K, nodes] indicator of "node v is an ancestor of (or is) class k".  The sum telescopes
 along the root -> LCA path, so ``A diag(c) A^T [i, j] = f(h(LCA(i, j)))``.  With
-``f = exp(-gamma h / d_max)`` that is E, with ``f = h`` it is d itself.  Products with them cost
+``f = exp(-gamma h / d_max)`` that is E, with ``f = h`` it is d itself.  Wherever a method takes
+``gamma``, a callable kernel ``k(d, d_max)`` nonincreasing in d (``frame.profile.Profile``) may stand
+in for the exponential (its c_v are then >= 0 too).  Products with them cost
 O(nnz(A)) = O(sum of the leaf depths), and so do the exact s_min (Sherman-Morrison up the tree)
 and an exact frame (a sparse factor plus a rank-one term).
 
@@ -84,9 +86,16 @@ class TreeOperator:
         return A @ (c[:, None] * up if up.ndim == 2 else c * up)
 
     # ------------------------------------------------------------------ the kernel E and the similarity S
-    def kernel_values(self, gamma: float) -> np.ndarray:
-        """exp(-gamma level / d_max) at every node, float64 [n]."""
-        return np.exp(-float(gamma) * self.level / self.d_max)
+    def kernel(self, gamma, d) -> np.ndarray:
+        """The kernel at distances d (any shape), float64: exp(-gamma d / d_max) for a number gamma; a callable
+        gamma(d, d_max) (``frame.profile.Profile``) is called instead."""
+        if callable(gamma):
+            return np.asarray(gamma(np.asarray(d, np.float64), self.d_max), dtype=np.float64)
+        return np.exp(-float(gamma) * np.asarray(d, np.float64) / self.d_max)
+
+    def kernel_values(self, gamma) -> np.ndarray:
+        """The kernel at every node's level, float64 [n]."""
+        return self.kernel(gamma, self.level)
 
     def kernel_coefficients(self, gamma: float) -> np.ndarray:
         """c [n] >= 0 with E = exp(-gamma d / d_max) = A diag(c) A^T."""
@@ -115,7 +124,7 @@ class TreeOperator:
 
     def similarity_from_distances(self, gamma: float, s_min: float, d: np.ndarray) -> np.ndarray:
         """S entries for distances d (any shape): (1 - s_min) exp(-gamma d / d_max) + s_min, 1 where d = 0."""
-        s = (1.0 - s_min) * np.exp(-float(gamma) * np.asarray(d, np.float64) / self.d_max) + s_min
+        s = (1.0 - s_min) * self.kernel(gamma, d) + s_min
         return np.where(np.asarray(d) == 0, 1.0, s)
 
     def expected_distances(self, probs: np.ndarray) -> np.ndarray:

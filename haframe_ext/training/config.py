@@ -14,13 +14,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from .data.factory import make_datasets
 from ..frame.align import FRAME_DIRECTIONS
+from ..frame.profile import FRAME_PROFILES
 from ..hierarchy.hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
 from ..ops.fused import COSINE_SCALES, cosine_scale_for
 from ..sizes import check_memory
 
 __all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale",
-           "checkpoint_frame_directions", "distances_for",
+           "checkpoint_frame_directions", "checkpoint_frame_profile", "distances_for",
            "load_hierarchy"]
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
     alpha_period: Optional[float] = None
     cosine_scale: Union[str, float] = "auto"  # haframe/etf: cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
     frame_directions: str = "features"      # haframe, dim < K: node directions from class-mean features or gaussian
+    frame_profile: str = "features"         # haframe, dim < K: S's kernel follows the class means, or exp (paper)
     hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
     hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
     soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)
@@ -118,6 +120,9 @@ class TrainConfig:
         if self.frame_directions not in FRAME_DIRECTIONS:
             raise ValueError(f"frame_directions must be one of {', '.join(FRAME_DIRECTIONS)}, got "
                              f"{_shown(self.frame_directions)} (--frame-directions)")
+        if self.frame_profile not in FRAME_PROFILES:
+            raise ValueError(f"frame_profile must be one of {', '.join(FRAME_PROFILES)}, got "
+                             f"{_shown(self.frame_profile)} (--frame-profile)")
         if self.distance_convention not in CONVENTIONS:
             raise ValueError(f"distance_convention must be one of {', '.join(CONVENTIONS)}, got "
                              f"{_shown(self.distance_convention)} (--distance-convention)")
@@ -338,13 +343,22 @@ def checkpoint_cosine_scale(ck_cfg: Dict[str, Any], num_classes: int) -> Optiona
     return cosine_scale_for(ck_cfg.get("cosine_scale", "sum"), num_classes, d)
 
 
+def _projected_tree_frame(ck_cfg: Dict[str, Any], num_classes: int) -> bool:
+    """Whether a run's config builds a HAFrame from a tree below K dimensions (the one that can follow the data)."""
+    d = ck_cfg.get("feature_dim") or num_classes
+    return ck_cfg.get("method") in ("haframe", "haframe-ce") and not ck_cfg.get("distances") and d < num_classes
+
+
 def checkpoint_frame_directions(ck_cfg: Dict[str, Any], num_classes: int) -> Optional[str]:
     """The node directions of a run's frame for K classes, or None where there are none (no tree-built HAFrame
     below K); a checkpoint written before the field had Gaussian ones."""
-    d = ck_cfg.get("feature_dim") or num_classes
-    if ck_cfg.get("method") not in ("haframe", "haframe-ce") or ck_cfg.get("distances") or d >= num_classes:
-        return None
-    return ck_cfg.get("frame_directions", "gaussian")
+    return ck_cfg.get("frame_directions", "gaussian") if _projected_tree_frame(ck_cfg, num_classes) else None
+
+
+def checkpoint_frame_profile(ck_cfg: Dict[str, Any], num_classes: int) -> Optional[str]:
+    """The kernel of a run's frame for K classes ("features" or "exp"), or None where it is always exp (no
+    tree-built HAFrame below K); a checkpoint written before the field had exp."""
+    return ck_cfg.get("frame_profile", "exp") if _projected_tree_frame(ck_cfg, num_classes) else None
 
 
 def checkpoint_convention(ck_cfg: Dict[str, Any]) -> str:

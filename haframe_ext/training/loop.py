@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..files import atomic_save, rotate_save
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, seal_checkpoint
-from .config import TrainConfig, build_from_config, checkpoint_frame_directions
+from .config import TrainConfig, build_from_config, checkpoint_frame_directions, checkpoint_frame_profile
 from .distributed import DistContext, GlobalBatchSampler, derive_seed, gather_rng
 from .evaluation import crm_part, eval_loader, evaluate, neural_collapse, plain_part, valid_ks
 from ..frame.align import align_model_frame
@@ -137,22 +137,28 @@ def _resume(run: _Run) -> None:
 
 
 def _align_frame(run: _Run) -> None:
-    """A projected HAFrame (dim < K, from a tree) takes its node directions from the untrained model's class-mean
-    features (TrainConfig.frame_directions, haframe_ext.frame.align); the RNG streams are untouched."""
+    """A projected HAFrame (dim < K, from a tree) takes its node directions and its kernel from the untrained
+    model's class-mean features (TrainConfig.frame_directions and frame_profile, haframe_ext.frame.align); the
+    RNG streams are untouched."""
     config, dctx, tree = run.config, run.dctx, run.built["distances"]
-    if (not isinstance(tree, Hierarchy)
-            or checkpoint_frame_directions(config.to_dict(), tree.num_classes) != "features"):
+    if not isinstance(tree, Hierarchy):
+        return
+    directions = checkpoint_frame_directions(config.to_dict(), tree.num_classes)
+    profile = checkpoint_frame_profile(config.to_dict(), tree.num_classes)
+    if "features" not in (directions, profile):
         return
     train_set = run.built["datasets"]["train"]
     loader = torch.utils.data.DataLoader(train_set, batch_size=config.eval_batch_size, shuffle=False,
                                          num_workers=config.num_workers, generator=torch.Generator())
     with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
         run.built["frame"] = align_model_frame(run.model, tree, loader, config.gamma, s_min=config.s_min,
-                                               seed=config.seed)
+                                               seed=config.seed, directions=directions, profile=profile)
     if dctx.enabled:  # every rank read the same samples; rank 0's frame is the one, to the last bit
         cl = run.model.classifier
         state = cl.state_dict()
         torch.distributed.broadcast(state["weight"], 0)
+        if state.get("similarity") is not None:
+            torch.distributed.broadcast(state["similarity"], 0)
         cl.load_state_dict(state)
 
 
