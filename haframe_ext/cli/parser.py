@@ -9,9 +9,7 @@ diverges or loses a peer process exits with code 1; ``--help`` exits with 0.  A 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
-import math
 import os
 import sys
 import warnings
@@ -21,8 +19,8 @@ from .commands import (UserError, cmd_compare, cmd_demo, cmd_eval, cmd_frame, cm
                        quote)
 from ..hierarchy.edges import HierarchyError
 from ..hierarchy.hierarchy import BUILTIN_NAMES, CONVENTIONS, INTERNAL_CLASSES
-from ..ops.fused import COSINE_SCALES
 from ..hierarchy.wordnet import PARENT_RULES
+from .options import MAX_INT, add_config_args, int_at_least, parse_s_min, path_arg, positive_float
 from .quick_bench import cmd_bench
 from ..startup import end_startup_guard
 
@@ -38,180 +36,6 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}{hint}")
 
 
-# ----------------------------------------------------------------------------- argument types
-_MAX_INT = 2 ** 31 - 1  # the largest size or count a flag takes (beyond it torch's and C's integers overflow)
-
-
-def _int_at_least(low: int, high: int = _MAX_INT):
-    """An argparse type: an integer in [``low``, ``high``] (argparse names the flag in its error)."""
-
-    def parse(v: str) -> int:
-        try:
-            x = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {v!r}") from None
-        if x < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {x}")
-        if x > high:
-            raise argparse.ArgumentTypeError(f"must be an integer <= {high}, got {x}")
-        return x
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _positive_float(v: str) -> float:
-    """An argparse type: a finite number > 0 (NaN and inf are refused, not left to hang or overflow later)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v!r}")
-    return x
-
-
-def _path(v: str) -> str:
-    """An argparse type: a non-empty path (an empty one would silently mean the current folder, or nothing)."""
-    if not v.strip():
-        raise argparse.ArgumentTypeError("must be a non-empty path, got ''")
-    return v
-
-
-def _parse_cosine_scale(v: str):
-    """An argparse type for cosine_scale: 'auto', 'sum' or a number (TrainConfig.validate checks its range)."""
-    if v in COSINE_SCALES:
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {' or '.join(COSINE_SCALES)} or a number > 0, got {v!r}") from None
-
-
-def _parse_s_min(v: str):
-    """An argparse type for s_min: 'exact', 'grid' or a number."""
-    if v in ("exact", "grid"):
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'exact', 'grid' or a number, got {v!r}") from None
-
-
-# ----------------------------------------------------------------------------- train options
-# the --help line of every TrainConfig field (its default is appended); a test checks that none is missing
-_HELP = {
-    "out": "output folder (checkpoints, metrics.jsonl, results.json)",
-    "method": "cross-entropy | haframe | etf | haframe-ce | hxe | soft-labels | multi-level",
-    "dataset": "synthetic | cifar100 | imagefolder | features",
-    "data_root": "cifar-100-python folder, ImageFolder root (train/ val/ test/) or features folder (train.pt, ...)",
-    "hierarchy": f"builtin hierarchy name ({', '.join(BUILTIN_NAMES)}), an edge-list file, or random:K (a seeded "
-                 "random tree of K classes)",
-    "classes": "class-order file for an edge-list hierarchy (one class per line, line i = label i)",
-    "distances": "distance matrix (.npy/.csv) to use instead of the tree's distances",
-    "distance_convention": "tree distances: published (D - depth(LCA), the published matrices) or height (the "
-                           "longest path down from the LCA)",
-    "backbone": "mlp | small-cnn | wrn28 | resnet50 (default: mlp for vectors, wrn28 for images)",
-    "hidden": "width of the mlp backbone's hidden layers",
-    "depth": "number of layers of the mlp backbone",
-    "widen_factor": "k of the WRN-28-k backbone",
-    "pretrained": "resnet50: start from ImageNet weights (torchvision must have them)",
-    "feature_dim": "feature dimension: the frame's dimension for fixed frames (default K), the type-I layer's "
-                   "width otherwise (default 512)",
-    "num_blocks": "residual blocks of the type-II transformation layer",
-    "gamma": "HAFrame kernel sharpness: similarity falls off as exp(-gamma * distance)",
-    "s_min": "the frame's smallest similarity: 'exact', 'grid' (the paper code's search) or a number",
-    "alpha": "weight of the cosine-similarity term of the HAFrame loss (1 - alpha goes to cross-entropy), in [0, 1]",
-    "alpha_schedule": "constant | linear-increase | linear-decrease | cosine | cosine-linear | cosine-linear-decrease",
-    "alpha_period": "period in epochs of the cosine alpha schedules",
-    "cosine_scale": "haframe/etf: multiplier of the cosine term: 'auto' (min(d, K) / K: 1 at the paper's d >= K, d/K "
-                    "below it, where the summed term would outweigh the cross entropy K/d times), 'sum' (1 at every "
-                    "d, the paper's formula) or a number > 0",
-    "frame_directions": "haframe with --feature-dim below K: the projected frame's node directions: 'features' (each "
-                        "node's offset in the whitened class means of the untrained model's features, so the frame "
-                        "starts where the network puts each class) or 'gaussian' (random); ignored at dim >= K",
-    "frame_profile": "haframe with --feature-dim below K: the frame's cosine by tree distance: 'features' (0.8 of "
-                     "it follows the untrained model's class means, level by level, 0.2 is exp(-gamma d / d_max), "
-                     "so the frame separates the levels the features separate) or 'exp' (the paper's); ignored at "
-                     "dim >= K",
-    "hxe_alpha": "hxe: the term of the node at depth l weighs exp(-hxe_alpha * l) (0 with unnormalised weights is "
-                 "cross-entropy), >= 0",
-    "hxe_normalize": "hxe: divide the weights by their sum over all nodes, as the published code (trained with Adam) "
-                     "does; under SGD that divides the learning rate by the sum (about 86 on CIFAR-100)",
-    "soft_beta": "soft-labels: the target is softmax(-soft_beta * d[y, :] / d_max) (large: cross-entropy), >= 0",
-    "epochs": "training epochs",
-    "batch_size": "global batch size (split across processes under torchrun)",
-    "eval_batch_size": "batch size of validation and test",
-    "lr": "peak learning rate of SGD (cosine schedule after the warm-up)",
-    "backbone_lr_scale": "backbone learning rate = lr * this",
-    "min_lr": "floor of the cosine learning-rate schedule",
-    "warmup_epochs": "epochs of linear learning-rate warm-up (fractions allowed)",
-    "momentum": "SGD momentum, in [0, 1]",
-    "weight_decay": "SGD weight decay",
-    "nesterov": "Nesterov momentum",
-    "grad_clip": "clip the global gradient norm to this value",
-    "amp": "mixed precision on CUDA (ignored on CPU)",
-    "seed": "seed of the data, the initialisation and the data order",
-    "deterministic": "deterministic kernels and data order (a run can be repeated and resumed bit for bit)",
-    "num_workers": "DataLoader worker processes (0: load in the training process)",
-    "device": "auto | cpu | cuda | cuda:N",
-    "resume": "continue from <out>/last.pt if it exists (on CPU bit for bit the uninterrupted run, given the same "
-              "torch thread count, e.g. OMP_NUM_THREADS: the checkpoint records it and a different count is warned "
-              "about)",
-    "resume_from": "continue from this checkpoint (same thread-count caveat as --resume)",
-    "overwrite": "start over in an --out folder that holds an earlier run: its checkpoints, logs and results are "
-                 "deleted first (without it such a folder is refused, to lose nothing)",
-    "n_per_class": "synthetic data: training samples per class",
-    "eval_per_class": "synthetic data: val and test samples per class (default: --n-per-class)",
-    "eval_samples": "synthetic data: val and test hold this many samples of uniformly drawn classes (instead of "
-                    "--eval-per-class per class; for very many classes)",
-    "input_dim": "synthetic data: input vector size",
-    "difficulty": "synthetic data: noise level (0 separable; about 1 makes sibling classes hard)",
-    "image_size": "imagefolder: side of the square crop in pixels",
-    "augment": "random crops and flips on training images",
-    "select_metric": "validation metric that picks best.pt (top1 is maximised, others minimised)",
-    "eval_ks": "the k values of top-k / HierDist@k metrics, each >= 1 (values above the class count are dropped)",
-    "progress": "per-epoch progress bars",
-    "tensorboard": "TensorBoard event files in --out (needs the tensorboard package)",
-    "dist_timeout": "seconds before a stuck collective operation under torchrun fails",
-    "stop_after_epochs": "stop after this many epochs in this invocation (resume later)",
-}
-
-
-def _field_type(tp: str):
-    """(argparse type, nargs) of a TrainConfig field's annotation."""
-    tp = tp.replace("typing.", "")
-    if tp in ("int", "Optional[int]"):
-        return int, None
-    if tp in ("float", "Optional[float]"):
-        return float, None
-    if tp in ("str", "Optional[str]"):
-        return str, None
-    if tp == "bool":
-        return bool, None
-    if tp == "Union[str, float]":
-        return _parse_s_min, None
-    if tp.startswith("Tuple[int"):
-        return int, "+"
-    raise AssertionError(f"unhandled TrainConfig field type {tp}")
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, each defaulting to None (unset: the config file's or the field's default)."""
-    from ..training.config import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        typ, nargs = (_parse_cosine_scale, None) if f.name == "cosine_scale" else _field_type(str(f.type))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = _HELP[f.name] + (f" (default: {default})" if default is not None else "")
-        if typ is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            p.add_argument(flag, dest=f.name, type=typ, nargs=nargs, default=None, help=help_,
-                           metavar=f.name.upper())
-
-
 # ----------------------------------------------------------------------------- parser
 def _add_frame(sub) -> None:
     """``haframe frame``'s options."""
@@ -224,19 +48,19 @@ def _add_frame(sub) -> None:
     f.add_argument("--classes", help="class-order file for an edge-list hierarchy")
     f.add_argument("--distances", help="a .npy/.csv distance matrix (instead of --hierarchy)")
     f.add_argument("--gamma", type=float, default=None, help="kernel sharpness gamma (default: 2.0)")
-    f.add_argument("--s-min", dest="s_min", type=_parse_s_min, default=None,
+    f.add_argument("--s-min", dest="s_min", type=parse_s_min, default=None,
                    help="'exact' (default), 'grid' (the paper code's search) or a number")
-    f.add_argument("--dim", type=_int_at_least(1), default=None,
+    f.add_argument("--dim", type=int_at_least(1), default=None,
                    help="frame dimension (default: K; below K the exact frame is projected, and its margin and "
                         "Gram error are printed)")
     f.add_argument("--distance-convention", choices=CONVENTIONS, default=None,
                    help="tree distances: 'published' (D - depth(LCA), default) or 'height'")
-    f.add_argument("--seed", type=_int_at_least(0, 2 ** 63 - 1), default=0,
+    f.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=0,
                    help="seed of the random rotation (default: 0)")
-    f.add_argument("--etf", type=_int_at_least(-_MAX_INT), default=None, metavar="K",
+    f.add_argument("--etf", type=int_at_least(-MAX_INT), default=None, metavar="K",
                    help="build a K-class simplex ETF instead")
-    f.add_argument("--out", type=_path, help="save the frame here (.pt, loadable with HAFrame.load)")
-    f.add_argument("--plot", type=_path, help="write a PNG of target vs realised similarity heatmaps (needs "
+    f.add_argument("--out", type=path_arg, help="save the frame here (.pt, loadable with HAFrame.load)")
+    f.add_argument("--plot", type=path_arg, help="write a PNG of target vs realised similarity heatmaps (needs "
                                               "matplotlib)")
     f.set_defaults(func=cmd_frame)
 
@@ -247,9 +71,9 @@ def _add_train(sub) -> None:
                        description="Train a model (single process, or several under torchrun), select the best "
                                    "epoch on validation, evaluate on test and write results.json.")
     t.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    t.add_argument("--seeds", type=_int_at_least(0, 2 ** 63 - 1), nargs="+",
+    t.add_argument("--seeds", type=int_at_least(0, 2 ** 63 - 1), nargs="+",
                    help="train once per seed (each seed once) and report mean and 95%% CI")
-    _add_config_args(t)
+    add_config_args(t)
     t.set_defaults(func=cmd_train)
 
 
@@ -262,14 +86,14 @@ def _add_compare(sub) -> None:
                                    "compare.md and compare.png (top-1 against HierDist@5).")
     c.add_argument("--methods", default="cross-entropy,hxe,soft-labels,haframe",
                    help="comma-separated methods (default: cross-entropy,hxe,soft-labels,haframe)")
-    c.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2],
+    c.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2],
                    help="one run per method and seed (default: 0 1 2)")
     c.add_argument("--metrics", default=None,
                    help="comma-separated columns of the table (default: top1, mistake_severity, hierdist@1/5/20 and "
                         "the other default metrics the runs report)")
     c.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not write compare.png")
     c.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    _add_config_args(c)
+    add_config_args(c)
     c.set_defaults(func=cmd_compare)
 
 
@@ -281,16 +105,16 @@ def _add_eval(sub) -> None:
     e.add_argument("--dataset", help="override the dataset of the checkpoint's config")
     e.add_argument("--data-root", dest="data_root", help="override the data root")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
-    e.add_argument("--batch-size", dest="batch_size", type=_int_at_least(1), default=512,
+    e.add_argument("--batch-size", dest="batch_size", type=int_at_least(1), default=512,
                    help="batch size (default: 512)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     e.add_argument("--no-crm", dest="no_crm", action="store_true", help="skip the CRM re-ranked metrics")
     e.add_argument("--calibrate", action="store_true",
                    help="fit one temperature on the validation split (NLL); report ECE before and after, and CRM "
                         "on the calibrated probabilities")
-    e.add_argument("--plot", type=_path,
+    e.add_argument("--plot", type=path_arg,
                    help="PNG of the top-1 mistakes per LCA height, the model and its CRM re-ranking side by side")
-    e.add_argument("--json", type=_path, help="also write the metrics to this JSON file")
+    e.add_argument("--json", type=path_arg, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
 
 
@@ -302,9 +126,9 @@ def _add_demo(sub) -> None:
                                    "backbone: trains each method once per seed (as 'haframe compare'), prints the "
                                    "mean and 95%% CI table with the CRM rows, writes compare.json, compare.md, "
                                    "results.json (the means) and demo.png.")
-    d.add_argument("--out", type=_path, default="haframe-demo", help="output folder (default: ./haframe-demo)")
-    d.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs per run (default: 10)")
-    d.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2],
+    d.add_argument("--out", type=path_arg, default="haframe-demo", help="output folder (default: ./haframe-demo)")
+    d.add_argument("--epochs", type=int_at_least(1), default=10, help="epochs per run (default: 10)")
+    d.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2],
                    help="one run per method and seed (default: 0 1 2)")
     d.add_argument("--methods", nargs="+", default=["cross-entropy", "hxe", "soft-labels", "haframe"],
                    help="methods to train, space- or comma-separated (default: cross-entropy hxe soft-labels "
@@ -320,19 +144,19 @@ def _add_bench(sub) -> None:
                        description="Time forward+backward of ops.haframe_loss against ops.reference_loss "
                                    "(torch.utils.benchmark) at the CIFAR-100 shape (B=64, K=d=100); "
                                    "--full runs a source checkout's provider benchmark instead.")
-    b.add_argument("--batch", type=_int_at_least(1), default=64, help="batch size B (default: 64)")
-    b.add_argument("--classes", type=_int_at_least(2), default=100,
+    b.add_argument("--batch", type=int_at_least(1), default=64, help="batch size B (default: 64)")
+    b.add_argument("--classes", type=int_at_least(2), default=100,
                    help="classes K (default: 100, the CIFAR-100 HAFrame)")
-    b.add_argument("--dim", type=_int_at_least(1), default=None, help="feature dimension d (default: K)")
+    b.add_argument("--dim", type=int_at_least(1), default=None, help="feature dimension d (default: K)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
                    help="dtype of the features and the frame (default: float32)")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     b.add_argument("--etf", action="store_true", help="use a simplex ETF instead of the CIFAR-100 HAFrame")
-    b.add_argument("--min-run-time", dest="min_run_time", type=_positive_float, default=0.6,
+    b.add_argument("--min-run-time", dest="min_run_time", type=positive_float, default=0.6,
                    help="seconds of timing per provider, over all blocks (default: 0.6)")
-    b.add_argument("--threads", type=_int_at_least(1), default=None,
+    b.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch threads for the timing (default: 1 on CPU, robust on a shared machine)")
-    b.add_argument("--repeats", type=_int_at_least(1), default=3,
+    b.add_argument("--repeats", type=int_at_least(1), default=3,
                    help="alternating timing blocks per provider (default: 3)")
     b.add_argument("--full", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                    help="run the repository's provider benchmark (python -m bench.run_quick ARGS) instead; "
@@ -360,8 +184,8 @@ def _add_hierarchy(sub) -> None:
                     default=INTERNAL_CLASSES[0],
                     help="a class at an inner node: 'leaf' (default) hangs it as a leaf below its node, renamed "
                          "'<class>:node'; 'error' refuses it")
-    hy.add_argument("--out", type=_path, metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
-    hy.add_argument("--gamma", type=_positive_float, default=None, help="also print the exact s_min at this gamma")
+    hy.add_argument("--out", type=path_arg, metavar="EDGES", help="write the tree as a parent<TAB>child edge list")
+    hy.add_argument("--gamma", type=positive_float, default=None, help="also print the exact s_min at this gamma")
     hy.add_argument("--distance-convention", dest="distance_convention", choices=CONVENTIONS,
                     default=None, help="distance convention (default: the hierarchy's, 'published')")
     hy.set_defaults(func=cmd_hierarchy)
