@@ -6,25 +6,24 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, NoReturn, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..files import atomic_save, rotate_save
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, seal_checkpoint
+from .checkpoint import load_checkpoint
 from .config import TrainConfig, build_from_config, checkpoint_frame_directions, checkpoint_frame_profile
-from .distributed import DistContext, GlobalBatchSampler, derive_seed, gather_rng
-from .evaluation import crm_part, eval_loader, evaluate, neural_collapse, plain_part, valid_ks
+from .distributed import DistContext, GlobalBatchSampler, derive_seed
+from .epoch_end import finish_epoch, write_results
+from .evaluation import eval_loader, evaluate, valid_ks
 from ..frame.align import align_model_frame
 from ..hierarchy.hierarchy import Hierarchy
 from ..nn import HAFrameLoss
 from .optim import (FeaturesOnly, autocast_factory, compute_loss, grad_norm, non_finite_state, param_groups,
                     seed_everything, set_lr, worker_init)
 from .resume import find_resume_checkpoint, inputs_digest, restore_state
-from .runlog import RunLog, clean_json, epoch_line, write_json
+from .run_state import Run, kept_message
+from .runlog import RunLog, write_json
 
 __all__ = ["TrainingDivergedError", "run_training"]
 
@@ -33,57 +32,7 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
-# ----------------------------------------------------------------------------- the loop's state
-@dataclass
-class _Run:
-    """What the pieces of the loop share: the config, what it built, the optimizer, and the progress so far."""
-
-    config: TrainConfig
-    dctx: DistContext
-    built: Dict[str, Any]                   # build_from_config: hierarchy, distances, datasets, model, loss, frame
-    optimizer: torch.optim.Optimizer
-    autocast: Optional[Callable[[], Any]]   # an autocast context factory (AMP on CUDA) or None
-    scaler: Any                             # a GradScaler (fp16 AMP) or None
-    ks: Tuple[int, ...]                     # the k of top-k and HierDist@k
-    inputs: Dict[str, Any]                  # inputs_digest: what the labels and distances mean
-    per_rank: int                           # batch size of this process
-    total_steps: int
-    warmup_steps: int
-    net: Optional[nn.Module] = None         # what the step calls: the model, its features only, or DDP around them
-    log: Optional[RunLog] = None
-    start_epoch: int = 0
-    step: int = 0
-    best: Dict[str, Any] = field(default_factory=dict)
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    resumed_from: Optional[str] = None
-    good: Optional[Tuple[Path, int]] = None  # the checkpoint this run resumed from or last wrote, and its epoch
-
-    @property
-    def out(self) -> Path:
-        return Path(self.config.out)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.built["model"]
-
-    @property
-    def criterion(self) -> nn.Module:
-        return self.built["criterion"]
-
-    @property
-    def features_only(self) -> bool:
-        """A frozen frame with the fused loss, or a loss that reads the features and the model's head (HXE, soft
-        labels, multi-level): the step forms only the features, and the loss forms the logits, in chunks, inside
-        (so there is no training accuracy for these methods: it would need them again)."""
-        fused_frame = bool(getattr(self.model, "fixed_frame", False)) and isinstance(self.criterion, HAFrameLoss)
-        return fused_frame or bool(getattr(self.criterion, "reads_features", False))
-
-    @property
-    def show(self) -> bool:
-        return self.config.progress and self.dctx.main
-
-
-def _setup(config: TrainConfig, dctx: DistContext) -> _Run:
+def _setup(config: TrainConfig, dctx: DistContext) -> Run:
     """Build the run's model, loss, optimizer and schedule; refuse what would fail only later."""
     built = build_from_config(config)
     K = built["hierarchy"].num_classes
@@ -111,14 +60,14 @@ def _setup(config: TrainConfig, dctx: DistContext) -> _Run:
     steps_per_epoch = len(GlobalBatchSampler(n_train, per_rank, dctx.world, dctx.rank))
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({n_train} samples) is too small for {dctx.world} process(es)")
-    return _Run(config, dctx, built, optimizer, autocast, scaler, ks,
+    return Run(config, dctx, built, optimizer, autocast, scaler, ks,
                 inputs=inputs_digest(built["hierarchy"], built["distances"]), per_rank=per_rank,
                 total_steps=steps_per_epoch * config.epochs,
                 warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
                 best={"metric": config.select_metric, "value": None, "epoch": None})
 
 
-def _resume(run: _Run) -> None:
+def _resume(run: Run) -> None:
     """Continue from the run's checkpoint (resume / resume_from): its weights, optimizer, RNG and progress."""
     config = run.config
     if not (config.resume or config.resume_from):
@@ -136,7 +85,7 @@ def _resume(run: _Run) -> None:
     run.good = (path, run.start_epoch)
 
 
-def _align_frame(run: _Run) -> None:
+def _align_frame(run: Run) -> None:
     """A projected HAFrame (dim < K, from a tree) takes its node directions and its kernel from the untrained
     model's class-mean features (TrainConfig.frame_directions and frame_profile, haframe_ext.frame.align); the
     RNG streams are untouched."""
@@ -162,7 +111,7 @@ def _align_frame(run: _Run) -> None:
         cl.load_state_dict(state)
 
 
-def _network(run: _Run) -> nn.Module:
+def _network(run: Run) -> nn.Module:
     """The module the step calls: the model (or its features only), in DDP under torchrun."""
     net = FeaturesOnly(run.model) if run.features_only else run.model
     if run.dctx.enabled:
@@ -206,7 +155,7 @@ def run_training(config: TrainConfig, dctx: DistContext) -> Dict[str, Any]:
         run.log.close()
 
 
-def _show_frame(run: _Run) -> None:
+def _show_frame(run: Run) -> None:
     """With progress on, one line on an approximate frame (fewer dimensions than classes): what it gives up."""
     frame = run.built["frame"]
     approx = getattr(frame, "approximation", None)
@@ -219,7 +168,7 @@ def _show_frame(run: _Run) -> None:
                    f"{approx['pairs']}")
 
 
-def _train_epoch(run: _Run, epoch: int) -> Tuple[float, Optional[float], float]:
+def _train_epoch(run: Run, epoch: int) -> Tuple[float, Optional[float], float]:
     """One epoch of steps; returns (mean training loss, training top-1 in percent or None, the last lr)."""
     from tqdm.auto import tqdm
 
@@ -264,7 +213,7 @@ def _train_epoch(run: _Run, epoch: int) -> Tuple[float, Optional[float], float]:
     return train_loss, train_top1, lr_now
 
 
-def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int):
+def _step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int):
     """One optimisation step on inputs x (B, ...) and labels y (B,); returns (loss, logits (B, K) or None).
 
     One flag pair per step, all-reduced (max) so that every rank stops at the same step: [loss non-finite,
@@ -308,7 +257,7 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int):
     return loss, logits
 
 
-def _diverged_step(run: _Run, epoch: int, i: int, loss: float, norm: Optional[torch.Tensor],
+def _diverged_step(run: Run, epoch: int, i: int, loss: float, norm: Optional[torch.Tensor],
                    loss_bad: bool) -> NoReturn:
     """Stop at a step whose loss (``loss_bad``) or else gradient norm is non-finite on some rank."""
     if loss_bad:
@@ -320,62 +269,31 @@ def _diverged_step(run: _Run, epoch: int, i: int, loss: float, norm: Optional[to
                 else "the gradient norm became non-finite in another process")
         advice = ("Lower the learning rate, or look for an operation whose gradient is undefined "
                   "(e.g. sqrt or norm at 0) in the model or the loss.")
-    _stop(run, f"{what} at epoch {epoch + 1}, step {i + 1}: training stopped; {_kept_message(run.good)}. {advice}",
+    _stop(run, f"{what} at epoch {epoch + 1}, step {i + 1}: training stopped; {kept_message(run.good)}. {advice}",
           epoch=epoch + 1, step=i + 1)
 
 
-def _stop(run: _Run, msg: str, **where: int) -> NoReturn:
+def _stop(run: Run, msg: str, **where: int) -> NoReturn:
     """Log the divergence (where it happened and ``msg``) and raise it."""
     run.log.log({"event": "diverged", **where, "message": msg})
     raise TrainingDivergedError(msg)
 
 
-def _kept_message(good: Optional[Tuple[Path, int]]) -> str:
-    if good is None:
-        return "no checkpoint had been written yet"
-    return f"the last good checkpoint {good[0]} (epoch {good[1]}) is kept"
-
-
 # ----------------------------------------------------------------------------- end of an epoch
-def _end_epoch(run: _Run, epoch: int, val_loader, train: Dict[str, Any], t0: float) -> None:
-    """Refuse a non-finite state, validate, track the best epoch, then write the checkpoints and the log record.
+def _end_epoch(run: Run, epoch: int, val_loader, train: Dict[str, Any], t0: float) -> None:
+    """Refuse a non-finite state, validate, then track the best epoch and write the checkpoints and the log record
+    (:func:`~haframe_ext.training.epoch_end.finish_epoch`).
 
     The state is checked first: NaN weights give NaN logits, which the evaluation refuses with a less useful message.
     ``train``: the epoch's train_loss, train_top1 and lr; ``t0``: when the epoch started (perf_counter).
     """
-    config = run.config
     _check_finite_state(run, epoch)
     val = evaluate(run.model, val_loader, run.built["distances"], run.ks, run.dctx.device, run.dctx,
                    autocast=run.autocast)
-    sel = val.get(config.select_metric)
-    if sel is None:
-        raise ValueError(f"select_metric {config.select_metric!r} is not a validation metric; "
-                         f"available: {', '.join(sorted(val))}")
-    improved = _is_better(config.select_metric, float(sel), run.best["value"])
-    if improved:
-        run.best = {"metric": config.select_metric, "value": float(sel), "epoch": epoch + 1}
-    record = {"epoch": epoch + 1, **train,
-              "alpha": run.criterion.alpha if isinstance(run.criterion, HAFrameLoss) else 0.0,
-              "val": val, "seconds": time.perf_counter() - t0, "best_epoch": run.best["epoch"]}
-    run.history.append(clean_json({k: v for k, v in record.items() if k != "val"} | {"val": val}))
-    _save_epoch(run, epoch, val, improved, record)
-    if run.show:
-        from tqdm.auto import tqdm
-
-        tqdm.write(epoch_line(config, epoch + 1, train["train_loss"], train["train_top1"], val))
-    run.good = (run.out / "last.pt", epoch + 1)
-    run.dctx.barrier()
+    finish_epoch(run, epoch, val, train, t0)
 
 
-def _is_better(name: str, value: float, best: Optional[float]) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best if name.startswith("top") else value < best
-
-
-def _check_finite_state(run: _Run, epoch: int) -> None:
+def _check_finite_state(run: Run, epoch: int) -> None:
     """Never checkpoint a non-finite state: with the gradient check of the step it can still come from a finite
     update that overflows, or from batch-norm statistics of Inf activations. Every rank checks, so all stop."""
     bad_state = non_finite_state(run.model, run.optimizer)
@@ -384,58 +302,17 @@ def _check_finite_state(run: _Run, epoch: int) -> None:
     if bool(flag.item()):
         where = f" ({bad_state})" if bad_state else " (in another process)"
         _stop(run, f"the model state became non-finite (NaN or Inf) during epoch {epoch + 1}{where}: training "
-                   f"stopped without writing its checkpoint; {_kept_message(run.good)}. Lower the learning rate "
+                   f"stopped without writing its checkpoint; {kept_message(run.good)}. Lower the learning rate "
                    "or enable gradient clipping (--grad-clip).", epoch=epoch + 1)
 
 
-def _save_epoch(run: _Run, epoch: int, val: Dict[str, Any], improved: bool, record: Dict[str, Any]) -> None:
-    """Rank 0 writes best.pt (if ``improved``), last.pt (prev.pt the one before) and the epoch's log record;
-    every rank's RNG state is gathered into last.pt, so a resume is exact per rank."""
-    rng = gather_rng(run.dctx)
-    if not run.dctx.main:
-        return
-    config, model = run.config, run.model
-    head = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1,
-            "config": config.to_dict(), "model": model.state_dict()}
-    try:
-        if improved:
-            atomic_save(seal_checkpoint(dict(head, kind="best", val=val, inputs=run.inputs)), run.out / "best.pt")
-        ck = dict(head, kind="training", optimizer=run.optimizer.state_dict(),
-                  scheduler={"step": run.step, "total": run.total_steps},
-                  scaler=run.scaler.state_dict() if run.scaler is not None else None,
-                  loss=run.criterion.state_dict(), rng=rng, best=run.best, history=run.history,
-                  threads=torch.get_num_threads(), inputs=run.inputs)
-        rotate_save(seal_checkpoint(ck), run.out)
-        run.log.log(record)
-    except OSError as exc:  # a full disk, a folder gone read-only: the earlier files are untouched
-        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing the checkpoint of epoch {epoch + 1}: "
-                        f"training stopped; {_kept_message(run.good)}", exc.filename) from None
-
-
 # ----------------------------------------------------------------------------- final test
-def _final_test(run: _Run, t_start: float) -> Dict[str, Any]:
-    """Evaluate the best epoch's weights on the test split; rank 0 writes results.json."""
-    config, dctx, frame = run.config, run.dctx, run.built["frame"]
+def _final_test(run: Run, t_start: float) -> Dict[str, Any]:
+    """Evaluate the best epoch's weights on the test split; rank 0 writes results.json (epoch_end.write_results)."""
+    config, dctx = run.config, run.dctx
     if (run.out / "best.pt").exists():
         run.model.load_state_dict(load_checkpoint(run.out / "best.pt", map_location="cpu", kind="best")["model"])
     test_loader = eval_loader(run.built["datasets"]["test"], config.eval_batch_size, dctx, config.num_workers)
     test_all, feats, labels = evaluate(run.model, test_loader, run.built["distances"], run.ks, dctx.device, dctx,
                                        crm=True, collect=True, autocast=run.autocast)
-    results = {
-        "method": config.method,
-        "config": config.to_dict(),
-        "best_epoch": run.best["epoch"],
-        "best_val": {"metric": run.best["metric"], "value": run.best["value"]},
-        "test": plain_part(test_all),
-        "test_crm": crm_part(test_all),
-        "neural_collapse": neural_collapse(run.model, feats, labels, frame) if dctx.main else None,
-        "frame": clean_json(frame.diagnostics()) if frame is not None else None,
-        "epochs": config.epochs,
-        "seconds": time.perf_counter() - t_start,
-        "world_size": dctx.world,
-        "device": str(dctx.device),
-    }
-    if dctx.main:
-        write_json(results, run.out / "results.json")
-    dctx.barrier()
-    return results
+    return write_results(run, test_all, feats, labels, t_start)
