@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Tuple
 
 import torch
 
@@ -54,15 +55,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     K = weight.shape[0]
     h = features.detach().to(torch.float64)
     labels = check_labels(labels, h.shape[0], K, h.device, "labels")
-    if hasattr(similarity, "similarity_block"):
-        if similarity.num_classes != K:
-            raise ValueError(f"the frame has {similarity.num_classes} classes but weight has K={K}")
-        block = similarity.similarity_block
-    else:
-        S = torch.as_tensor(similarity, dtype=torch.float64).to(h.device)
-        if S.shape != (K, K):
-            raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
-        block = None
+    block = _target_block(similarity, K, h.device)
     present = torch.unique(labels)  # sorted class ids
     if present.numel() < 2:
         raise ValueError("neural_collapse needs samples of at least 2 classes")
@@ -70,18 +63,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, labels, h)
     means = sums[present] / counts[present, None]  # [C, d]
     global_mean = h.mean(dim=0)  # [d]
-
-    unit = means / means.norm(dim=1, keepdim=True)
-    pick = torch.arange(len(present), device=h.device)
-    if len(present) > max_classes:  # a seeded sample of classes: C^2 pairs would be too many
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(present), generator=g)[:max_classes].sort().values.to(h.device)
-    chosen = present[pick]
-    if block is not None:
-        S_pick = block(chosen.cpu().numpy(), chosen.cpu().numpy()).to(h.device)
-    else:
-        S_pick = S[chosen][:, chosen]
-    gap_mean, gap_std = _pair_gap_stats(unit[pick], S_pick)
+    gap_mean, gap_std, picked = _angular_collapse(means, present, block, max_classes, seed)
 
     M = means - global_mean
     W = weight.detach().to(device=h.device, dtype=torch.float64)[present]
@@ -89,7 +71,7 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
 
     within = (h - means[torch.searchsorted(present, labels)]).pow(2).sum() / h.shape[0]
     between = M.pow(2).sum() / len(present)
-    sampled = {"angular_collapse_classes": int(len(pick))} if len(pick) < len(present) else {}
+    sampled = {"angular_collapse_classes": picked} if picked < len(present) else {}
     return {
         **sampled,
         "angular_collapse_avg": gap_mean,
@@ -97,3 +79,29 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
         "self_duality": float(self_duality),
         "nc1": float(within / between) if between > 0 else float("nan"),
     }
+
+
+def _target_block(similarity, K: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """classes [C] -> S[classes][:, classes] float64 on device, from a frame (``similarity_block``) or S [K, K]."""
+    if hasattr(similarity, "similarity_block"):
+        if similarity.num_classes != K:
+            raise ValueError(f"the frame has {similarity.num_classes} classes but weight has K={K}")
+        block = similarity.similarity_block
+        return lambda chosen: block(chosen.cpu().numpy(), chosen.cpu().numpy()).to(device)
+    S = torch.as_tensor(similarity, dtype=torch.float64).to(device)
+    if S.shape != (K, K):
+        raise ValueError(f"similarity must be [K, K] = [{K}, {K}], got {tuple(S.shape)}")
+    return lambda chosen: S[chosen][:, chosen]
+
+
+def _angular_collapse(means: torch.Tensor, present: torch.Tensor, block: Callable[[torch.Tensor], torch.Tensor],
+                      max_classes: int, seed: int) -> Tuple[float, float, int]:
+    """(mean, std, classes used) of |cos(mu_i, mu_j) - S_ij| over the pairs of the present classes' means [C, d],
+    or of a seeded sample of max_classes of them."""
+    unit = means / means.norm(dim=1, keepdim=True)
+    pick = torch.arange(len(present), device=means.device)
+    if len(present) > max_classes:  # a seeded sample of classes: C^2 pairs would be too many
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(present), generator=g)[:max_classes].sort().values.to(means.device)
+    gap_mean, gap_std = _pair_gap_stats(unit[pick], block(present[pick]))
+    return gap_mean, gap_std, int(len(pick))

@@ -10,7 +10,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .data.factory import make_datasets
 from ..frame.align import FRAME_DIRECTIONS
@@ -188,16 +188,6 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
         none = " or null (omitted)" if optional else ""
         return ValueError(f"{name} must be {what}{none}, got {_shown(v)} ({_flag(name)})")
 
-    def number(x, integer: bool):
-        allowed = numbers.Integral if integer else numbers.Real  # numpy scalars too
-        if isinstance(x, bool) or not isinstance(x, allowed):
-            if integer and not isinstance(x, bool) and isinstance(x, numbers.Real) and float(x).is_integer():
-                raise bad("an integer (written without a decimal point)")
-            raise bad("an integer" if integer else "a number")
-        if not integer and not math.isfinite(x):
-            raise bad("a finite number")
-        return int(x) if integer else float(x)
-
     rng = _RANGES.get(name)
     if name == "cosine_scale":
         if v in COSINE_SCALES:
@@ -220,17 +210,9 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
             raise bad("'exact', 'grid' or a finite number")
         return float(v)
     if tp.startswith("Tuple[int"):
-        integers = isinstance(v, (list, tuple)) and all(isinstance(k, numbers.Integral) and not isinstance(k, bool)
-                                                          for k in v)
-        if not integers or not v:
-            raise bad("a non-empty list of integers")
-        ks = tuple(int(k) for k in v)
-        bad_k = next((k for k in ks if not rng[0](k)), None)
-        if bad_k is not None:
-            raise ValueError(f"{name} must be {rng[1]}, got {bad_k} ({_flag(name)})")
-        return ks
+        return _check_ints(name, v, rng, bad)
     if tp in ("int", "float"):
-        x = number(v, tp == "int")
+        x = _number(v, tp == "int", bad)
         if rng is not None and not rng[0](x):
             raise ValueError(f"{name} must be {rng[1]}, got {x!r} ({_flag(name)})")
         if tp == "int" and name != "seed" and x > _MAX_INT:  # a size beyond it overflows torch's index types
@@ -239,6 +221,31 @@ def _check_field(name: str, annotation: str, v: Any) -> Any:
             raise ValueError(f"{name} must be <= {_MAX_FLOAT32:.3g} (the largest float32), got {x:g} ({_flag(name)})")
         return x
     raise AssertionError(f"TrainConfig field {name}: no check for type {annotation}")
+
+
+def _number(x: Any, integer: bool, bad: Callable[[str], ValueError]) -> Any:
+    """x as an int (integer) or a finite float; ``bad(what)``: the error naming the field, raised otherwise."""
+    allowed = numbers.Integral if integer else numbers.Real  # numpy scalars too
+    if isinstance(x, bool) or not isinstance(x, allowed):
+        if integer and not isinstance(x, bool) and isinstance(x, numbers.Real) and float(x).is_integer():
+            raise bad("an integer (written without a decimal point)")
+        raise bad("an integer" if integer else "a number")
+    if not integer and not math.isfinite(x):
+        raise bad("a finite number")
+    return int(x) if integer else float(x)
+
+
+def _check_ints(name: str, v: Any, rng: Tuple[Callable[[int], bool], str], bad: Callable[[str], ValueError]) -> tuple:
+    """A non-empty list of integers as a tuple, each in the field's range ``rng`` (test, wording)."""
+    integers = isinstance(v, (list, tuple)) and all(isinstance(k, numbers.Integral) and not isinstance(k, bool)
+                                                      for k in v)
+    if not integers or not v:
+        raise bad("a non-empty list of integers")
+    ks = tuple(int(k) for k in v)
+    bad_k = next((k for k in ks if not rng[0](k)), None)
+    if bad_k is not None:
+        raise ValueError(f"{name} must be {rng[1]}, got {bad_k} ({_flag(name)})")
+    return ks
 
 
 # ----------------------------------------------------------------------------- model + data from a config
