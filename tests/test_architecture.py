@@ -257,6 +257,70 @@ def test_the_layer_and_definer_checks_catch_each_form(tmp_path):
 
 
 
+# ----------------------------------------------------------------------------- sizes: one job per file, short functions
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def _long_modules(root: Path = PACKAGE, limit: int = MAX_MODULE_LINES) -> List[str]:
+    """The modules under root with more than ``limit`` lines."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        if n > limit:
+            out.append(f"{path.relative_to(root).as_posix()}: {n} lines")
+    return out
+
+
+def _long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> List[str]:
+    """The functions and methods under root, nested ones too, longer than ``limit`` lines (from ``def`` to their
+    last line: end_lineno - lineno + 1)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{path.relative_to(root).as_posix()}:{node.lineno} {node.name}: {n} lines")
+    return sorted(out)
+
+
+def test_no_module_over_the_line_limit():
+    long = _long_modules()
+    assert not long, (f"haframe_ext modules over {MAX_MODULE_LINES} lines (split each by job into a sibling module, "
+                      "importing moved public names back where users import them):\n" + "\n".join(long))
+
+
+def test_no_function_over_the_line_limit():
+    long = _long_functions()
+    assert not long, (f"haframe_ext functions over {MAX_FUNCTION_LINES} lines (split each into named steps):\n"
+                      + "\n".join(long))
+
+
+def test_the_size_checks_catch_each_form(tmp_path):
+    """A module one line over the limit, a function one line over, a nested and an async one; the limits themselves
+    pass."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "fits.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    (tmp_path / "sub" / "big.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    body = "    pass\n"
+    (tmp_path / "funcs.py").write_text(
+        "def fits():\n" + body * (MAX_FUNCTION_LINES - 1)
+        + "def long():\n" + body * MAX_FUNCTION_LINES
+        + "class C:\n    def outer(self):\n        def inner():\n" + "            pass\n" * MAX_FUNCTION_LINES
+        + "async def later():\n" + body * MAX_FUNCTION_LINES)
+    assert _long_modules(tmp_path) == [f"sub/big.py: {MAX_MODULE_LINES + 1} lines"]
+    n = MAX_FUNCTION_LINES + 1
+    start = MAX_FUNCTION_LINES + 1  # the line of "def long()"
+    outer = start + n
+    assert _long_functions(tmp_path) == sorted([
+        f"funcs.py:{start} long: {n} lines",
+        f"funcs.py:{outer + 1} outer: {n + 1} lines",
+        f"funcs.py:{outer + 2} inner: {n} lines",
+        f"funcs.py:{outer + 2 + n} later: {n} lines"])
+
+
 PKG = Path(haframe_ext.__file__).resolve().parent
 
 
