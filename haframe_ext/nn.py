@@ -1,4 +1,4 @@
-"""Modules of a HAFrame model: transformation layers, the fixed-frame classifier and the HAFrame loss.
+"""Modules of a HAFrame model: the fixed-frame classifier, the HAFrame loss and the model that joins them.
 
 A HAFrame model is ``backbone -> transformation layer -> features h -> logits = h @ weight.T``
 where ``weight`` (K x d, unit rows, ``weight @ weight.T == S``) is a fixed frame
@@ -9,17 +9,18 @@ with ``a`` optionally following a schedule over epochs (:class:`HAFrameLoss`).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import TransformationLayerI, TransformationLayerII
 from .ops import fused as ops
+from .schedules import SCHEDULES, alpha_at
 from .sizes import DENSE_MAX_K
 
+# the transformation layers: haframe_ext.layers; the alpha schedules: haframe_ext.schedules
 __all__ = [
     "FixedFrameClassifier",
     "TransformationLayerI",
@@ -30,18 +31,6 @@ __all__ = [
     "alpha_at",
     "frame_tensors",
 ]
-
-SCHEDULES = (
-    "constant",
-    "linear-increase",
-    "linear-decrease",
-    "cosine",
-    "cosine-linear",
-    "cosine-linear-increase",
-    "cosine-linear-decrease",
-)
-
-
 
 
 def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
@@ -133,149 +122,6 @@ class FixedFrameClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, fixed=True"
-
-
-def _pool_flatten(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C) by global average pooling; (N, C) passes through."""
-    if x.dim() == 4:
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
-    if x.dim() == 2:
-        return x
-    raise ValueError(f"expected (N, C) features or an (N, C, H, W) feature map, got shape {tuple(x.shape)}")
-
-
-class TransformationLayerI(nn.Module):
-    """Type-I transformation layer of the paper: BN1d -> Linear -> BN1d -> ELU.
-
-    Feature maps (N, C, H, W) are globally average-pooled first. Followed in a type-I model by a
-    learnable linear classifier.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bn_in = nn.BatchNorm1d(in_features)
-        self.linear = nn.Linear(in_features, out_features)
-        self.bn_out = nn.BatchNorm1d(out_features)
-        self.act = nn.ELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pool_flatten(x)
-        return self.act(self.bn_out(self.linear(self.bn_in(x))))
-
-
-class _ResidualBlock(nn.Module):
-    """x + PReLU(BN1d(Linear(x, bias=False)))."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.linear = nn.Linear(width, width, bias=False)
-        self.bn = nn.BatchNorm1d(width)
-        self.act = nn.PReLU(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.act(self.bn(self.linear(x)))
-
-
-class TransformationLayerII(nn.Module):
-    """Type-II transformation layer of the paper, feeding a fixed frame.
-
-    - ``conv=True`` (input (N, C, H, W) with C = ``in_features``): 1x1 conv to ``width``
-      channels, global average pooling, flatten, BN1d.
-    - ``conv=False`` (input (N, in_features)): the same with the 1x1 conv replaced by the
-      equivalent bias-free linear map to ``width`` (omitted when ``in_features == width``), BN1d.
-
-    Then ``num_blocks`` residual blocks ``x + PReLU(BN1d(Linear(x, bias=False)))`` of width
-    ``width`` (PReLU lets features go negative, which a frame with negative similarities
-    needs), and a final bias-free linear map to ``out_dim`` when ``out_dim != width``.
-    ``width`` is ``num_classes`` as in the paper; with many classes pass a smaller one (the
-    frame's dimension, say), since the blocks hold width x width weights.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, out_dim: Optional[int] = None,
-                 num_blocks: int = 2, conv: bool = False, width: Optional[int] = None):
-        super().__init__()
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.width = width = num_classes if width is None else int(width)
-        self.out_features = out_dim = num_classes if out_dim is None else int(out_dim)
-        self.conv_input = conv
-        if conv:
-            self.proj = nn.Conv2d(in_features, width, kernel_size=1, bias=False)
-        elif in_features != width:
-            self.proj = nn.Linear(in_features, width, bias=False)
-        else:
-            self.proj = nn.Identity()
-        self.bn = nn.BatchNorm1d(width)
-        self.blocks = nn.Sequential(*[_ResidualBlock(width) for _ in range(num_blocks)])
-        self.out = nn.Linear(width, out_dim, bias=False) if out_dim != width else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_input:
-            if x.dim() != 4:
-                raise ValueError(
-                    f"TransformationLayerII(conv=True) expects an (N, C, H, W) feature map, got {tuple(x.shape)}")
-            x = self.proj(x)
-            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        else:
-            x = self.proj(_pool_flatten(x))
-        x = self.bn(x)
-        x = self.blocks(x)
-        return self.out(x)
-
-
-def _finite_positive(x) -> bool:
-    """True for a finite real number > 0 (not a string, bool, NaN or inf)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def alpha_at(schedule: str, base: float, epoch: float, total_epochs: Optional[int] = None,
-             period: Optional[float] = None) -> float:
-    """Mixing weight of the cosine term at ``epoch`` (0-based) for a schedule.
-
-    With ``a0 = base``, ``e = epoch``, ``E = total_epochs`` and ``p = period``:
-
-    - ``constant``:                ``a = a0``
-    - ``linear-increase``:         ``a = a0 * e / E``
-    - ``linear-decrease``:         ``a = a0 * (1 - e / E)``
-    - ``cosine``:                  ``a = a0 * (1 - cos(2 pi e / p)) / 2``   (0 at e = 0, a0 at e = p/2)
-    - ``cosine-linear`` (= ``cosine-linear-increase``):
-                                   ``a = a0 * (1 - cos(2 pi e / p)) / 2 * e / E``
-                                   (the cosine oscillation of period p under a linear ramp 0 -> a0)
-    - ``cosine-linear-decrease``:  ``a = a0 * (1 - (1 - cos(2 pi e / p)) / 2 * e / E)``
-
-    With ``a0 = 1`` these are exactly the paper code's ``mixing_ratio_scheduler``; the result is
-    clipped to ``[0, 1]``.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown alpha schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    a0 = ops.as_alpha(base, check_range=False)
-    e = float(epoch)
-    if schedule == "constant":
-        a = a0
-    else:
-        needs_total = schedule != "cosine"
-        needs_period = schedule.startswith("cosine")
-        if needs_total and not _finite_positive(total_epochs):
-            raise ValueError(f"alpha schedule {schedule!r} needs total_epochs > 0, got {total_epochs!r}")
-        if needs_period and not _finite_positive(period):
-            raise ValueError(f"alpha schedule {schedule!r} needs a finite period > 0 (in epochs), got {period!r}")
-        ramp = e / float(total_epochs) if needs_total else 1.0
-        wave = 0.5 * (1.0 - math.cos(2.0 * math.pi * e / float(period))) if needs_period else 1.0
-        if schedule == "linear-increase":
-            a = a0 * ramp
-        elif schedule == "linear-decrease":
-            a = a0 * (1.0 - ramp)
-        elif schedule == "cosine":
-            a = a0 * wave
-        elif schedule in ("cosine-linear", "cosine-linear-increase"):
-            a = a0 * wave * ramp
-        else:  # cosine-linear-decrease
-            a = a0 * (1.0 - wave * ramp)
-    return min(1.0, max(0.0, a))
 
 
 class HAFrameLoss(nn.Module):

@@ -143,7 +143,7 @@ LAYERS = (
     ("startup", "sizes", "safe_load", "files"),  # shared by every stage
     ("hierarchy",),  # hierarchy input, the tree and its distances, tree operators
     ("frame", "ops", "metrics"),  # frames, the compiled ops and their Python faces, metrics: each on the hierarchy
-    ("nn",),  # modules built on the ops
+    ("nn", "layers", "schedules"),  # modules built on the ops: the classifier and loss, the layers, alpha schedules
     ("training",),  # the trainer's parts and the datasets
     ("train",),  # the trainer's entry points
     ("cli",),  # the haframe command

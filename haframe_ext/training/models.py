@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..sizes import DENSE_MAX_K
 from .baselines import HEAD_LOSS_KINDS, HeadLoss, MultiLevelHead, MultiLevelLoss
-from ..nn import FixedFrameClassifier, HAFrameLoss, HAFrameModel, TransformationLayerI, TransformationLayerII
+from ..layers import TransformationLayerI, TransformationLayerII
+from ..nn import FixedFrameClassifier, HAFrameLoss, HAFrameModel
 
 __all__ = [
     "METHODS", "BACKBONES", "mlp", "small_cnn", "wide_resnet28", "resnet50", "WideResNet",
