@@ -99,8 +99,11 @@ def align_frame(model, crit, h, data, a):
         W = W @ (U @ Vt)
     state = cl.state_dict()
     state["weight"] = torch.as_tensor(W, dtype=cl.weight.dtype)
-    if state.get("similarity") is not None:  # K <= 4096: the cosine term's target follows the kernel
-        S = (1 - s) * profile(h.distances()) + s
+    if state.get("similarity") is not None and a.target != "keep":  # K <= 4096: the cosine term's target
+        if a.target == "gram":  # what the features can reach: the frame's own cosines
+            S = W @ W.T
+        else:  # the kernel's exact S
+            S = (1 - s) * profile(h.distances()) + s
         np.fill_diagonal(S, 1.0)
         state["similarity"] = torch.as_tensor(S, dtype=cl.weight.dtype)
     cl.load_state_dict(state)
@@ -151,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n-per-class", type=int, default=12)
+    p.add_argument("--target", default="kernel", help="K <= 4096: the cosine term's target: kernel (the exact S of "
+                   "the frame's kernel), gram (W W^T of the projected frame) or keep (the Gaussian frame's S)")
+    p.add_argument("--difficulty", type=float, default=1.0, help="the synthetic task's noise level")
     p.add_argument("--eval-samples", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
     edges, classes = taxonomy_files(a.taxonomy, a.cache)
     cfg = TrainConfig(out=os.devnull, method=a.method, hierarchy=edges, classes=classes, feature_dim=a.dim,
                       gamma=a.gamma, alpha=a.alpha, epochs=a.epochs, n_per_class=a.n_per_class,
-                      eval_samples=a.eval_samples, seed=a.seed, lr=a.lr, weight_decay=a.wd)
+                      eval_samples=a.eval_samples, seed=a.seed, difficulty=a.difficulty, lr=a.lr, weight_decay=a.wd)
     cfg.validate()
     built = build_from_config(cfg)
     model, crit, h = built["model"], built["criterion"], built["hierarchy"]
