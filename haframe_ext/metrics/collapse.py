@@ -8,7 +8,7 @@ from typing import Callable, Tuple
 import torch
 
 from ..sizes import DENSE_MAX_K
-from .metrics import check_labels
+from .inputs import check_labels
 
 __all__ = ["neural_collapse"]
 

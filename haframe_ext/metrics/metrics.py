@@ -40,89 +40,21 @@ the answer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .hierarchical import (CALIBRATION_BINS, TreeProfiles, calibration_errors, calibration_sums, dense_profiles,
-                           hops_scores, ideal_positions, ranked, top_confidence)
-from ..hierarchy.hierarchy import Hierarchy, as_distance_matrix
+from .hierarchical import (CALIBRATION_BINS, calibration_errors, calibration_sums, hops_scores, ideal_positions,
+                           ranked, top_confidence)
+from .inputs import ClassDistances, check_labels
 
 __all__ = ["evaluate", "StreamingEvaluator", "crm", "check_labels", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
 
 DEFAULT_KS = (1, 5, 20)  # the k of the @k metrics when none are given (those up to K)
 HISTOGRAM_MAX_BINS = 4096  # the most distance values severity_histogram lists (integer distances only)
 _CHUNK_ENTRIES = 1 << 22  # rows per internal chunk: at most this many scores at once
-
-
-class _Distances:
-    """Class distances divided by d_max, from a dense matrix or a tree: pair lookups and CRM expected costs."""
-
-    def __init__(self, distances) -> None:
-        if isinstance(distances, Hierarchy):
-            self.tree, self.dense = distances.tree, None
-            self.num_classes, self.scale = distances.num_classes, distances.tree.d_max
-            t = distances.tree
-            self.key = ("tree", hashlib.sha256(t.parent.tobytes() + t.level.tobytes() + t.class_idx.tobytes()).digest())
-            self.profiles_of = TreeProfiles(t)
-            integer = True
-        else:
-            d = as_distance_matrix(distances)  # [K, K] int64 when integer-valued
-            integer = d.dtype.kind == "i"
-            d = d.astype(np.float64)
-            self.tree, self.num_classes = None, d.shape[0]
-            self.scale = float(d.max()) or 1.0
-            self.dense = d / self.scale
-            self.key = ("dense", self.scale, self.dense.tobytes())  # the scale too: d and 2 d share self.dense
-            self.profiles_of = None
-        # severity_histogram bins: one per integer distance 1..d_max, where that list is short enough
-        self.histogram_bins = int(self.scale) if integer and self.scale <= HISTOGRAM_MAX_BINS else 0
-        self._on: dict = {}  # device -> [K, K] float64 tensor
-
-    def profiles(self, labels: np.ndarray):
-        """(values [u, G] ascending distances / d_max, inf-padded; counts [u, G]) of labels [u]: each sorted row."""
-        if self.profiles_of is not None:
-            return self.profiles_of.profiles(labels, self.scale)
-        return dense_profiles(self.dense, labels)
-
-    def _dense_on(self, device) -> torch.Tensor:
-        """The scaled dense matrix on device (cached)."""
-        key = str(device)
-        if key not in self._on:
-            self._on[key] = torch.as_tensor(self.dense, device=device)
-        return self._on[key]
-
-    def pairs(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """d[i, j] / d_max for label tensors of one shape, float64 on their device."""
-        if self.tree is None:
-            return self._dense_on(i.device)[i, j]
-        d = self.tree.pair_distances(i.cpu().numpy(), j.cpu().numpy()) / self.scale
-        return torch.from_numpy(d).to(i.device)
-
-    def expected(self, probs: torch.Tensor) -> torch.Tensor:
-        """sum_j d[k, j] p_j / d_max for probs [N, K], float64 [N, K] on probs' device."""
-        p = probs.detach().to(torch.float64)
-        if self.tree is None:
-            return p @ self._dense_on(p.device).T
-        return torch.from_numpy(self.tree.expected_distances(p.cpu().numpy()) / self.scale).to(p.device)
-
-
-def check_labels(target, n: int, K: int, device, what: str = "target") -> torch.Tensor:
-    """Return target on device after checking it is an integer [N] tensor with values in [0, K)."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if target.dim() != 1 or target.shape[0] != n:
-        raise ValueError(f"{what} must be 1-D with {n} entries (one per row), got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise ValueError(f"{what} must hold integer class indices, got dtype {target.dtype}")
-    if n and (int(target.min()) < 0 or int(target.max()) >= K):
-        raise ValueError(
-            f"{what} labels must lie in [0, {K - 1}] for K={K} classes, got values in "
-            f"[{int(target.min())}, {int(target.max())}]")
-    return target.to(device=device, dtype=torch.long)
 
 
 def crm(probs: torch.Tensor, distances) -> torch.Tensor:
@@ -134,7 +66,7 @@ def crm(probs: torch.Tensor, distances) -> torch.Tensor:
     """
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError("probs must be a 2-D tensor [N, K] of class probabilities")
-    d = _Distances(distances)
+    d = ClassDistances(distances, HISTOGRAM_MAX_BINS)
     if d.num_classes != probs.shape[1]:
         raise ValueError(f"probs have K={probs.shape[1]} classes but the distances are for K={d.num_classes}")
     return d.expected(probs) * -d.scale
@@ -148,7 +80,7 @@ class StreamingEvaluator:
         """distances: a Hierarchy (tree queries) or as for as_distance_matrix; ks: the k of the @k metrics
         (1 <= k <= K; default DEFAULT_KS up to K); crm: add CRM metrics; temperature: T > 0 of the calibrated
         metrics and of CRM's softmax."""
-        self._d = _Distances(distances)
+        self._d = ClassDistances(distances, HISTOGRAM_MAX_BINS)
         self.num_classes = self._d.num_classes
         ks = tuple(k for k in DEFAULT_KS if k <= self.num_classes) if ks is None else tuple(ks)
         for k in ks:
