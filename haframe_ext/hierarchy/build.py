@@ -1,9 +1,11 @@
-"""Checking a hierarchy's input before it is indexed: cycles, the root, the class list, inner-node classes lifted to
-leaves, and the edges of a seeded random tree."""
+"""A hierarchy's input before it is indexed: cycles, the root and the class list checked, inner-node classes lifted to
+leaves; the edges of a seeded random tree and the bundled trees' files."""
 
 from __future__ import annotations
 
+import io
 import unicodedata
+from importlib import resources
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -11,7 +13,8 @@ import numpy as np
 from .edges import EdgeSet, HierarchyError, listed, quote
 from ..sizes import available_memory
 
-__all__ = ["children_of", "check_acyclic", "single_root", "check_classes", "lift_inner_classes", "random_edges"]
+__all__ = ["children_of", "check_acyclic", "single_root", "check_classes", "lift_inner_classes", "random_edges",
+           "builtin_files"]
 
 _RANDOM_BYTES_PER_CLASS = 2048  # memory of Hierarchy.random per class (measured: about 720 bytes, then its tree)
 
@@ -144,3 +147,13 @@ def random_edges(K: int, seed: int, max_children: int) -> EdgeSet:
             parent_of[child] = name
             nodes[child] = None
     return edges
+
+
+def builtin_files(name: str) -> tuple[io.BytesIO, io.BytesIO]:
+    """(edge list, class list) of a bundled hierarchy as named in-memory files (Hierarchy.builtin checks the name)."""
+    folder = resources.files("haframe_ext").joinpath("_hierarchies")
+    edges = io.BytesIO(folder.joinpath(f"{name}.tsv").read_bytes())
+    edges.name = f"{name}.tsv"
+    classes = io.BytesIO(folder.joinpath(f"{name}_classes.txt").read_bytes())
+    classes.name = f"{name}_classes.txt"
+    return edges, classes

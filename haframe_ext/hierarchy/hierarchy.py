@@ -34,16 +34,16 @@ File formats and name rules: :mod:`haframe_ext.hierarchy.edges`; distance-matrix
 
 from __future__ import annotations
 
-import io
-from importlib import resources
-from typing import Mapping
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .build import check_acyclic, check_classes, children_of, lift_inner_classes, random_edges, single_root
+from .build import (builtin_files, check_acyclic, check_classes, children_of, lift_inner_classes, random_edges,
+                    single_root)
 from .distance_matrix import read_distance_matrix
-from .edges import EdgeSet, HierarchyError, parse_classes, parse_edges, parse_nested, quote, read_text, write_text
-from .nodes import TreeNodes
+from .edges import EdgeSet, HierarchyError, parse_classes, parse_edges, parse_nested, quote, read_text
+from .nodes import TextSource, TreeNodes
 
 __all__ = ["Hierarchy", "as_distance_matrix", "inner_node_name", "BUILTIN_NAMES", "CONVENTIONS", "INTERNAL_CLASSES",
            "INNER_SUFFIX"]
@@ -53,6 +53,7 @@ CONVENTIONS = ("published", "height")  # distance conventions (module docstring)
 # what a class at an inner node becomes (module docstring); the first is the default
 INTERNAL_CLASSES = ("leaf", "error")
 INNER_SUFFIX = ":node"  # appended to a class's name to name the inner node it stood for
+ClassList = Union[Sequence[str], TextSource]  # class names in label order: a list, or a file of one name per line
 
 
 def _check_internal_classes(policy) -> str:
@@ -76,13 +77,25 @@ def _check_convention(convention) -> str:
     return convention
 
 
-
 # ----------------------------------------------------------------------------- the tree
 class Hierarchy(TreeNodes):
     """A rooted tree whose leaves are the classes, with LCA-height distances between classes."""
 
-    def __init__(self, parent_of: Mapping[str, str], classes=None, *, internal_classes: str = "leaf") -> None:
-        """Build from a child -> parent mapping; same as ``Hierarchy.from_parents``."""
+    def __init__(self, parent_of: Mapping[str, str], classes: Optional[ClassList] = None, *,
+                 internal_classes: str = "leaf") -> None:
+        """Build from a child -> parent mapping; same as ``Hierarchy.from_parents``.
+
+        Args:
+            parent_of: child name -> parent name, one entry per edge; the node that is nobody's child is the root.
+            classes: the class names in label order (line i of a file is label i): a list, a path or an open
+                file; default the sorted leaves.
+            internal_classes: 'leaf' (a class at an inner node gets a leaf of its own, module docstring) or
+                'error' (refuse it); the same for every constructor.
+
+        Raises:
+            HierarchyError: no edges, a cycle, several roots, an unknown, duplicate or missing class, or (under
+                'error') a class at an inner node; the same for every constructor.
+        """
         edges = EdgeSet()
         for child, parent in parent_of.items():
             edges.add(parent, child, f"entry {quote(child)}: {quote(parent)}")
@@ -90,35 +103,71 @@ class Hierarchy(TreeNodes):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_parents(cls, parent_of: Mapping[str, str], classes=None, *,
+    def from_parents(cls, parent_of: Mapping[str, str], classes: Optional[ClassList] = None, *,
                      internal_classes: str = "leaf") -> "Hierarchy":
         """Build from a mapping child -> parent (classes: list/path/file, default the sorted leaves).
 
-        internal_classes: 'leaf' (a class at an inner node gets a leaf of its own, module docstring)
-        or 'error' (refuse it); the same for every constructor.
+        Args:
+            parent_of: child name -> parent name, one entry per edge.
+            classes: the class names in label order (a list, a path or an open file); default the sorted leaves.
+            internal_classes: 'leaf' (a class at an inner node gets a leaf of its own, module docstring)
+                or 'error' (refuse it); the same for every constructor.
+
+        Returns:
+            The hierarchy, under the published distance convention (``with_convention`` changes it).
         """
         return cls(parent_of, classes, internal_classes=internal_classes)
 
     @classmethod
-    def from_edges(cls, source, classes=None, *, internal_classes: str = "leaf") -> "Hierarchy":
-        """Build from an edge-list path or open file (classes: list/path/file, default the sorted leaves)."""
+    def from_edges(cls, source: TextSource, classes: Optional[ClassList] = None, *,
+                   internal_classes: str = "leaf") -> "Hierarchy":
+        """Build from an edge-list path or open file (classes: list/path/file, default the sorted leaves).
+
+        Args:
+            source: a path or an open text or binary file of UTF-8 'parent child' lines (formats:
+                :mod:`haframe_ext.hierarchy.edges`).
+            classes: the class names in label order (a list, a path or an open file); default the sorted leaves.
+            internal_classes: 'leaf' or 'error', as for ``from_parents``.
+
+        Returns:
+            The hierarchy.
+        """
         text, label = read_text(source, "edge list")
         return cls._new(parse_edges(text, label), classes, label, internal_classes)
 
     @classmethod
-    def from_nested(cls, obj, classes=None, *, internal_classes: str = "leaf") -> "Hierarchy":
-        """Build from nested dicts {name: {child: ...}} (leaf: {}, None or a name in a list), JSON text or path."""
+    def from_nested(cls, obj: Union[Mapping[str, Any], TextSource], classes: Optional[ClassList] = None, *,
+                    internal_classes: str = "leaf") -> "Hierarchy":
+        """Build from nested dicts {name: {child: ...}} (leaf: {}, None or a name in a list), JSON text or path.
+
+        Args:
+            obj: the nested dicts with one root key, the same as JSON text, or a path or open file of that JSON.
+            classes: the class names in label order (a list, a path or an open file); default the sorted leaves.
+            internal_classes: 'leaf' or 'error', as for ``from_parents``.
+
+        Returns:
+            The hierarchy.
+        """
         edges, label = parse_nested(obj)
         return cls._new(edges, classes, label, internal_classes)
 
     @classmethod
-    def from_wordnet(cls, wnids, wordnet=None, *, collapse: bool = True, parent: str = "first",
+    def from_wordnet(cls, wnids: ClassList,
+                     wordnet: Union[str, os.PathLike, None] = None, *, collapse: bool = True, parent: str = "first",
                      internal_classes: str = "leaf") -> "Hierarchy":
         """Build the tree of WordNet noun ids ``n########`` from WordNet's data.noun (rules:
         haframe_ext.hierarchy.wordnet).
 
-        parent: which hypernym a synset with several keeps, 'first' (listed first, as the published
-        trees do) or 'deepest' (the one with the longest hypernym path to the top).
+        Args:
+            wnids: the class ids in label order: a list, or a path / open file with one id per line.
+            wordnet: a folder holding data.noun, a data.noun path or nltk's wordnet.zip; default: searched.
+            collapse: remove the nodes that are not classes and have one child.
+            parent: which hypernym a synset with several keeps, 'first' (listed first, as the published
+                trees do) or 'deepest' (the one with the longest hypernym path to the top).
+            internal_classes: 'leaf' or 'error', as for ``from_parents``.
+
+        Returns:
+            The hierarchy; ``wordnet_info`` says what the build chose.
         """
         from .wordnet import wordnet_edges  # imported when used: reading WordNet is rarely needed
 
@@ -130,15 +179,20 @@ class Hierarchy(TreeNodes):
 
     @classmethod
     def builtin(cls, name: str) -> "Hierarchy":
-        """Load a bundled benchmark hierarchy: 'cifar100', 'fgvc_aircraft', 'inat19' or 'tiered_imagenet_h'."""
+        """Load a bundled benchmark hierarchy: 'cifar100', 'fgvc_aircraft', 'inat19' or 'tiered_imagenet_h'.
+
+        Args:
+            name: one of ``BUILTIN_NAMES``.
+
+        Returns:
+            The hierarchy with the benchmark's class order.
+
+        Raises:
+            HierarchyError: an unknown name.
+        """
         if name not in BUILTIN_NAMES:
             raise HierarchyError(f"unknown builtin hierarchy {quote(name)}; valid names: {', '.join(BUILTIN_NAMES)}")
-        folder = resources.files("haframe_ext").joinpath("_hierarchies")
-        edges = io.BytesIO(folder.joinpath(f"{name}.tsv").read_bytes())
-        edges.name = f"{name}.tsv"
-        classes = io.BytesIO(folder.joinpath(f"{name}_classes.txt").read_bytes())
-        classes.name = f"{name}_classes.txt"
-        h = cls.from_edges(edges, classes)
+        h = cls.from_edges(*builtin_files(name))
         h._name = name
         return h
 
@@ -148,6 +202,17 @@ class Hierarchy(TreeNodes):
 
         Each inner node splits its leaves among 2..max_children children by a uniform Dirichlet
         draw, so subtree sizes, and with them the leaf depths, vary; for tests and benchmarks at any K.
+
+        Args:
+            num_classes: K >= 2.
+            seed: seed of numpy's default generator; the same seed gives the same tree.
+            max_children: the most children of a node, >= 2.
+
+        Returns:
+            The hierarchy, its nodes named 'n0' (the root), 'n1', ... and its classes 'c0', 'c1', ....
+
+        Raises:
+            ValueError: K or max_children below 2, or a K whose tree would not fit in the available memory.
         """
         K = int(num_classes)
         edges = random_edges(K, seed, max_children)
@@ -192,12 +257,19 @@ class Hierarchy(TreeNodes):
 
     # ------------------------------------------------------------------ queries
     @property
-    def wordnet_info(self):
+    def wordnet_info(self) -> Optional[dict]:
         """For a tree built by from_wordnet, what the build chose (haframe_ext.hierarchy.wordnet); else None."""
         return None if self._wordnet_info is None else dict(self._wordnet_info)
 
     def lca_height(self, node: str) -> int:
-        """The distance this node gives as an LCA under the hierarchy's convention: d[i, j] = lca_height(LCA(i, j))."""
+        """The distance this node gives as an LCA under the hierarchy's convention: d[i, j] = lca_height(LCA(i, j)).
+
+        Args:
+            node: the name of a node of the tree.
+
+        Returns:
+            0 for a leaf; else D - depth(node) (published) or node_height(node) (height).
+        """
         return int(self._levels(self._convention)[self._idx(node)])
 
     @property
@@ -206,7 +278,17 @@ class Hierarchy(TreeNodes):
         return self._convention
 
     def with_convention(self, convention: str) -> "Hierarchy":
-        """The same tree with distances under another convention ('published' or 'height'; module docstring)."""
+        """The same tree with distances under another convention ('published' or 'height'; module docstring).
+
+        Args:
+            convention: 'published' or 'height'.
+
+        Returns:
+            self when the convention is already this one, else a copy that shares the tree's index.
+
+        Raises:
+            HierarchyError: an unknown convention.
+        """
         convention = _check_convention(convention)
         if convention == self._convention:
             return self
@@ -216,7 +298,7 @@ class Hierarchy(TreeNodes):
         return out
 
     @property
-    def tree(self):
+    def tree(self):  # -> TreeOperator (imported when used: scipy loads with it)
         """The TreeOperator of this hierarchy under its convention: E, S, d products and pair distances, no K x K."""
         if self._tree is None:
             from .tree import TreeOperator
@@ -227,6 +309,9 @@ class Hierarchy(TreeNodes):
         """SHA-256 (hex) of what defines the class distances: the tree's shape, the class order, the convention.
 
         Equal digests give equal distances; node names do not enter (``classes`` is compared apart).
+
+        Returns:
+            64 hexadecimal digits.
         """
         import hashlib
 
@@ -243,20 +328,30 @@ class Hierarchy(TreeNodes):
         D = self.max_depth
         return np.where(self._height == 0, 0, D - self._depth)
 
-    def tree_distances(self, convention=None) -> np.ndarray:
+    def tree_distances(self, convention: Optional[str] = None) -> np.ndarray:
         """The distance matrix computed on the tree, int64 [K, K], uncached (distances() caches it).
 
-        convention: 'published' or 'height' (module docstring), default the hierarchy's.
         O(K^2 + nodes) time, whatever the depth: with the classes in depth-first order every subtree
-        is a contiguous block, and the pairs whose LCA is node v are the blocks between one child's
-        leaves and the leaves of the children before it, each written with v's height.
+        is a contiguous block, written once per LCA (``TreeNodes._lca_matrix``).
+
+        Args:
+            convention: 'published' or 'height' (module docstring); default the hierarchy's.
+
+        Returns:
+            d, int64 [K, K] in label order, 0 on the diagonal.
         """
         return self._lca_matrix(self._levels(_check_convention(convention or self._convention)))
 
-    def distances(self, convention=None) -> np.ndarray:
+    def distances(self, convention: Optional[str] = None) -> np.ndarray:
         """Class distance matrix, int64 [K, K] (a copy): d[i, j] under convention, default the hierarchy's.
 
         K x K memory: for large K use ``tree`` (pair distances, products with E and S) instead.
+
+        Args:
+            convention: 'published' or 'height'; default the hierarchy's (whose matrix is cached).
+
+        Returns:
+            d, int64 [K, K] in label order, 0 on the diagonal (a copy).
         """
         convention = _check_convention(convention or self._convention)
         if convention != self._convention:
@@ -264,16 +359,6 @@ class Hierarchy(TreeNodes):
         if self._distances is None:
             self._distances = self.tree_distances()
         return self._distances.copy()
-
-    # ------------------------------------------------------------------ output
-    def to_edges(self, path) -> None:
-        """Write the tree as a tab-separated 'parent<TAB>child' edge list (breadth-first) to a path or text file."""
-        write_text(path, "".join(f"{self._order[self._parent_idx[i]]}\t{self._order[i]}\n"
-                                 for i in range(1, len(self._order))))
-
-    def to_classes(self, path) -> None:
-        """Write the class names in label order, one per line, to a path or text file."""
-        write_text(path, "".join(f"{c}\n" for c in self._classes))
 
     def __repr__(self) -> str:
         name = f"{self._name!r}, " if self._name else ""

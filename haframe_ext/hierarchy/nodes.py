@@ -1,14 +1,18 @@
-"""A hierarchy's nodes indexed breadth-first, and the queries on them: parents, children, depths, heights, LCA."""
+"""A hierarchy's nodes indexed breadth-first: the queries on them (parents, children, depths, heights, LCA), and the
+tree and its classes written out."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import os
+from typing import IO, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .edges import HierarchyError, quote
+from .edges import HierarchyError, quote, write_text
 
-__all__ = ["TreeNodes"]
+__all__ = ["TreeNodes", "TextSource"]
+
+TextSource = Union[str, os.PathLike, IO]  # a path, or an open text or binary file
 
 
 class TreeNodes:
@@ -228,6 +232,25 @@ class TreeNodes:
         if np.array_equal(pos, np.arange(K)):  # classes already in depth-first order: no permuted copy
             return lca_height
         return lca_height[np.ix_(pos, pos)]
+
+    # ------------------------------------------------------------------ output
+    def to_edges(self, path: TextSource) -> None:
+        """Write the tree as a tab-separated 'parent<TAB>child' edge list (breadth-first) to a path or text file.
+
+        Args:
+            path: a path (written atomically, UTF-8) or an open text file; ``from_edges(path, classes)`` reads it
+                back with the same distance digest.
+        """
+        write_text(path, "".join(f"{self._order[self._parent_idx[i]]}\t{self._order[i]}\n"
+                                 for i in range(1, len(self._order))))
+
+    def to_classes(self, path: TextSource) -> None:
+        """Write the class names in label order, one per line, to a path or text file.
+
+        Args:
+            path: a path (written atomically, UTF-8) or an open text file.
+        """
+        write_text(path, "".join(f"{c}\n" for c in self._classes))
 
     def __len__(self) -> int:
         return self.num_classes
