@@ -211,6 +211,12 @@ def test_trainer_follows_the_features_profile_by_default_and_resumes_to_the_same
     # a Gaussian frame can still take its kernel from the features
     mixed = train(_cfg(tmp_path, "mixed", frame_directions="gaussian"))
     assert mixed["frame"]["approximation"]["method"] == "projection" and "profile" in mixed["frame"]
+    with pytest.raises(ValueError, match=r"frame_profile_weight must be in \[0, 1\]"):
+        _cfg(tmp_path, "bad", frame_profile_weight=1.5).validate()
+    heavy = train(_cfg(tmp_path, "heavy", frame_profile_weight=1.0, stop_after_epochs=1))
+    with pytest.raises(CheckpointError, match="frame_profile_weight"):
+        train(_cfg(tmp_path, "heavy", resume=True))
+    assert heavy["finished"] is False
 
 
 def test_align_model_frame_gives_the_cosine_term_the_profile_target():
@@ -232,6 +238,13 @@ def test_align_model_frame_gives_the_cosine_term_the_profile_target():
 
 def test_checkpoint_frame_profile_rule():
     from haframe_ext.training.config import checkpoint_frame_profile as rule
+    from haframe_ext.training.config import checkpoint_profile_weight as weight
+
+    assert weight({"method": "haframe", "feature_dim": 16, "frame_profile": "features"}, 600) == PROFILE_WEIGHT
+    assert weight({"method": "haframe", "feature_dim": 16, "frame_profile": "features",
+                   "frame_profile_weight": 1.0}, 600) == 1.0
+    assert weight({"method": "haframe", "feature_dim": 16, "frame_profile": "exp",
+                   "frame_profile_weight": 1.0}, 600) is None  # no fitted kernel: the weight means nothing
 
     assert rule({"method": "haframe", "feature_dim": 16}, 600) == "exp"  # written before the field
     assert rule({"method": "haframe", "feature_dim": 16, "frame_profile": "features"}, 600) == "features"

@@ -106,10 +106,13 @@ CONFIG_HELP = {
     "frame_directions": "haframe with --feature-dim below K: the projected frame's node directions: 'features' (each "
                         "node's offset in the whitened class means of the untrained model's features, so the frame "
                         "starts where the network puts each class) or 'gaussian' (random); ignored at dim >= K",
-    "frame_profile": "haframe with --feature-dim below K: the frame's cosine by tree distance: 'features' (0.8 of "
-                     "it follows the untrained model's class means, level by level, 0.2 is exp(-gamma d / d_max), "
-                     "so the frame separates the levels the features separate) or 'exp' (the paper's); ignored at "
-                     "dim >= K",
+    "frame_profile": "haframe with --feature-dim below K: the frame's cosine by tree distance: 'features' (a share "
+                     "--frame-profile-weight of it follows the untrained model's class means level by level, the "
+                     "rest is exp(-gamma d / d_max), so the frame separates the levels the features separate) or "
+                     "'exp' (the paper's); ignored at dim >= K",
+    "frame_profile_weight": "haframe with --frame-profile features: the share of the frame's kernel fitted to the "
+                            "class means (the rest is exp(-gamma d / d_max)), in [0, 1]; 1 follows the features "
+                            "alone (lower HierDist@5 in bench/RESULTS.md, no floor where they show no hierarchy)",
     "hxe_alpha": "hxe: the term of the node at depth l weighs exp(-hxe_alpha * l) (0 with unnormalised weights is "
                  "cross-entropy), >= 0",
     "hxe_normalize": "hxe: divide the weights by their sum over all nodes, as the published code (trained with Adam) "

@@ -6,4 +6,5 @@ from .frame import HAFrame
 from .profile import Profile, fitted_profile
 from .similarity import etf_similarity, exact_s_min, grid_s_min, similarity_matrix
 
-__all__ = ["HAFrame", "Profile", "fitted_profile", "similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity", "DENSE_MAX_K"]
+__all__ = ["HAFrame", "Profile", "fitted_profile", "similarity_matrix", "exact_s_min", "grid_s_min", "etf_similarity",
+           "DENSE_MAX_K"]

@@ -105,9 +105,24 @@ def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, ga
                   profile: str = "features", profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
     """The projected HAFrame in d = sums.shape[1] < K dimensions that follows the class means.
 
-    sums [K, d], counts [K]: :func:`class_feature_means`. directions: "features" (:func:`node_directions`) or
-    "gaussian" (the seeded projection). profile: "features" (the kernel of S blends ``fitted_profile`` of the
-    class means, weight profile_weight, into exp(-gamma d / d_max); docs/design.md 2e) or "exp" (the paper's).
+    Args:
+        hierarchy: the class tree (K classes).
+        sums: [K, d] float64, per-class sums of features (:func:`class_feature_means`).
+        counts: [K], the samples behind each row of ``sums`` (0: a class without samples).
+        gamma: the kernel's sharpness, > 0.
+        s_min: "exact" (the most negative admissible value) or a number >= it.
+        seed: seeds the Gaussian directions (the root's, unseen nodes', or all with directions="gaussian").
+        dtype: the frame's floating dtype.
+        directions: "features" (:func:`node_directions`) or "gaussian" (the seeded projection).
+        profile: "features" (the kernel of S blends :func:`~haframe_ext.frame.profile.fitted_profile` of the class
+            means into exp(-gamma d / d_max); docs/design.md 2e) or "exp" (the paper's kernel).
+        profile_weight: the fitted table's share of the kernel, in [0, 1].
+
+    Returns:
+        An :class:`HAFrame` with weight [K, d] (unit rows) and ``approximation`` filled in.
+
+    Raises:
+        ValueError: d >= K, malformed sums or counts, no sample at all, or an unknown option.
     """
     K, d = sums.shape
     if d >= hierarchy.num_classes:
@@ -126,11 +141,25 @@ def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, ga
 def align_model_frame(model: torch.nn.Module, hierarchy: Hierarchy,
                       batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], gamma: float, s_min="exact",
                       seed: int = 0, max_samples: int = ALIGN_MAX_SAMPLES, *, directions: str = "features",
-                      profile: str = "features") -> HAFrame:
+                      profile: str = "features", profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
     """Replace the fixed frame of an untrained ``HAFrameModel`` (backbone, transform, classifier) by the frame
-    aligned to its own features on ``batches`` of (inputs, labels) (:func:`aligned_frame`); returns that frame.
+    aligned to its own features on ``batches`` of (inputs, labels) (:func:`aligned_frame`). The classifier (and so
+    every loss sharing it) gets the new frame through ``load_state_dict``.
 
-    The model's classifier (and so every loss sharing it) gets the new weight through ``load_state_dict``.
+    Args:
+        model: an ``HAFrameModel`` whose classifier is a ``FixedFrameClassifier`` [K, d] with d < K.
+        hierarchy: the class tree (K classes, the classifier's order).
+        batches: (inputs [b, ...], labels [b] int64) pairs, e.g. a DataLoader over the training set.
+        gamma: the kernel's sharpness, > 0.
+        s_min: "exact" or a number >= the exact value.
+        seed: seeds the Gaussian directions where the data gives none.
+        max_samples: read at most this many samples from ``batches``.
+        directions: "features" or "gaussian" (:func:`aligned_frame`).
+        profile: "features" or "exp" (:func:`aligned_frame`).
+        profile_weight: the fitted table's share of the kernel, in [0, 1].
+
+    Returns:
+        The new frame; the classifier holds its weight [K, d] and, up to DENSE_MAX_K classes, its similarity [K, K].
     """
     cl = model.classifier
     device = cl.weight.device
@@ -142,7 +171,7 @@ def align_model_frame(model: torch.nn.Module, hierarchy: Hierarchy,
     finally:
         model.train(was_training)
     frame = aligned_frame(hierarchy, sums, counts, gamma, s_min=s_min, seed=seed, dtype=cl.weight.dtype,
-                          directions=directions, profile=profile)
+                          directions=directions, profile=profile, profile_weight=profile_weight)
     state = cl.state_dict()
     state["weight"] = frame.weight.to(device)
     if state.get("similarity") is not None:  # the cosine term's target [K, K] (up to DENSE_MAX_K classes)

@@ -14,14 +14,14 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from .data.factory import make_datasets
 from ..frame.align import FRAME_DIRECTIONS
-from ..frame.profile import FRAME_PROFILES
+from ..frame.profile import FRAME_PROFILES, PROFILE_WEIGHT
 from ..hierarchy.hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
 from ..ops.fused import COSINE_SCALES, cosine_scale_for
 from ..sizes import check_memory
 
 __all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale",
-           "checkpoint_frame_directions", "checkpoint_frame_profile", "distances_for",
+           "checkpoint_frame_directions", "checkpoint_frame_profile", "checkpoint_profile_weight", "distances_for",
            "load_hierarchy"]
 
 
@@ -53,6 +53,7 @@ class TrainConfig:
     cosine_scale: Union[str, float] = "auto"  # haframe/etf: cosine term's multiplier: auto (min(d, K)/K), sum or c > 0
     frame_directions: str = "features"      # haframe, dim < K: node directions from class-mean features or gaussian
     frame_profile: str = "features"         # haframe, dim < K: S's kernel follows the class means, or exp (paper)
+    frame_profile_weight: float = PROFILE_WEIGHT  # the fitted table's share of that kernel, in [0, 1]
     hxe_alpha: float = 0.1                  # hxe: weight exp(-hxe_alpha * depth) of each level's term
     hxe_normalize: bool = False             # hxe: divide the weights by their sum over all nodes (published code)
     soft_beta: float = 10.0                 # soft-labels: target softmax(-soft_beta * d / d_max)
@@ -156,6 +157,7 @@ _RANGES = {
     "eval_per_class": (lambda v: v >= 1, ">= 1 (omit it for the default, n_per_class)"),
     "eval_samples": (lambda v: v >= 1, ">= 1 (omit it for eval_per_class samples of every class)"),
     "input_dim": (lambda v: v >= 1, ">= 1"), "difficulty": (lambda v: v >= 0, ">= 0"),
+    "frame_profile_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "image_size": (lambda v: v >= 1, ">= 1"), "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
     "stop_after_epochs": (lambda v: v >= 1, ">= 1"),
     "eval_ks": (lambda v: v >= 1, ">= 1 (the k of top-k and HierDist@k)"),
@@ -366,6 +368,14 @@ def checkpoint_frame_profile(ck_cfg: Dict[str, Any], num_classes: int) -> Option
     """The kernel of a run's frame for K classes ("features" or "exp"), or None where it is always exp (no
     tree-built HAFrame below K); a checkpoint written before the field had exp."""
     return ck_cfg.get("frame_profile", "exp") if _projected_tree_frame(ck_cfg, num_classes) else None
+
+
+def checkpoint_profile_weight(ck_cfg: Dict[str, Any], num_classes: int) -> Optional[float]:
+    """The fitted share of a run's frame kernel, or None where the kernel is not fitted; a checkpoint written
+    before the field had PROFILE_WEIGHT."""
+    if checkpoint_frame_profile(ck_cfg, num_classes) != "features":
+        return None
+    return float(ck_cfg.get("frame_profile_weight", PROFILE_WEIGHT))
 
 
 def checkpoint_convention(ck_cfg: Dict[str, Any]) -> str:

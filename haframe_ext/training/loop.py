@@ -101,7 +101,8 @@ def _align_frame(run: Run) -> None:
                                          num_workers=config.num_workers, generator=torch.Generator())
     with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
         run.built["frame"] = align_model_frame(run.model, tree, loader, config.gamma, s_min=config.s_min,
-                                               seed=config.seed, directions=directions, profile=profile)
+                                               seed=config.seed, directions=directions, profile=profile,
+                                               profile_weight=config.frame_profile_weight)
     if dctx.enabled:  # every rank read the same samples; rank 0's frame is the one, to the last bit
         cl = run.model.classifier
         state = cl.state_dict()

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint, set_rng_state, state_mismatch
 from .config import (TrainConfig, checkpoint_convention, checkpoint_cosine_scale, checkpoint_frame_directions,
-                     checkpoint_frame_profile)
+                     checkpoint_frame_profile, checkpoint_profile_weight)
 
 __all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_state"]
 
@@ -23,7 +23,8 @@ __all__ = ["check_inputs", "find_resume_checkpoint", "inputs_digest", "restore_s
 # (the hierarchy, classes and distances files are compared by content, see inputs_digest, not by path)
 _RESUME_KEYS = ("method", "dataset", "backbone", "hidden", "depth", "widen_factor",
                 "feature_dim", "num_blocks", "gamma", "s_min", "alpha", "alpha_schedule", "alpha_period",
-                "cosine_scale", "frame_directions", "frame_profile", "hxe_alpha", "hxe_normalize", "soft_beta",
+                "cosine_scale", "frame_directions", "frame_profile", "frame_profile_weight", "hxe_alpha",
+                "hxe_normalize", "soft_beta",
                 "batch_size", "lr", "backbone_lr_scale", "min_lr", "warmup_epochs", "momentum", "weight_decay",
                 "nesterov", "grad_clip", "seed", "n_per_class", "eval_per_class", "eval_samples", "input_dim",
                 "difficulty", "distance_convention",
@@ -115,10 +116,12 @@ def _check_resume_config(ck_cfg: Dict[str, Any], config: TrainConfig, path: Path
         K = hierarchy.num_classes
         ck_cfg = {**ck_cfg, "cosine_scale": checkpoint_cosine_scale(ck_cfg, K),
                   "frame_directions": checkpoint_frame_directions(ck_cfg, K),
-                  "frame_profile": checkpoint_frame_profile(ck_cfg, K)}
+                  "frame_profile": checkpoint_frame_profile(ck_cfg, K),
+                  "frame_profile_weight": checkpoint_profile_weight(ck_cfg, K)}
         cur["cosine_scale"] = checkpoint_cosine_scale(cur, K)
         cur["frame_directions"] = checkpoint_frame_directions(cur, K)
         cur["frame_profile"] = checkpoint_frame_profile(cur, K)
+        cur["frame_profile_weight"] = checkpoint_profile_weight(cur, K)
     diff = [k for k in _RESUME_KEYS if k in ck_cfg and ck_cfg[k] != cur.get(k)]
     if diff:
         details = ", ".join(f"{k}: checkpoint {ck_cfg[k]!r} vs now {cur.get(k)!r}" for k in diff[:4])
