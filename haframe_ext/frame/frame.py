@@ -15,21 +15,23 @@ K x K matrix: rows of S come from the tree on demand.  The simplex ETF is the sp
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Optional
+from typing import IO, Optional, Union
 
 import numpy as np
 import torch
 
-from .construct import (check_dtype, check_gamma_resolves, check_s_min_value, check_tree_options, dense_weight,
-                        etf_weight, tree_s_min, tree_weight)
+from .construct import (check_dtype, check_gamma_resolves, check_tree_options, dense_weight, etf_weight, tree_s_min,
+                        tree_weight)
 from .factorization import check_approximate, check_dim
-from .frame_file import FRAME_FORMAT, hierarchy_from_state, hierarchy_state, read_state, write_state
+from .frame_file import (FRAME_FORMAT, check_consistent, hierarchy_from_state, hierarchy_state, read_state,
+                         write_state)
 from .frame_queries import FrameQueries
 from .profile import Profile
 from .quality import NEAR_TWIN
 from ..hierarchy.edges import HierarchyError
-from ..hierarchy.hierarchy import BUILTIN_NAMES, Hierarchy, as_distance_matrix
+from ..hierarchy.hierarchy import BUILTIN_NAMES, DistanceSource, Hierarchy, as_distance_matrix
 from ..sizes import DENSE_MAX_K
 from .similarity import check_gamma, check_two_classes, etf_similarity, similarity_matrix
 
@@ -39,10 +41,28 @@ __all__ = ["HAFrame"]
 class HAFrame(FrameQueries):
     """A fixed classifier frame: unit class vectors (rows of ``weight``) whose Gram matrix is the target similarity."""
 
-    def __init__(self, weight: torch.Tensor, similarity, *, s_min: float, gamma=None, distances=None,
-                 hierarchy=None, etf: bool = False, profile: Optional[Profile] = None) -> None:
+    def __init__(self, weight: torch.Tensor, similarity: Union[torch.Tensor, np.ndarray, None], *, s_min: float,
+                 gamma: Optional[float] = None, distances: Optional[DistanceSource] = None,
+                 hierarchy: Optional[Hierarchy] = None, etf: bool = False, profile: Optional[Profile] = None) -> None:
         """Wrap a frame: weight [K, dim]; similarity [K, K] (float64 copy kept), or None with a hierarchy or etf;
-        profile: the kernel in place of exp(-gamma d / d_max) (frame.profile), with its own gamma."""
+        profile: the kernel in place of exp(-gamma d / d_max) (frame.profile), with its own gamma.
+
+        Args:
+            weight: the class vectors [K, dim] (kept as given).
+            similarity: the target S [K, K] (a float64 copy is kept; ``similarity`` holds it in weight's dtype and
+                device), or None: rows of S then come from the hierarchy, or the ETF's closed form.
+            s_min: the frame's smallest similarity.
+            gamma: the kernel's sharpness (None needs a similarity or etf; a profile brings its own).
+            distances: the class distances [K, K] (anything as_distance_matrix takes), or None.
+            hierarchy: the tree the frame was built from (K classes), or None.
+            etf: whether the frame is a simplex ETF.
+            profile: the kernel of S in place of exp(-gamma d / d_max), or None.
+
+        Raises:
+            ValueError: weight not 2-D, a similarity or hierarchy of another K, or no similarity, hierarchy and
+                gamma, or etf.
+            TypeError: a hierarchy that is not a Hierarchy, a profile that is not a Profile.
+        """
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a 2-D torch.Tensor [K, dim]")
         K = weight.shape[0]
@@ -75,12 +95,29 @@ class HAFrame(FrameQueries):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_distances(cls, d, gamma: float, s_min="exact", dim=None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, approximate=False) -> "HAFrame":
+    def from_distances(cls, d: DistanceSource, gamma: float, s_min: Union[str, float] = "exact",
+                       dim: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       approximate: Union[bool, str] = False) -> "HAFrame":
         """Build the frame for distances d (anything as_distance_matrix accepts); s_min: "exact", "grid" or a float.
 
-        approximate: False (dim >= K), True (dim < K: Gaussian projection of the exact frame) or
-        "truncate" (dim < K: top eigenvectors; merges close classes).
+        Args:
+            d: the class distances [K, K] (a matrix, a .npy / .csv path, or a Hierarchy: its distances).
+            gamma: the kernel's sharpness > 0: E = exp(-gamma d / d_max).
+            s_min: "exact" (the boundary of positive semi-definite S), "grid" (the paper code's search) or a
+                number that keeps S positive semi-definite.
+            dim: the dimension of the class vectors, default K; below rank(S) (K - 1 at the exact s_min) it needs
+                approximate.
+            seed: seed of the random rotation into dim (and of the projection).
+            dtype: the weight's floating-point dtype.
+            approximate: False (dim >= K), True (dim < K: Gaussian projection of the exact frame) or
+                "truncate" (dim < K: top eigenvectors; merges close classes).
+
+        Returns:
+            The frame, with S [K, K] stored; an approximate one reports ``approximation`` (margin, Gram error).
+
+        Raises:
+            ValueError: a bad gamma, s_min or dim, an s_min that makes S indefinite, or classes S cannot separate.
+            MemoryError: a weight that the memory cannot hold.
         """
         d = as_distance_matrix(d)
         approximate = check_approximate(approximate)
@@ -93,18 +130,35 @@ class HAFrame(FrameQueries):
         return frame
 
     @classmethod
-    def from_hierarchy(cls, h, gamma: float, s_min="exact", dim=None, seed: int = 0,
-                       dtype: torch.dtype = torch.float32, approximate=False, directions=None,
+    def from_hierarchy(cls, h: Union[Hierarchy, str], gamma: float, s_min: Union[str, float] = "exact",
+                       dim: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       approximate: Union[bool, str] = False, directions: Optional[np.ndarray] = None,
                        profile: Optional[Profile] = None) -> "HAFrame":
         """Build the frame for a Hierarchy (or a builtin name) from its tree, with no K x K work when dim < K.
 
-        s_min: "exact" (O(nodes)), "grid" (the paper's search; dense, K <= DENSE_MAX_K) or a float >= the
-        exact value.  dim: default K; with dim >= K the frame is exact (K <= DENSE_MAX_K x 2 or so, as
-        memory allows), with dim < K pass approximate=True (Gaussian projection) or "truncate".
-        directions: for the projection, [nodes, dim] unit node directions in place of the Gaussian
-        (``align.aligned_frame`` builds them from class-mean features).
-        profile: a :class:`~haframe_ext.frame.profile.Profile` (with this gamma) as the kernel of S in place of
-        exp(-gamma d / d_max); tree routes only (not with "truncate" or s_min="grid").
+        Args:
+            h: the hierarchy, or a builtin name (Hierarchy.builtin); its convention gives the distances.
+            gamma: the kernel's sharpness > 0: E = exp(-gamma d / d_max).
+            s_min: "exact" (O(nodes)), "grid" (the paper's search; dense, K <= DENSE_MAX_K) or a float >= the
+                exact value.
+            dim: default K (above DENSE_MAX_K classes it must be given); with dim >= K the frame is exact
+                (K <= DENSE_MAX_K x 2 or so, as memory allows), with dim < K pass approximate.
+            seed: seed of the random rotation, or of the Gaussian projection.
+            dtype: the weight's floating-point dtype.
+            approximate: False (dim >= K), True (dim < K: Gaussian projection of the exact frame) or "truncate"
+                (dim < K: top eigenvectors of the dense S).
+            directions: for the projection, [nodes, dim] unit node directions in place of the Gaussian
+                (``align.aligned_frame`` builds them from class-mean features).
+            profile: a :class:`~haframe_ext.frame.profile.Profile` (with this gamma) as the kernel of S in place of
+                exp(-gamma d / d_max); tree routes only (not with "truncate" or s_min="grid").
+
+        Returns:
+            The frame; S [K, K] is stored up to DENSE_MAX_K classes, above that its rows come from the tree.
+
+        Raises:
+            TypeError: h neither a Hierarchy nor a builtin name.
+            ValueError: bad arguments, options the route cannot use, or an s_min below the exact value.
+            MemoryError: a weight, or an exact frame's dense node-space factor, that the memory cannot hold.
         """
         if isinstance(h, str) and h in BUILTIN_NAMES:
             h = Hierarchy.builtin(h)
@@ -158,9 +212,20 @@ class HAFrame(FrameQueries):
         return None
 
     @classmethod
-    def etf(cls, K: int, dim=None, seed: int = 0, dtype: torch.dtype = torch.float32,
-            approximate=False) -> "HAFrame":
-        """A K-class simplex ETF (S = (K I - J) / (K - 1)); dim < K needs approximate (True: projection)."""
+    def etf(cls, K: int, dim: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+            approximate: Union[bool, str] = False) -> "HAFrame":
+        """A K-class simplex ETF (S = (K I - J) / (K - 1)); dim < K needs approximate (True: projection).
+
+        Args:
+            K: the number of classes, an integer >= 2.
+            dim: default K (above DENSE_MAX_K classes it must be given); K - 1 is exact up to DENSE_MAX_K.
+            seed: seed of the random rotation, or of the Gaussian projection.
+            dtype: the weight's floating-point dtype.
+            approximate: False, True (a Gaussian [K, dim] minus its mean row) or "truncate".
+
+        Returns:
+            The frame, s_min = -1 / (K - 1); S is stored up to DENSE_MAX_K classes.
+        """
         if isinstance(K, bool) or int(K) != K or K < 2:
             raise ValueError(f"a simplex ETF needs an integer K >= 2 classes, got {K!r}")
         K = int(K)
@@ -197,8 +262,16 @@ class HAFrame(FrameQueries):
         warnings.warn(f"{why} (> {NEAR_TWIN}): they cannot be told apart; {fix}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ copies and files
-    def to(self, device=None, dtype=None) -> "HAFrame":
-        """A copy with weight and similarity on device (and in dtype, if given)."""
+    def to(self, device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None) -> "HAFrame":
+        """A copy with weight and similarity on device (and in dtype, if given).
+
+        Args:
+            device: where the copy's weight and similarity go; None keeps theirs.
+            dtype: their floating-point dtype; None keeps theirs.
+
+        Returns:
+            A new frame (the float64 S, distances and approximation copied; the hierarchy shared).
+        """
         out = HAFrame.__new__(HAFrame)
         out.__dict__.update(self.__dict__)
         out.weight = self.weight.to(device=device, dtype=dtype, copy=True)
@@ -208,11 +281,15 @@ class HAFrame(FrameQueries):
         out.approximation = None if self.approximation is None else dict(self.approximation)
         return out
 
-    def save(self, path) -> None:
+    def save(self, path: Union[str, os.PathLike, IO[bytes]]) -> None:
         """Save as a plain dict of tensors, numbers and strings (loadable with torch.load(weights_only=True)).
 
         A frame over DENSE_MAX_K classes stores its hierarchy (parents, names, classes, convention)
         instead of any K x K matrix.
+
+        Args:
+            path: a path (written to a temp file, then renamed: a full disk keeps the earlier file) or an open
+                binary file.
         """
         large = self._similarity64 is None
         state = {
@@ -232,13 +309,22 @@ class HAFrame(FrameQueries):
         write_state(state, path)
 
     @classmethod
-    def load(cls, path, map_location="cpu") -> "HAFrame":
+    def load(cls, path: Union[str, os.PathLike, IO[bytes]],
+             map_location: Union[str, torch.device] = "cpu") -> "HAFrame":
         """Load a frame written by save() (no pickle: torch.load with weights_only=True).
 
-        A missing file raises ``FileNotFoundError``; a file that is not a readable torch file (text,
-        garbage, truncated), is refused by weights-only loading (a pickled global such as
-        ``posix.system``: nothing in it is run) or is not a saved HAFrame raises
-        :class:`~haframe_ext.hierarchy.HierarchyError` (a ``ValueError``) naming the file.
+        Args:
+            path: a path or an open binary file.
+            map_location: where the tensors go, as for torch.load.
+
+        Returns:
+            The frame, its parts checked to agree (unit rows, S from its distances, Gram matrix of exact frames).
+
+        Raises:
+            FileNotFoundError: a missing file.
+            HierarchyError: (a ``ValueError``) naming the file, for a file that is not a readable torch file (text,
+                garbage, truncated), is refused by weights-only loading (a pickled global such as ``posix.system``:
+                nothing in it is run), is not a saved HAFrame, or is corrupted or inconsistent.
         """
         state = read_state(path, map_location)
         try:
@@ -260,30 +346,12 @@ class HAFrame(FrameQueries):
         return frame
 
     def _check_consistent(self) -> None:
-        """Raise ValueError unless the parts of a loaded frame agree: gamma and s_min in range, finite unit rows,
-        distances [K, K], the similarity equal to the one its hierarchy or distances give, and (exact frames) the
-        Gram matrix of the rows equal to it."""
-        K = self.num_classes
-        if not self.weight.is_floating_point() or not bool(torch.isfinite(self.weight).all()):
-            raise ValueError("the weight is not a finite floating-point matrix")
-        if self.gamma is not None:
-            check_gamma(self.gamma)
-        check_s_min_value(self.s_min)
-        if self.s_min < -1.0:
-            raise ValueError(f"s_min={self.s_min} is below -1")
-        if self.distances is not None and self.distances.shape != (K, K):
-            raise ValueError(f"the distances are {self.distances.shape} for K={K} classes")
-        eps = float(torch.finfo(self.weight.dtype).eps)
-        norms = self.weight.detach().double().norm(dim=1)
-        if float((norms - 1).abs().max()) > max(1e-6, 100 * eps):
-            raise ValueError("the class vectors are not unit vectors")
-        source = self.hierarchy.distances() if self.hierarchy is not None and K <= DENSE_MAX_K else self.distances
-        if self._similarity64 is not None and source is not None and self.gamma is not None:
-            if float(np.abs(similarity_matrix(source, self.kernel, self.s_min) - self._similarity64).max()) > 1e-9:
-                raise ValueError("the similarity is not the one its hierarchy (or distances), gamma and s_min give: "
-                                 "a reordered class list, or an edited matrix")
-        if self.approximation is None and self.gram_error() > max(1e-6, 1000 * eps):
-            raise ValueError("the Gram matrix of the class vectors is not the frame's similarity")
+        """Raise ValueError unless the parts of a loaded frame agree (frame_file.check_consistent); S is compared with
+        the one the hierarchy's distances give up to DENSE_MAX_K classes, else with the stored distances."""
+        dense_tree = self.hierarchy is not None and self.num_classes <= DENSE_MAX_K
+        check_consistent(self.weight, self.gamma, self.s_min, self.distances, self._similarity64, self.kernel,
+                         lambda: self.hierarchy.distances() if dense_tree else self.distances,
+                         self.gram_error if self.approximation is None else None)
 
     def __repr__(self) -> str:
         gamma = "None" if self.gamma is None else f"{self.gamma:g}"

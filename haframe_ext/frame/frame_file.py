@@ -4,14 +4,20 @@ plain tensors (everything loadable with ``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
+from .construct import check_s_min_value
 from ..files import atomic_write, content_digest
 from ..hierarchy.edges import HierarchyError
 from ..hierarchy.hierarchy import Hierarchy
+from .profile import Profile
+from .similarity import check_gamma, similarity_matrix
 
-__all__ = ["FRAME_FORMAT", "FRAME_VERSIONS", "write_state", "read_state", "hierarchy_state", "hierarchy_from_state"]
+__all__ = ["FRAME_FORMAT", "FRAME_VERSIONS", "write_state", "read_state", "check_consistent", "hierarchy_state",
+           "hierarchy_from_state"]
 
 FRAME_FORMAT = "haframe_ext.HAFrame"
 FRAME_VERSIONS = (1, 2, 3, 4)  # 4: a frame with a profile; the digest is checked from 3 on
@@ -52,6 +58,35 @@ def read_state(path, map_location) -> dict:
             state.get("digest"):
         raise HierarchyError(f"{str(path)!r} is corrupted: its content does not match the digest written with it")
     return state
+
+
+def check_consistent(weight: torch.Tensor, gamma: Optional[float], s_min: float, distances: Optional[np.ndarray],
+                     similarity64: Optional[np.ndarray], kernel: Union[float, Profile, None],
+                     source: Callable[[], Optional[np.ndarray]], gram_error: Optional[Callable[[], float]]) -> None:
+    """Raise ValueError unless the parts of a loaded frame agree: gamma and s_min in range, finite unit rows,
+    distances [K, K], the similarity equal to the one its hierarchy or distances give (``source()``: those
+    distances, or None), and (exact frames: ``gram_error`` given) the Gram matrix of the rows equal to it."""
+    K = weight.shape[0]
+    if not weight.is_floating_point() or not bool(torch.isfinite(weight).all()):
+        raise ValueError("the weight is not a finite floating-point matrix")
+    if gamma is not None:
+        check_gamma(gamma)
+    check_s_min_value(s_min)
+    if s_min < -1.0:
+        raise ValueError(f"s_min={s_min} is below -1")
+    if distances is not None and distances.shape != (K, K):
+        raise ValueError(f"the distances are {distances.shape} for K={K} classes")
+    eps = float(torch.finfo(weight.dtype).eps)
+    norms = weight.detach().double().norm(dim=1)
+    if float((norms - 1).abs().max()) > max(1e-6, 100 * eps):
+        raise ValueError("the class vectors are not unit vectors")
+    d = source()
+    if similarity64 is not None and d is not None and gamma is not None:
+        if float(np.abs(similarity_matrix(d, kernel, s_min) - similarity64).max()) > 1e-9:
+            raise ValueError("the similarity is not the one its hierarchy (or distances), gamma and s_min give: "
+                             "a reordered class list, or an edited matrix")
+    if gram_error is not None and gram_error() > max(1e-6, 1000 * eps):
+        raise ValueError("the Gram matrix of the class vectors is not the frame's similarity")
 
 
 def hierarchy_state(h: Hierarchy) -> dict:

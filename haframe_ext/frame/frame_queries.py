@@ -3,9 +3,12 @@ tree, or the ETF's closed form), its margin, Gram error and diagnostics."""
 
 from __future__ import annotations
 
+from typing import Any, Dict, Optional, Sequence, Union
+
 import numpy as np
 import torch
 
+from .profile import Profile
 from .quality import measure, sampled_pairs
 from .similarity import min_eigenvalue
 
@@ -27,17 +30,24 @@ class FrameQueries:
         return self.weight.shape[1]
 
     @property
-    def kernel(self):
+    def kernel(self) -> Union[float, Profile, None]:
         """What the tree routes take for gamma: the profile when there is one, else gamma."""
         return self.gamma if self.profile is None else self.profile
 
     @property
-    def convention(self):
+    def convention(self) -> Optional[str]:
         """The distance convention of the hierarchy this frame was built from (None for a distance matrix or an ETF)."""
         return None if self.hierarchy is None else self.hierarchy.convention
 
-    def similarity_rows(self, rows) -> torch.Tensor:
-        """S[rows, :] in float64 [len(rows), K], from the stored matrix or computed from the tree."""
+    def similarity_rows(self, rows: Union[Sequence[int], np.ndarray]) -> torch.Tensor:
+        """S[rows, :] in float64 [len(rows), K], from the stored matrix or computed from the tree.
+
+        Args:
+            rows: class indices [R] (any shape, flattened).
+
+        Returns:
+            S[rows, :], float64 [R, K] on the CPU (row r: the target cosines of class rows[r]).
+        """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self._similarity64 is not None:
             return torch.from_numpy(self._similarity64[rows])
@@ -48,8 +58,17 @@ class FrameQueries:
             return torch.from_numpy(out)
         return torch.from_numpy(self.hierarchy.tree.similarity_rows(self.kernel, self.s_min, rows))
 
-    def similarity_block(self, rows, cols) -> torch.Tensor:
-        """S[rows][:, cols] in float64 [len(rows), len(cols)], from the stored matrix or from the tree."""
+    def similarity_block(self, rows: Union[Sequence[int], np.ndarray],
+                         cols: Union[Sequence[int], np.ndarray]) -> torch.Tensor:
+        """S[rows][:, cols] in float64 [len(rows), len(cols)], from the stored matrix or from the tree.
+
+        Args:
+            rows: class indices [R].
+            cols: class indices [C].
+
+        Returns:
+            S[rows][:, cols], float64 [R, C] on the CPU; no [K, K] matrix is formed for a tree frame.
+        """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1, 1)
         cols = np.asarray(cols, dtype=np.int64).reshape(1, -1)
         return torch.from_numpy(np.ascontiguousarray(self._pair_targets(rows, cols)))
@@ -79,7 +98,11 @@ class FrameQueries:
         self.approximation = measure(W, self._pair_targets, self._exact_margin(), tree, method, seed)
 
     def gram_error(self) -> float:
-        """max |W W^T - S|: over every pair up to DENSE_MAX_K classes, else over sampled pairs (float64)."""
+        """max |W W^T - S|: over every pair up to DENSE_MAX_K classes, else over sampled pairs (float64).
+
+        Returns:
+            The largest absolute difference (the diagonal, |w_k|^2 - 1, included).
+        """
         W = self.weight.detach().cpu().double().numpy()
         if self._similarity64 is not None:
             return float(np.abs(W @ W.T - self._similarity64).max())
@@ -87,8 +110,13 @@ class FrameQueries:
         off = float(np.abs(cos - self._pair_targets(i, j)).max())
         return max(off, float(np.abs(np.einsum("kd,kd->k", W, W) - 1.0).max()))  # and the diagonal
 
-    def diagnostics(self) -> dict:
-        """Summary of the frame: sizes, gamma, s_min, Gram error, off-diagonal similarity range, min eigenvalue of S."""
+    def diagnostics(self) -> Dict[str, Any]:
+        """Summary of the frame: sizes, gamma, s_min, Gram error, off-diagonal similarity range, min eigenvalue of S.
+
+        Returns:
+            K, dim, gamma, s_min, gram_error; max_offdiag_similarity (and, with S stored, min_offdiag_similarity
+            and min_eigenvalue); profile, convention and approximation where the frame has them.
+        """
         out = {"K": self.num_classes, "dim": self.dim, "gamma": self.gamma, "s_min": self.s_min,
                "gram_error": self.gram_error()}
         if self.profile is not None:

@@ -35,7 +35,7 @@ File formats and name rules: :mod:`haframe_ext.hierarchy.edges`; distance-matrix
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from .build import (builtin_files, check_acyclic, check_classes, children_of, li
 from .distance_matrix import read_distance_matrix
 from .edges import EdgeSet, HierarchyError, parse_classes, parse_edges, parse_nested, quote, read_text
 from .nodes import TextSource, TreeNodes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Hierarchy", "as_distance_matrix", "inner_node_name", "BUILTIN_NAMES", "CONVENTIONS", "INTERNAL_CLASSES",
            "INNER_SUFFIX"]
@@ -54,6 +57,8 @@ CONVENTIONS = ("published", "height")  # distance conventions (module docstring)
 INTERNAL_CLASSES = ("leaf", "error")
 INNER_SUFFIX = ":node"  # appended to a class's name to name the inner node it stood for
 ClassList = Union[Sequence[str], TextSource]  # class names in label order: a list, or a file of one name per line
+# what as_distance_matrix (every distances argument) takes: a Hierarchy, a [K, K] array, list or tensor, a .npy/.csv
+DistanceSource = Union["Hierarchy", np.ndarray, "torch.Tensor", Sequence[Sequence[float]], str, os.PathLike]
 
 
 def _check_internal_classes(policy) -> str:
@@ -367,7 +372,7 @@ class Hierarchy(TreeNodes):
 
 
 
-def as_distance_matrix(x) -> np.ndarray:
+def as_distance_matrix(x: DistanceSource) -> np.ndarray:
     """A validated [K, K] distance matrix from a Hierarchy (its ``distances()``) or any input of
     :func:`haframe_ext.hierarchy.distance_matrix.read_distance_matrix` (a copy, int64 if all integer-valued else
     float64)."""
