@@ -90,7 +90,8 @@ def fitted_profile(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray) -
 
     sums [K, d] and counts [K] as ``align.class_feature_means`` gives them. For each distance level, the mean
     cosine of the centred class means over all pairs of seen classes whose lowest common ancestor sits at that
-    level (exact, from per-node sums of the unit means: O(nodes d), no pair loop), made nonincreasing in the
+    level (exact, from per-node sums of the unit means: O(nnz(A) d) time, O(nodes) memory beyond the means, no
+    pair loop), made nonincreasing in the
     distance (weighted by the pair counts) and rescaled so that the largest distance maps to 0. Level 0 maps to 1.
     """
     tree = hierarchy.tree
@@ -106,9 +107,11 @@ def fitted_profile(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray) -
     norm = np.linalg.norm(m, axis=1, keepdims=True)
     u = np.where(seen[:, None] & (norm > 0), m / np.where(norm > 0, norm, 1.0), 0.0)  # [K, d] unit rows
     A = tree.ancestry  # [K, nodes]
-    node_sum = np.asarray(A.T @ u)  # [nodes, d]
     n = np.asarray(A.T @ seen.astype(np.float64)).ravel()  # seen classes under each node
-    sq = (node_sum * node_sum).sum(axis=1)
+    sq = np.zeros(tree.num_nodes)  # |sum of the unit means under each node|^2, 64 feature columns at a time
+    for c in range(0, u.shape[1], 64):
+        part = np.asarray(A.T @ u[:, c:c + 64])  # [nodes, <= 64]
+        sq += (part * part).sum(axis=1)
     child_sq, child_n2, own = np.zeros(tree.num_nodes), np.zeros(tree.num_nodes), np.zeros(tree.num_nodes)
     np.add.at(child_sq, tree.parent[1:], sq[1:])
     np.add.at(child_n2, tree.parent[1:], n[1:] ** 2)
