@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .layers import TransformationLayerI, TransformationLayerII
 from .ops import fused as ops
+from .ops.fused_args import as_alpha, cosine_scale_for
 from .schedules import SCHEDULES, alpha_at
 from .sizes import DENSE_MAX_K
 
@@ -147,7 +148,7 @@ class HAFrameLoss(nn.Module):
                  similarity: Optional[torch.Tensor] = None, backend: str = "auto",
                  cosine_scale: Union[str, float] = "auto"):
         super().__init__()
-        alpha = ops.as_alpha(alpha)
+        alpha = as_alpha(alpha)
         if isinstance(frame, FixedFrameClassifier) and similarity is None:
             # a plain attribute, not a submodule: the frame's buffers stay in the model's state_dict only
             object.__setattr__(self, "_shared", frame)
@@ -163,7 +164,7 @@ class HAFrameLoss(nn.Module):
         self.backend = backend
         self.cosine_scale = cosine_scale
         self.epoch = 0
-        ops.cosine_scale_for(cosine_scale, *self.weight.shape)  # validate the rule now
+        cosine_scale_for(cosine_scale, *self.weight.shape)  # validate the rule now
         alpha_at(schedule, alpha, 0, total_epochs, period)  # validate the schedule's arguments now
 
     def set_epoch(self, epoch: int) -> None:
@@ -178,7 +179,7 @@ class HAFrameLoss(nn.Module):
     @property
     def cosine_factor(self) -> float:
         """The multiplier ``c`` of the cosine term for this frame (see the class docstring)."""
-        return ops.cosine_scale_for(self.cosine_scale, *self.weight.shape)
+        return cosine_scale_for(self.cosine_scale, *self.weight.shape)
 
     @property
     def classifier(self) -> FixedFrameClassifier:

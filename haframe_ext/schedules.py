@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Optional
 
-from .ops.fused import as_alpha
+from .ops.fused_args import as_alpha
 
 __all__ = ["SCHEDULES", "alpha_at"]
 

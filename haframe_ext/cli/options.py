@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from ..hierarchy.hierarchy import BUILTIN_NAMES
-from ..ops.fused import COSINE_SCALES
+from ..ops.fused_args import COSINE_SCALES
 
 __all__ = ["MAX_INT", "CONFIG_HELP", "int_at_least", "positive_float", "path_arg", "parse_cosine_scale",
            "parse_s_min", "field_type", "add_config_args"]

@@ -21,168 +21,22 @@ NaN or Inf in a row gives a NaN loss for that row (and for the reduced loss), ne
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
+from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fused_args import (COSINE_SCALES, UNIT_ROW_TOL, acc_dtype, as_alpha, as_cosine_scale, check_args,
+                         check_unit_rows, cosine_scale_for, int_scalar)
 from .fused_fake import fused_fake
 from .native import native_available
 from ..sizes import DENSE_MAX_K
 
 __all__ = ["haframe_loss", "reference_loss", "paper_loss", "fused_loss", "derive_similarity_or_gram", "as_alpha",
            "as_cosine_scale", "cosine_scale_for", "COSINE_SCALES", "EPS", "UNIT_ROW_TOL"]
+# as_alpha, as_cosine_scale, cosine_scale_for, COSINE_SCALES, UNIT_ROW_TOL: defined in fused_args, handed on here
 
 EPS = 1e-8  # norm below which a feature row counts as zero (see module docstring)
-UNIT_ROW_TOL = 1e-2  # | ||w_k|| - 1 | allowed with gram= (bf16 rounding of a frame stays far below it)
-_REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ----------------------------------------------------------------------------- input checks
-def as_alpha(value, *, check_range: bool = True) -> float:
-    """alpha as a Python float: an int, float, numpy or one-element torch number (never a str, bool or complex),
-    in [0, 1] unless check_range is False (the native op checks the range itself)."""
-    if type(value) is float:  # the usual call, without the abstract-class checks below
-        if check_range and not 0.0 <= value <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {value}")
-        return value
-    if isinstance(value, torch.Tensor):
-        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not ok:
-        raise TypeError(f"alpha must be a real number in [0, 1] (int, float, numpy or 0-dim tensor), got {value!r}")
-    alpha = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    if check_range and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return alpha
-
-
-COSINE_SCALES = ("auto", "sum")  # the named rules of cosine_scale_for
-
-
-def cosine_scale_for(rule, num_classes: int, dim: int) -> float:
-    """The cosine term's multiplier ``c`` for a [K, d] frame: "auto" is ``min(d, K) / K``, "sum" 1, a number itself.
-
-    With unit rows the cosine term is ``u^T M u`` (``M = W^T W``, trace K), whose nonzero eigenvalues average
-    ``K / min(d, K)``: 1 for the paper's frames (d >= K), K/d below that (31 for K = 8004, d = 256), where the
-    summed term outweighs the cross entropy by that factor. "auto" divides it back out (docs/design.md section 2c).
-    """
-    if isinstance(rule, str):
-        if rule == "sum":
-            return 1.0
-        if rule == "auto":
-            return min(int(dim), int(num_classes)) / int(num_classes)
-        raise ValueError(f"cosine_scale must be 'auto', 'sum' or a number > 0, got {rule!r}")
-    return as_cosine_scale(rule)
-
-
-def as_cosine_scale(value) -> float:
-    """cosine_scale as a Python float: a finite real number > 0 (never a str or bool)."""
-    if type(value) is float and value > 0 and math.isfinite(value):  # the usual call, checked at once
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        value = float(value.detach())
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"cosine_scale must be a real number > 0, got {value!r}")
-    c = float(value)
-    if not (c > 0 and math.isfinite(c)):  # math, not numpy: torch.compile traces numpy calls as tensor ops
-        raise ValueError(f"cosine_scale must be a finite number > 0, got {c}")
-    return c
-
-
-def _int_scalar(value) -> int:
-    """ignore_index as a Python int: an int, numpy or one-element integer tensor; never a float, str or bool."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"ignore_index must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int, got {value!r}") from None
-
-
-def _scalar_args(alpha, ignore_index, reduction):
-    """(alpha, ignore_index) as the Python numbers both backends use, and reduction checked: one conversion
-    for both backends, so that they accept the same inputs (alpha's range: see _check_args)."""
-    alpha, ignore_index = as_alpha(alpha, check_range=False), _int_scalar(ignore_index)
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return alpha, ignore_index
-
-
-def _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram=None, *,
-                native=False, tracing=False):
-    """Raise a clear error for bad shapes, dtypes or devices; return (alpha, ignore_index) as Python numbers.
-
-    The native op checks alpha's range and the labels itself (csrc/fused_loss_checks.h); here they are
-    checked for the reference path only, and labels not while tracing (that would read the data)."""
-    if not isinstance(features, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("features and weight must be torch.Tensor")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if features.dim() != 2:
-        raise ValueError(f"features must be 2-D (B, d), got shape {tuple(features.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (K, d), got shape {tuple(weight.shape)}")
-    B, d = features.shape
-    K = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(
-            f"weight is (K={K}, d={weight.shape[1]}) but features have d={d}: "
-            "the frame's dimension must equal the feature dimension")
-    if K < 1:
-        raise ValueError("weight must have at least one class row")
-    if features.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"features and weight must be floating point (float16/bfloat16/float32/float64), "
-            f"got {features.dtype} and {weight.dtype}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"target must hold integer class indices (e.g. torch.long), got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target must be 1-D with one label per row (B={B}), got shape {tuple(target.shape)}")
-    if features.device != weight.device or features.device != target.device:
-        raise ValueError(
-            f"features ({features.device}), weight ({weight.device}) and target ({target.device}) "
-            "must be on the same device")
-    for name, extra, sym, n in (("similarity", similarity, "K", K), ("gram", gram, "d", d)):
-        if extra is None:
-            continue
-        if not isinstance(extra, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor ({n}, {n}), got {type(extra).__module__}."
-                            f"{type(extra).__name__}")
-        if extra.is_complex() or extra.dtype == torch.bool:
-            raise TypeError(f"{name} must be real (floating point or integer), got {extra.dtype}")
-        if tuple(extra.shape) != (n, n):
-            raise ValueError(f"{name} must be ({sym}, {sym}) = ({n}, {n}), got {tuple(extra.shape)}")
-        if extra.device != features.device:
-            raise ValueError(f"{name} is on {extra.device}, features on {features.device}")
-    alpha, ignore_index = _scalar_args(alpha, ignore_index, reduction)
-    if native:
-        return alpha, ignore_index
-    as_alpha(alpha)
-    if B > 0 and not tracing:
-        bad = ((target < 0) | (target >= K)) & (target != ignore_index)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"target[{i}] = {int(target[i])} is not a class index: labels must be in [0, {K}) "
-                f"or equal ignore_index={ignore_index}")
-    return alpha, ignore_index
-
-
-def _check_unit_rows(weight: torch.Tensor) -> None:  # weight: [K, d]
-    """The reference's copy of the op's gram= rule (csrc/fused_loss_checks.h): rows unit within UNIT_ROW_TOL."""
-    worst = float((torch.linalg.vector_norm(weight.detach().to(_acc_dtype(weight.dtype)), dim=1) - 1).abs().max())
-    if worst > UNIT_ROW_TOL:
-        raise ValueError(
-            f"gram= needs unit rows of weight (| ||w_k|| - 1 | <= {UNIT_ROW_TOL}), but a row norm is off by "
-            f"{worst:.3g}: pass similarity= (any rows) instead, or normalise the rows")
 
 
 def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -192,10 +46,6 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Te
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / valid.sum().to(rows.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- reference
@@ -210,13 +60,13 @@ def reference_loss(features, weight, target, alpha=0.4, reduction="mean", ignore
                    similarity=None, gram=None, cosine_scale=1.0):
     """Plain-PyTorch HAFrame loss (autograd for features and weight); the ground truth for every kernel."""
     c = as_cosine_scale(cosine_scale)
-    alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram)
+    alpha, ignore_index = check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram)
     if similarity is not None and gram is not None:
         raise ValueError("pass at most one of similarity ([K, K]) and gram ([d, d])")
     if gram is not None:
-        _check_unit_rows(weight)
+        check_unit_rows(weight)
     weight, similarity, gram = (_usable_in_autograd(t) for t in (weight, similarity, gram))
-    acc = _acc_dtype(features.dtype)
+    acc = acc_dtype(features.dtype)
     h = features.to(acc)  # [B, d]
     w = weight.to(acc)  # [K, d]
     valid = target != ignore_index  # [B]
@@ -268,7 +118,7 @@ def fused_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_ind
         need_grad = torch.is_grad_enabled() and features.requires_grad
     loss, _ = torch.ops.haframe_ext.fused_loss(features, weight, target, similarity, gram,
                                                as_alpha(alpha, check_range=False),
-                                               _int_scalar(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
+                                               int_scalar(ignore_index), _REDUCTION_CODE[reduction], bool(need_grad))
     return loss
 
 
@@ -294,7 +144,7 @@ def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.f
             "haframe_loss without similarity= or gram= derives S (or M) from the weight, which reads it on the "
             "host and cannot run inside CUDA-graph capture: compute it once before capturing "
             "(haframe_ext.ops.derive_similarity_or_gram) and pass it as similarity= / gram=")
-    acc = _acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     w = weight.detach().to(dtype).to(acc)  # [K, d], rounded as the op will see it
     K, d = w.shape
     if K > d and K > DENSE_MAX_K and _unit_rows(w, dtype):
@@ -309,23 +159,37 @@ def derive_similarity_or_gram(weight: torch.Tensor, dtype: torch.dtype = torch.f
 
 
 # ----------------------------------------------------------------------------- public entry point
-def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_index=-100, *,
-                 similarity=None, gram=None, backend="auto", cosine_scale=1.0):
+def haframe_loss(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                 alpha: Union[float, torch.Tensor] = 0.4, reduction: str = "mean", ignore_index: int = -100, *,
+                 similarity: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None, backend: str = "auto",
+                 cosine_scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
     """HAFrame loss (module docstring); the fused native op on CPU/CUDA, the reference otherwise.
 
-    features [B, d] (float16/bfloat16/float32/float64; weight is cast to their dtype), weight [K, d]
-    (frozen: the fused op computes no weight gradient), target [B] int. ``similarity`` [K, K] (row y: the
-    target cosines of label y) or ``gram`` [d, d] (weight.T @ weight, unit rows) should be passed when
-    the loss is called repeatedly (see :func:`derive_similarity_or_gram`); without them one is derived
-    from the weight's current values on every call, which costs a K x d x K (or d x K x d) product (none at
-    alpha = 0 on the CPU, where the op computes the cross entropy alone).
-    alpha: a real number in [0, 1] (numpy and 0-dim tensors included); ignore_index: an int.
-    cosine_scale: the cosine term's multiplier c > 0 (module docstring; :func:`cosine_scale_for` gives the
-    rule the modules use). The native op computes ``t * fused(alpha')`` with ``t = (1 - alpha) + alpha c`` and
-    ``alpha' = alpha c / t``, the same loss and gradient.
-    backend: "auto" (native when available), "native" (error if unavailable) or "reference".
-    The loss is float32 (float64 for float64 features); the gradient is computed in the forward pass,
-    so backward only scales it (retain_graph works; double backward raises).
+    Pass ``similarity`` or ``gram`` when the loss is called repeatedly (:func:`derive_similarity_or_gram`): without
+    them one is derived from the weight's current values on every call, a K x d x K (or d x K x d) product (none at
+    alpha = 0 on the CPU, where the op computes the cross entropy alone). The native op computes
+    ``t * fused(alpha')`` with ``t = (1 - alpha) + alpha c`` and ``alpha' = alpha c / t``, the same loss and gradient;
+    it computes the gradient in the forward pass, so backward only scales it (retain_graph works; double backward
+    raises).
+
+    Args:
+        features: [B, d], float16/bfloat16/float32/float64 (weight is cast to their dtype).
+        weight: [K, d], frozen: the fused op computes no weight gradient (the reference does).
+        target: [B] integer labels in [0, K), or ignore_index.
+        alpha: the cosine term's weight, a real number in [0, 1] (numpy and 0-dim tensors included).
+        reduction: "mean" (over the rows not ignored), "sum" or "none".
+        ignore_index: the label of rows that contribute 0; an int.
+        similarity: S [K, K] (row y: the target cosines of label y), or None.
+        gram: weight.T @ weight [d, d] (unit rows), in place of similarity, or None.
+        backend: "auto" (native when available), "native" (error if unavailable) or "reference".
+        cosine_scale: the cosine term's multiplier c > 0 (:func:`cosine_scale_for` gives the modules' rule).
+
+    Returns:
+        The loss, float32 (float64 for float64 features): a scalar, or [B] with reduction="none".
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or values (one line naming the argument).
+        RuntimeError: backend="native" without the compiled extension.
     """
     if backend not in ("auto", "native", "reference"):
         raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
@@ -334,7 +198,7 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
         raise RuntimeError(f"backend='native' but the compiled extension is unavailable: {native_error()}")
     use_native = backend != "reference" and _NATIVE
     compiling = torch.compiler.is_compiling()
-    alpha, ignore_index = _check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram,
+    alpha, ignore_index = check_args(features, weight, target, alpha, reduction, ignore_index, similarity, gram,
                                       native=use_native, tracing=compiling)
     c = as_cosine_scale(cosine_scale)
     if not use_native:
@@ -345,7 +209,19 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
             "the fused HAFrame loss is for fixed frames and computes no gradient for `weight`, but "
             "weight.requires_grad is True: freeze it (weight.requires_grad_(False), or register it as a "
             "buffer), or pass backend='reference' to train the classifier with the plain-PyTorch loss")
-    acc = _acc_dtype(features.dtype)
+    weight, similarity, gram = _native_inputs(features, weight, alpha, similarity, gram, compiling)
+    if c == 1.0:
+        return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)
+    total = (1.0 - alpha) + alpha * c  # > 0, since c > 0
+    return total * fused_loss(features, weight, target, alpha * c / total, reduction, ignore_index,
+                              similarity=similarity, gram=gram)
+
+
+def _native_inputs(features: torch.Tensor, weight: torch.Tensor, alpha: float, similarity: Optional[torch.Tensor],
+                   gram: Optional[torch.Tensor], compiling: bool):
+    """(weight, similarity, gram) as the native op takes them: the weight in the features' dtype, exactly one of S
+    [K, K] / G [d, d] in the accumulation dtype, contiguous (S derived from the weight where none was given)."""
+    acc = acc_dtype(features.dtype)
     if alpha == 0.0 and gram is None and features.device.type == "cpu":
         # cross entropy alone: the CPU op reads no S (nor M), so zeros of stride 0 stand in (no K x K work or memory)
         similarity = features.new_zeros((), dtype=acc).expand(weight.shape[0], weight.shape[0])
@@ -362,8 +238,4 @@ def haframe_loss(features, weight, target, alpha=0.4, reduction="mean", ignore_i
         gram = ((gram + gram.transpose(0, 1)) * 0.5).contiguous()  # bit-identical for a symmetric G
     if weight.dtype != features.dtype:
         weight = weight.to(features.dtype)
-    if c == 1.0:
-        return fused_loss(features, weight, target, alpha, reduction, ignore_index, similarity=similarity, gram=gram)
-    total = (1.0 - alpha) + alpha * c  # > 0, since c > 0
-    return total * fused_loss(features, weight, target, alpha * c / total, reduction, ignore_index,
-                              similarity=similarity, gram=gram)
+    return weight, similarity, gram

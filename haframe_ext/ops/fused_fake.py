@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from .fused_args import acc_dtype
+
 __all__ = ["fused_fake", "fused_fake_checks"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The op's accumulation dtype: float64 for float64 features, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ATen's names of the dtypes (how the C++ op's messages print a ScalarType)
@@ -51,7 +48,7 @@ def fused_fake_checks(features, weight, target, similarity, gram, alpha, reducti
     extra, name, n = (similarity, "similarity", K) if similarity is not None else (gram, "gram", d)
     torch._check_value(extra.dim() == 2 and extra.shape[0] == n and extra.shape[1] == n,
                        lambda: f"{name} must be ({n}, {n}), got shape {list(extra.shape)}")
-    acc = _acc_dtype(features.dtype)
+    acc = acc_dtype(features.dtype)
     torch._check_type(extra.dtype == acc, lambda: f"{name} must be {_aten_name(acc)} for {_aten_name(features.dtype)} "
                       f"features, got {_aten_name(extra.dtype)}")
     torch._check_value(extra.device == features.device,
@@ -62,6 +59,6 @@ def fused_fake(features, weight, target, similarity, gram, alpha, ignore_index, 
     """Output shapes of haframe_ext::fused_loss for torch.compile / meta tensors, after the op's input checks."""
     fused_fake_checks(features, weight, target, similarity, gram, alpha, reduction)
     shape = (features.shape[0],) if reduction == 0 else ()
-    loss = features.new_empty(shape, dtype=_acc_dtype(features.dtype))
+    loss = features.new_empty(shape, dtype=acc_dtype(features.dtype))
     grad = features.new_empty(features.shape if need_grad else (0,))
     return loss, grad

@@ -17,7 +17,7 @@ from ..frame.align import FRAME_DIRECTIONS
 from ..frame.profile import FRAME_PROFILES, PROFILE_WEIGHT
 from ..hierarchy.hierarchy import BUILTIN_NAMES, CONVENTIONS, Hierarchy, as_distance_matrix
 from .models import BACKBONES, FIXED_FRAME_METHODS, build_frame, build_loss, build_model, check_method
-from ..ops.fused import COSINE_SCALES, cosine_scale_for
+from ..ops.fused_args import COSINE_SCALES, cosine_scale_for
 from ..sizes import check_memory
 
 __all__ = ["TrainConfig", "build_from_config", "checkpoint_convention", "checkpoint_cosine_scale",
