@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -36,12 +37,21 @@ def _load() -> None:
 
 
 def native_available() -> bool:
-    """True when the compiled C++/CUDA extension is loaded."""
+    """True when the compiled C++/CUDA extension is loaded.
+
+    Returns:
+        Whether haframe_ext._C was loaded at import (False when it is missing, mismatched or disabled by
+        HAFRAME_DISABLE_NATIVE); without it every loss takes its plain-PyTorch reference path.
+    """
     return _LOADED
 
 
-def native_error():
-    """Why the extension is not loaded (None when it is)."""
+def native_error() -> Optional[str]:
+    """Why the extension is not loaded (None when it is).
+
+    Returns:
+        One line naming the cause (the exception's type and message, or the environment variable), or None.
+    """
     return _ERROR
 
 
