@@ -28,7 +28,13 @@ class TransformationLayerI(nn.Module):
     learnable linear classifier.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int) -> None:
+        """The layer's modules: BatchNorm1d(in_features), Linear(in_features, out_features), BatchNorm1d, ELU.
+
+        Args:
+            in_features: C, the backbone's channels (or vector size).
+            out_features: d, the feature dimension.
+        """
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -38,6 +44,14 @@ class TransformationLayerI(nn.Module):
         self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of a batch.
+
+        Args:
+            x: a feature map (N, C, H, W) (average-pooled first) or vectors (N, C).
+
+        Returns:
+            The features [N, out_features].
+        """
         x = _pool_flatten(x)
         return self.act(self.bn_out(self.linear(self.bn_in(x))))
 
@@ -71,7 +85,20 @@ class TransformationLayerII(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, out_dim: Optional[int] = None,
-                 num_blocks: int = 2, conv: bool = False, width: Optional[int] = None):
+                 num_blocks: int = 2, conv: bool = False, width: Optional[int] = None) -> None:
+        """The projection to width, the residual blocks and the map to out_dim (the class docstring).
+
+        Args:
+            in_features: C, the backbone's channels (or vector size).
+            num_classes: K; the default width and out_dim.
+            out_dim: d, the frame's dimension; default num_classes.
+            num_blocks: residual blocks, >= 0.
+            conv: a 1x1 convolution on a feature map (N, C, H, W) instead of a linear map on vectors.
+            width: the blocks' width; default num_classes.
+
+        Raises:
+            ValueError: num_blocks < 0.
+        """
         super().__init__()
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
@@ -91,6 +118,14 @@ class TransformationLayerII(nn.Module):
         self.out = nn.Linear(width, out_dim, bias=False) if out_dim != width else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of a batch.
+
+        Args:
+            x: a feature map (N, C, H, W) with conv=True; vectors (N, C) or a map (average-pooled first) otherwise.
+
+        Returns:
+            The features [N, out_dim].
+        """
         if self.conv_input:
             if x.dim() != 4:
                 raise ValueError(

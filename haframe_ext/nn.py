@@ -9,8 +9,9 @@ with ``a`` optionally following a schedule over epochs (:class:`HAFrameLoss`).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from .ops import fused as ops
 from .ops.fused_args import as_alpha, cosine_scale_for
 from .schedules import SCHEDULES, alpha_at
 from .sizes import DENSE_MAX_K
+
+if TYPE_CHECKING:
+    from .frame.frame import HAFrame
 
 # the transformation layers: haframe_ext.layers; the alpha schedules: haframe_ext.schedules
 __all__ = [
@@ -34,13 +38,24 @@ __all__ = [
 ]
 
 
-def frame_tensors(frame, similarity: Optional[torch.Tensor] = None):
+def frame_tensors(frame: Union["HAFrame", nn.Module, torch.Tensor, np.ndarray, Any],
+                  similarity: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Return ``(weight [K, d], similarity [K, K] or None)`` as float32 tensors from a frame-like object.
 
-    ``frame`` may be an :class:`~haframe_ext.frame.HAFrame`, a :class:`FixedFrameClassifier`, a
-    :class:`HAFrameLoss`, anything with ``weight`` (and optionally ``similarity``) attributes, or a
-    plain ``[K, d]`` tensor / array.  Without a similarity, ``weight @ weight.T`` is used (exact for
-    a frame, whose rows are unit vectors), except above DENSE_MAX_K (4096) classes, where it stays None.
+    Without a similarity, ``weight @ weight.T`` is used (exact for a frame, whose rows are unit vectors), except
+    above DENSE_MAX_K (4096) classes, where it stays None.
+
+    Args:
+        frame: an :class:`~haframe_ext.frame.HAFrame`, a :class:`FixedFrameClassifier`, a :class:`HAFrameLoss`,
+            anything with ``weight`` (and optionally ``similarity``) attributes, or a plain ``[K, d]`` tensor / array.
+        similarity: S [K, K] in place of the frame's own, or None.
+
+    Returns:
+        (weight [K, d], similarity [K, K] or None): detached float32 copies, contiguous, usable in training even
+        when made under inference mode.
+
+    Raises:
+        TypeError: a frame that is none of these; ValueError: a weight not 2-D, a similarity not [K, K].
     """
     if isinstance(frame, torch.Tensor):
         weight = frame
@@ -92,7 +107,14 @@ class FixedFrameClassifier(nn.Module):
     or a new module: a write into ``weight.data`` leaves ``similarity`` and ``gram`` as they were.
     """
 
-    def __init__(self, frame, similarity: Optional[torch.Tensor] = None):
+    def __init__(self, frame: Union["HAFrame", nn.Module, torch.Tensor, np.ndarray, Any],
+                 similarity: Optional[torch.Tensor] = None) -> None:
+        """Hold a frame's weight and its similarity (or, above DENSE_MAX_K classes, its gram) as buffers.
+
+        Args:
+            frame: anything :func:`frame_tensors` takes (an HAFrame, a module with a weight, a [K, d] tensor).
+            similarity: S [K, K] in place of the frame's own, or None.
+        """
         super().__init__()
         weight, sim = frame_tensors(frame, similarity)
         sim, gram = _gram_or_similarity(weight, sim)
@@ -108,13 +130,26 @@ class FixedFrameClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """K, the number of classes."""
         return self.weight.shape[0]
 
     @property
     def in_features(self) -> int:
+        """d, the feature dimension."""
         return self.weight.shape[1]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, d] -> [B, K]
+        """The logits of features h.
+
+        Args:
+            h: features [B, d].
+
+        Returns:
+            ``h @ weight.T`` [B, K] in h's dtype.
+
+        Raises:
+            ValueError: h not [B, d].
+        """
         if h.dim() != 2 or h.shape[1] != self.weight.shape[1]:
             raise ValueError(
                 f"FixedFrameClassifier expects features of shape (B, {self.weight.shape[1]}), "
@@ -122,6 +157,11 @@ class FixedFrameClassifier(nn.Module):
         return F.linear(h, self.weight.to(h.dtype))  # under autocast F.linear casts both anyway
 
     def extra_repr(self) -> str:
+        """The module's line in print(model).
+
+        Returns:
+            K, d and that the weight is fixed.
+        """
         return f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, fixed=True"
 
 
@@ -142,11 +182,24 @@ class HAFrameLoss(nn.Module):
     (``"auto"``, ``"native"`` or ``"reference"``).
     """
 
-    def __init__(self, frame, alpha: float = 0.4, schedule: str = "constant",
-                 period: Optional[float] = None, total_epochs: Optional[int] = None,
-                 reduction: str = "mean", ignore_index: int = -100,
-                 similarity: Optional[torch.Tensor] = None, backend: str = "auto",
-                 cosine_scale: Union[str, float] = "auto"):
+    def __init__(self, frame: Union["HAFrame", nn.Module, torch.Tensor, np.ndarray, Any], alpha: float = 0.4,
+                 schedule: str = "constant", period: Optional[float] = None, total_epochs: Optional[int] = None,
+                 reduction: str = "mean", ignore_index: int = -100, similarity: Optional[torch.Tensor] = None,
+                 backend: str = "auto", cosine_scale: Union[str, float] = "auto") -> None:
+        """Share a FixedFrameClassifier's frame, or hold a classifier of its own; the schedule is checked now.
+
+        Args:
+            frame: a FixedFrameClassifier (shared, unless a similarity is given), or an HAFrame / [K, d] tensor.
+            alpha: the base mixing weight, in [0, 1].
+            schedule: one of SCHEDULES (:func:`alpha_at`).
+            period: the cosine schedules' period in epochs.
+            total_epochs: the run's epochs (every schedule but "constant" and "cosine" needs it).
+            reduction: "mean", "sum" or "none", as for haframe_loss.
+            ignore_index: the label of rows that contribute 0.
+            similarity: S [K, K] in place of the frame's own (the loss then holds its own classifier).
+            backend: "auto", "native" or "reference", passed to haframe_loss.
+            cosine_scale: "auto", "sum" or a number > 0 (the class docstring).
+        """
         super().__init__()
         alpha = as_alpha(alpha)
         if isinstance(frame, FixedFrameClassifier) and similarity is None:
@@ -168,7 +221,11 @@ class HAFrameLoss(nn.Module):
         alpha_at(schedule, alpha, 0, total_epochs, period)  # validate the schedule's arguments now
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the current (0-based) epoch; ``alpha`` follows the schedule."""
+        """Set the current (0-based) epoch; ``alpha`` follows the schedule.
+
+        Args:
+            epoch: the epoch about to run, from 0 (saved in the loss's state_dict).
+        """
         self.epoch = int(epoch)
 
     @property
@@ -188,13 +245,20 @@ class HAFrameLoss(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # [K, d]
+        """The frame's weight [K, d]."""
         return self.classifier.weight
 
     @property
     def similarity(self) -> Optional[torch.Tensor]:  # [K, K] or None
+        """The frame's S [K, K], or None above DENSE_MAX_K classes."""
         return self.classifier.similarity
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> Dict[str, int]:
+        """The loss's own state in its state_dict.
+
+        Returns:
+            {"epoch": the current epoch}.
+        """
         return {"epoch": self.epoch}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -206,11 +270,25 @@ class HAFrameLoss(nn.Module):
                 state_dict.setdefault(prefix + "frame." + name, old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def set_extra_state(self, state) -> None:
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the epoch from a state_dict's extra state.
+
+        Args:
+            state: what get_extra_state returned (anything else is ignored).
+        """
         if isinstance(state, dict) and "epoch" in state:
             self.epoch = int(state["epoch"])
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The HAFrame loss of a batch at the current alpha (haframe_loss with the frame's S or gram).
+
+        Args:
+            features: [B, d], any floating dtype (autocast's bf16/fp16 included).
+            target: [B] integer labels in [0, K), or ignore_index.
+
+        Returns:
+            The loss, float32 (float64 for float64 features), reduced as constructed.
+        """
         # bf16/fp16 features (autocast) stay as they are: the op accumulates in float32, returns a
         # float32 loss and a gradient in the features' dtype
         clf = self.classifier
@@ -219,6 +297,11 @@ class HAFrameLoss(nn.Module):
                                 cosine_scale=self.cosine_factor)
 
     def extra_repr(self) -> str:
+        """The module's line in print(model).
+
+        Returns:
+            K, d, alpha, the cosine scale and its c, the schedule and its period and epochs.
+        """
         return (f"num_classes={self.weight.shape[0]}, dim={self.weight.shape[1]}, alpha={self.base_alpha}, "
                 f"cosine_scale={self.cosine_scale!r} (c={self.cosine_factor:.4g}), "
                 f"schedule={self.schedule!r}, period={self.period}, total_epochs={self.total_epochs}")
@@ -231,7 +314,14 @@ class HAFrameModel(nn.Module):
     ``logits = classifier(features)``.
     """
 
-    def __init__(self, backbone: nn.Module, transform: nn.Module, classifier: nn.Module):
+    def __init__(self, backbone: nn.Module, transform: nn.Module, classifier: nn.Module) -> None:
+        """Join the three parts as submodules.
+
+        Args:
+            backbone: inputs -> a feature map (N, C, H, W) or vectors (N, C).
+            transform: the backbone's output -> the features h [N, d] (a transformation layer).
+            classifier: h -> logits [N, K] (a FixedFrameClassifier, or a learned nn.Linear).
+        """
         super().__init__()
         self.backbone = backbone
         self.transform = transform
@@ -242,6 +332,14 @@ class HAFrameModel(nn.Module):
         """True when the classifier is a frozen frame."""
         return isinstance(self.classifier, FixedFrameClassifier)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The features and logits of a batch.
+
+        Args:
+            x: the backbone's inputs [N, ...].
+
+        Returns:
+            (features [N, d], logits [N, K]).
+        """
         features = self.transform(self.backbone(x))
         return features, self.classifier(features)
