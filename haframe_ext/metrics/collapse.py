@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..sizes import DENSE_MAX_K
 from .inputs import check_labels
+
+if TYPE_CHECKING:
+    from ..frame.frame import HAFrame
 
 __all__ = ["neural_collapse"]
 
@@ -32,8 +36,9 @@ def _pair_gap_stats(unit: torch.Tensor, S: torch.Tensor, max_block: int = 1 << 2
     return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
 
 
-def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, similarity,
-                    max_classes: int = DENSE_MAX_K, seed: int = 0) -> dict:
+def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                    similarity: Union[torch.Tensor, np.ndarray, "HAFrame"], max_classes: int = DENSE_MAX_K,
+                    seed: int = 0) -> Dict[str, float]:
     """Neural-collapse diagnostics of features [N, d], labels [N] against a frame weight [K, d] and its similarity.
 
     similarity: S [K, K] (tensor or array), or a frame with ``similarity_block(rows, cols)`` (an
@@ -45,13 +50,22 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     ||W/||W||_F - M/||M||_F||_F with M the rows mu_c - mu_G and W the frame rows of the same classes;
     ``nc1``: tr(Sigma_W) / tr(Sigma_B), the within-class scatter (mean over samples of ||h - mu_y||^2) over the
     between-class scatter (mean over classes of ||mu_c - mu_G||^2); NaN when the class means coincide.
+
+    Args:
+        features: [N, d].
+        labels: integer labels [N] in [0, K), of at least 2 classes.
+        weight: the frame's rows [K, d].
+        similarity: S [K, K], or a frame with ``similarity_block`` (an HAFrame).
+        max_classes: the most classes whose pairs the angular collapse covers.
+        seed: seed of the class sample beyond max_classes.
+
+    Returns:
+        angular_collapse_avg, angular_collapse_std, self_duality, nc1 (and angular_collapse_classes when sampled).
+
+    Raises:
+        ValueError: bad shapes or labels, a frame or S of another K, or fewer than 2 classes.
     """
-    if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError("features must be a 2-D tensor [N, d]")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"weight must be a [K, d] tensor with d={features.shape[1]} (the feature dimension), "
-            f"got {getattr(weight, 'shape', type(weight).__name__)}")
+    _check_shapes(features, weight)
     K = weight.shape[0]
     h = features.detach().to(torch.float64)
     labels = check_labels(labels, h.shape[0], K, h.device, "labels")
@@ -79,6 +93,16 @@ def neural_collapse(features: torch.Tensor, labels: torch.Tensor, weight: torch.
         "self_duality": float(self_duality),
         "nc1": float(within / between) if between > 0 else float("nan"),
     }
+
+
+def _check_shapes(features: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise unless features is a tensor [N, d] and weight a tensor [K, d] of the same d."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError("features must be a 2-D tensor [N, d]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight must be a [K, d] tensor with d={features.shape[1]} (the feature dimension), "
+            f"got {getattr(weight, 'shape', type(weight).__name__)}")
 
 
 def _target_block(similarity, K: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -41,7 +41,7 @@ the answer.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ import torch
 from .hierarchical import (CALIBRATION_BINS, calibration_errors, calibration_sums, hops_scores, ideal_positions,
                            ranked, top_confidence)
 from .inputs import ClassDistances, check_labels
+from ..hierarchy.hierarchy import DistanceSource
 
 __all__ = ["evaluate", "StreamingEvaluator", "crm", "check_labels", "DEFAULT_KS", "HISTOGRAM_MAX_BINS"]
 
@@ -57,12 +58,22 @@ HISTOGRAM_MAX_BINS = 4096  # the most distance values severity_histogram lists (
 _CHUNK_ENTRIES = 1 << 22  # rows per internal chunk: at most this many scores at once
 
 
-def crm(probs: torch.Tensor, distances) -> torch.Tensor:
+def crm(probs: torch.Tensor, distances: DistanceSource) -> torch.Tensor:
     """Conditional-risk-minimisation scores, float64 [N, K]: -sum_j d[k, j] p_j (Karthik et al., ICLR 2021).
 
     argmax = least risk; ties (e.g. equally risky classes) are broken as torch.topk/argmax break
     them.  Computed in float64 in units of d_max and scaled back, so huge distances do not overflow;
     a Hierarchy is used through tree sums, O(N nodes) with no K x K matrix.
+
+    Args:
+        probs: class probabilities [N, K].
+        distances: a Hierarchy (its tree, under its convention) or a [K, K] distance matrix (as_distance_matrix).
+
+    Returns:
+        The scores, float64 [N, K] on probs' device.
+
+    Raises:
+        ValueError: probs not 2-D, or K different from the distances'.
     """
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError("probs must be a 2-D tensor [N, K] of class probabilities")
@@ -75,11 +86,19 @@ def crm(probs: torch.Tensor, distances) -> torch.Tensor:
 class StreamingEvaluator:
     """Accumulates the sums behind ``evaluate`` batch by batch (no logits kept) in one all-reducible tensor."""
 
-    def __init__(self, distances, ks: Optional[Iterable[int]] = None, crm: bool = False,
+    def __init__(self, distances: DistanceSource, ks: Optional[Iterable[int]] = None, crm: bool = False,
                  temperature: float = 1.0) -> None:
-        """distances: a Hierarchy (tree queries) or as for as_distance_matrix; ks: the k of the @k metrics
-        (1 <= k <= K; default DEFAULT_KS up to K); crm: add CRM metrics; temperature: T > 0 of the calibrated
-        metrics and of CRM's softmax."""
+        """An empty evaluator for these distances and options.
+
+        Args:
+            distances: a Hierarchy (tree queries, no K x K matrix) or anything as_distance_matrix takes.
+            ks: the k of the @k metrics (1 <= k <= K); default DEFAULT_KS up to K.
+            crm: add the metrics of the CRM re-ranking (``crm_*``).
+            temperature: T > 0 of the calibrated metrics and of CRM's softmax.
+
+        Raises:
+            ValueError: ks not positive integers or above K, or a temperature that is not finite and > 0.
+        """
         self._d = ClassDistances(distances, HISTOGRAM_MAX_BINS)
         self.num_classes = self._d.num_classes
         ks = tuple(k for k in DEFAULT_KS if k <= self.num_classes) if ks is None else tuple(ks)
@@ -188,7 +207,15 @@ class StreamingEvaluator:
                              "output or drop those rows")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: logits [N, K], target [N] integer labels (processed in chunks of rows)."""
+        """Add a batch: logits [N, K], target [N] integer labels (processed in chunks of rows).
+
+        Args:
+            logits: scores [N, K] (any real dtype; ties go to the lower class index).
+            target: integer labels [N] in [0, K).
+
+        Raises:
+            ValueError: bad shapes or labels, or rows of NaN, +Inf or only -Inf (nothing of the batch is added).
+        """
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             got = getattr(logits, "shape", type(logits).__name__)
             raise ValueError(f"logits must be a 2-D tensor [N, K], got {got}")
@@ -220,13 +247,24 @@ class StreamingEvaluator:
         self._state = total if self._state is None else self._state + total.to(self._state.device)
 
     def state_tensor(self) -> torch.Tensor:
-        """The accumulated sums as a 1-D float64 tensor (a copy); sum it across ranks, then load_state_tensor."""
+        """The accumulated sums as a 1-D float64 tensor (a copy); sum it across ranks, then load_state_tensor.
+
+        Returns:
+            The sums [state_size], float64, on the device of the first batch (zeros on the CPU before any).
+        """
         if self._state is None:
             return torch.zeros(self.state_size, dtype=torch.float64)
         return self._state.clone()
 
     def load_state_tensor(self, t: torch.Tensor) -> None:
-        """Replace the accumulated sums by t (e.g. after a distributed all_reduce of state_tensor())."""
+        """Replace the accumulated sums by t (e.g. after a distributed all_reduce of state_tensor()).
+
+        Args:
+            t: sums [state_size] of an evaluator with the same distances, ks, crm and temperature (copied).
+
+        Raises:
+            ValueError: t not a 1-D tensor of state_size entries.
+        """
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != self.state_size:
             raise ValueError(
                 f"state must be a 1-D tensor of {self.state_size} sums (from state_tensor() of an evaluator "
@@ -234,7 +272,14 @@ class StreamingEvaluator:
         self._state = t.detach().to(torch.float64).clone()
 
     def merge(self, other: "StreamingEvaluator") -> None:
-        """Add the sums of another evaluator with the same distances, ks, crm flag and temperature."""
+        """Add the sums of another evaluator with the same distances, ks, crm flag and temperature.
+
+        Args:
+            other: the evaluator whose batches are added to this one's (it is left as it is).
+
+        Raises:
+            ValueError: an evaluator built with other distances, ks, crm flag or temperature.
+        """
         if (other.state_size != self.state_size or other.ks != self.ks or other._d.key != self._d.key
                 or other.temperature != self.temperature):
             raise ValueError("can only merge evaluators built with the same distances, ks and crm flag "
@@ -274,8 +319,15 @@ class StreamingEvaluator:
             out[f"{prefix}level_accuracy"] = [float(shared[lvl:].sum() / n) for lvl in range(1, len(shared))]
         return {key: float(val) if isinstance(val, (np.floating, float)) else val for key, val in out.items()}
 
-    def compute(self) -> dict:
-        """The metrics of everything added so far (see the module docstring)."""
+    def compute(self) -> Dict[str, Any]:
+        """The metrics of everything added so far (see the module docstring).
+
+        Returns:
+            metric name -> value (floats; severity_histogram and level_accuracy are lists), and num_samples.
+
+        Raises:
+            ValueError: no samples added.
+        """
         if self._state is None or float(self._state[0]) == 0:
             raise ValueError("no samples to evaluate: call update(logits, target) first")
         values = self._state.cpu().numpy()
@@ -293,10 +345,22 @@ class StreamingEvaluator:
         return out
 
 
-def evaluate(logits: torch.Tensor, target: torch.Tensor, distances, ks: Optional[Iterable[int]] = None,
-             crm: bool = False, temperature: float = 1.0) -> dict:
+def evaluate(logits: torch.Tensor, target: torch.Tensor, distances: DistanceSource,
+             ks: Optional[Iterable[int]] = None, crm: bool = False, temperature: float = 1.0) -> Dict[str, Any]:
     """Every metric of the module docstring for logits [N, K] and target [N] (ks: the k of the @k metrics, <= K;
-    default DEFAULT_KS up to K)."""
+    default DEFAULT_KS up to K).
+
+    Args:
+        logits: scores [N, K].
+        target: integer labels [N] in [0, K).
+        distances: a Hierarchy (tree queries) or anything as_distance_matrix takes.
+        ks: the k of the @k metrics (1 <= k <= K); default DEFAULT_KS up to K.
+        crm: add the metrics of the CRM re-ranking (``crm_*``).
+        temperature: T > 0 of the calibrated metrics and of CRM's softmax.
+
+    Returns:
+        metric name -> value, as StreamingEvaluator.compute gives them.
+    """
     ev = StreamingEvaluator(distances, ks, crm=crm, temperature=temperature)
     ev.update(logits, target)
     return ev.compute()

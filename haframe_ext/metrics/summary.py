@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
@@ -11,10 +11,19 @@ import scipy.stats
 __all__ = ["summarize_seeds", "format_table", "format_report"]
 
 
-def summarize_seeds(runs: Sequence[Mapping]) -> dict:
+def summarize_seeds(runs: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Per metric over runs (e.g. seeds): {"mean", "ci95" (t-distribution half-width; 0 for one run), "n"}.
 
     Metrics are the numeric entries of the first run; other (e.g. string) entries are skipped.
+
+    Args:
+        runs: one mapping metric -> value per run (evaluate's results, say).
+
+    Returns:
+        metric -> {"mean", "ci95", "n"}.
+
+    Raises:
+        ValueError: no runs, or a run without a metric of the first.
     """
     runs = list(runs)
     if not runs:
@@ -37,7 +46,17 @@ def summarize_seeds(runs: Sequence[Mapping]) -> dict:
 
 def format_table(rows: Mapping[str, Mapping], metrics: Sequence[str] | None = None,
                  digits: int = 2, ci_digits: int = 4) -> str:
-    """A plain-text table, one row per method, cells like the paper's "77.71 +/- 0.2319" (from summarize_seeds)."""
+    """A plain-text table, one row per method, cells like the paper's "77.71 +/- 0.2319" (from summarize_seeds).
+
+    Args:
+        rows: method -> its metrics: summarize_seeds' {"mean", "ci95"} per metric, or plain numbers.
+        metrics: the columns, in order; default every metric of the rows, in first-seen order.
+        digits: decimals of a mean (or number).
+        ci_digits: decimals of a confidence half-width.
+
+    Returns:
+        The table's lines joined by newlines ("-" where a method lacks a metric).
+    """
     if metrics is None:
         metrics = list(dict.fromkeys(k for summary in rows.values() for k in summary))
 
@@ -59,7 +78,16 @@ def format_table(rows: Mapping[str, Mapping], metrics: Sequence[str] | None = No
 
 def format_report(rows: Mapping[str, Mapping], digits: int = 4, width: int = 7) -> str:
     """Every metric of evaluate results (one row per method) as text: top-1, severity and HierDist@k first, the
-    other scalar metrics in tables of at most ``width`` columns, then each severity histogram and level accuracy."""
+    other scalar metrics in tables of at most ``width`` columns, then each severity histogram and level accuracy.
+
+    Args:
+        rows: method -> its evaluate results.
+        digits: decimals of each value.
+        width: the most metric columns per table.
+
+    Returns:
+        The tables and lines, joined by newlines.
+    """
     keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
                               if not isinstance(v, (list, str, bool)) and k != "num_samples"))
     first = [k for k in keys if k in ("top1", "mistake_severity") or k.startswith("hierdist@")]
