@@ -12,7 +12,7 @@ the network already puts that class. The kernel of the target similarity can fol
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -100,9 +100,10 @@ def node_directions(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, 
     return out
 
 
-def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, gamma: float, s_min="exact",
-                  seed: int = 0, dtype: torch.dtype = torch.float32, *, directions: str = "features",
-                  profile: str = "features", profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
+def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, gamma: float,
+                  s_min: Union[str, float] = "exact", seed: int = 0, dtype: torch.dtype = torch.float32, *,
+                  directions: str = "features", profile: str = "features",
+                  profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
     """The projected HAFrame in d = sums.shape[1] < K dimensions that follows the class means.
 
     Args:
@@ -139,9 +140,10 @@ def aligned_frame(hierarchy: Hierarchy, sums: np.ndarray, counts: np.ndarray, ga
 
 
 def align_model_frame(model: torch.nn.Module, hierarchy: Hierarchy,
-                      batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], gamma: float, s_min="exact",
-                      seed: int = 0, max_samples: int = ALIGN_MAX_SAMPLES, *, directions: str = "features",
-                      profile: str = "features", profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
+                      batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], gamma: float,
+                      s_min: Union[str, float] = "exact", seed: int = 0, max_samples: int = ALIGN_MAX_SAMPLES, *,
+                      directions: str = "features", profile: str = "features",
+                      profile_weight: float = PROFILE_WEIGHT) -> HAFrame:
     """Replace the fixed frame of an untrained ``HAFrameModel`` (backbone, transform, classifier) by the frame
     aligned to its own features on ``batches`` of (inputs, labels) (:func:`aligned_frame`). The classifier (and so
     every loss sharing it) gets the new frame through ``load_state_dict``.
