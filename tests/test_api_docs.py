@@ -16,9 +16,6 @@ import haframe_ext.nn
 
 API_MODULES = (haframe_ext, haframe_ext.nn, haframe_ext.metrics)
 _SKIPPED_PARAMS = ("self", "cls")
-# callables in a module edited apart (frame/align.py): their s_min has no annotation yet (Union[str, float], as
-# HAFrame.from_hierarchy's). Strict: once they pass, the mark fails, and comes off.
-PENDING = {"haframe_ext.aligned_frame", "haframe_ext.align_model_frame"}
 
 
 def _ours(func: Callable) -> bool:
@@ -81,11 +78,7 @@ def problems(func: Callable) -> List[str]:
 API = api_callables()
 
 
-@pytest.mark.parametrize("name,func", [
-    pytest.param(name, func, id=name,
-                 marks=[pytest.mark.xfail(strict=True, reason="frame/align.py: s_min unannotated")]
-                 if name in PENDING else [])
-    for name, func in API])
+@pytest.mark.parametrize("name,func", API, ids=[name for name, _ in API])
 def test_public_callable_is_typed_and_documented(name, func):
     found = problems(func)
     assert not found, f"{name}: " + "; ".join(found)
