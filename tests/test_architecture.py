@@ -5,6 +5,7 @@ that could unpickle code."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
@@ -319,6 +320,44 @@ def test_the_size_checks_catch_each_form(tmp_path):
         f"funcs.py:{outer + 1} outer: {n + 1} lines",
         f"funcs.py:{outer + 2} inner: {n} lines",
         f"funcs.py:{outer + 2 + n} later: {n} lines"])
+
+
+MAX_CXX_FUNCTION_LINES = 80
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _long_cxx_functions(root: Path = CSRC, limit: int = MAX_CXX_FUNCTION_LINES) -> List[str]:
+    """The brace blocks under root's C++/CUDA sources outside any other block but namespaces and ``extern "C"``
+    (functions, kernels, classes, lambdas at namespace scope) longer than ``limit`` lines, from the line of their
+    ``{`` to that of their ``}``; ``//`` comments and string or character literals are ignored."""
+    out = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        stack: List[Tuple[bool, int]] = []  # (a namespace block, its first line)
+        for i, line in enumerate(lines):
+            code = re.sub(r'"(\\.|[^"\\])*"|\'(\\.|[^\'\\])*\'', '""', line.split("//")[0])
+            for ch in code:
+                if ch == "{":
+                    stack.append((bool(re.search(r'\bnamespace\b|extern "C"', line)), i))
+                elif ch == "}" and stack:
+                    is_ns, start = stack.pop()
+                    if not is_ns and all(ns for ns, _ in stack) and i - start + 1 > limit:
+                        out.append(f"{path.relative_to(root).as_posix()}:{start + 1}: {i - start + 1} lines")
+    return out
+
+
+def test_no_cxx_function_over_the_line_limit():
+    long = _long_cxx_functions()
+    assert not long, (f"csrc functions over {MAX_CXX_FUNCTION_LINES} lines (split each into named device/host "
+                      "steps):\n" + "\n".join(long))
+
+
+def test_the_cxx_size_check_catches_a_long_function_only(tmp_path):
+    fits = "void fits() {\n" + "  x();\n" * (MAX_CXX_FUNCTION_LINES - 2) + "}\n"
+    long = ("__global__ void k() {  // a '{' in a comment\n  s = \"}\";\n" + "  x();\n" * (MAX_CXX_FUNCTION_LINES - 2)
+            + "}\n")
+    (tmp_path / "a.cu").write_text("namespace haframe {\nnamespace {\n" + fits + long + "}  // namespace\n}\n")
+    assert _long_cxx_functions(tmp_path) == [f"a.cu:{3 + MAX_CXX_FUNCTION_LINES}: {MAX_CXX_FUNCTION_LINES + 1} lines"]
 
 
 PKG = Path(haframe_ext.__file__).resolve().parent

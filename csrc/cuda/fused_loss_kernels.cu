@@ -295,6 +295,67 @@ __device__ __forceinline__ void vec_grad(acc_t (&zv)[V], const acc_t (&rw)[V], b
   }
 }
 
+// The per-row d-vectors of one row: corr = -c_h h (gather route) and u = mroute_u(h, in, w_y) (M route), each
+// written where its pointer is given. An ignored row passes wy = nullptr: its u is 0 and its corr -0 h.
+template <int V, int NT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void vec_row_outputs(const scalar_t* __restrict__ hr, const scalar_t* __restrict__ wy,
+                                                int64_t nd, acc_t in, acc_t c_h, acc_t* __restrict__ u,
+                                                scalar_t* __restrict__ corr) {
+  if (corr)
+    for (int64_t i = threadIdx.x; i < nd; i += NT) {
+      acc_t x[V];
+      load_n<V>(hr + i * V, x);
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = -c_h * x[e];
+      store_n<V>(corr + i * V, x);
+    }
+  if (u)
+    for (int64_t i = threadIdx.x; i < nd; i += NT) {
+      acc_t x[V], w[V];
+      if (wy) {
+        load_n<V>(hr + i * V, x);
+        load_n<V>(wy + i * V, w);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = wy ? mroute_u(x[e], in, w[e]) : acc_t(0);
+      store_n<V>(u + i * V, x);
+    }
+}
+
+// An ignored row (under graph capture also an out-of-range label: NaN loss) as the generic kernel writes it:
+// zero loss, zero G and u, corr = -0 h.
+template <int V, int NT, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void vec_ignored_row(scalar_t* __restrict__ zr, const scalar_t* __restrict__ hr,
+                                                int64_t nk, int64_t nd, bool bad, bool need_grad,
+                                                acc_t* __restrict__ loss_row, acc_t* __restrict__ inv_n_row,
+                                                acc_t* __restrict__ u_row, scalar_t* __restrict__ corr_row) {
+  if (threadIdx.x == 0) {
+    *loss_row = bad ? acc_t(NAN) : acc_t(0);
+    *inv_n_row = acc_t(0);
+  }
+  if (need_grad) {
+    acc_t x[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = acc_t(0);
+    for (int64_t i = threadIdx.x; i < nk; i += NT) store_n<V>(zr + i * V, x);
+  }
+  const scalar_t* no_wy = nullptr;  // u = 0, corr = -0 h
+  vec_row_outputs<V, NT>(hr, no_wy, nd, acc_t(1), acc_t(0), u_row, corr_row);
+}
+
+// 1 / max(||h_r||, eps) of one row of nd vectors of V values, reduced over the block.
+template <int V, int NT, typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t vec_inv_norm(const scalar_t* __restrict__ hr, int64_t nd) {
+  acc_t ss = 0;
+  for (int64_t i = threadIdx.x; i < nd; i += NT) {
+    acc_t x[V];
+    load_n<V>(hr + i * V, x);
+#pragma unroll
+    for (int e = 0; e < V; ++e) ss += x[e] * x[e];
+  }
+  return inv_norm(block_sum<acc_t, NT>(ss));
+}
+
 template <typename scalar_t, typename acc_t, int V, int NV, int NT>
 __global__ void __launch_bounds__(NT)
     row_epilogue_vec_kernel(scalar_t* __restrict__ z, const scalar_t* __restrict__ h,
@@ -309,36 +370,12 @@ __global__ void __launch_bounds__(NT)
   const int64_t label = y[row];
   const int64_t nk = K / V, nd = d / V;
   const bool bad = label != ignore_index && (label < 0 || label >= K);  // only under graph capture
-  if (label == ignore_index || bad) {  // as the generic kernel: zero (NaN if bad) loss, zero G, u; corr = -0 h
-    acc_t x[V];
-    if (threadIdx.x == 0) {
-      loss[row] = bad ? acc_t(NAN) : acc_t(0);
-      inv_n_out[row] = acc_t(0);
-    }
-#pragma unroll
-    for (int e = 0; e < V; ++e) x[e] = acc_t(0);
-    if (need_grad)
-      for (int64_t i = threadIdx.x; i < nk; i += NT) store_n<V>(zr + i * V, x);
-    if (u)
-      for (int64_t i = threadIdx.x; i < nd; i += NT) store_n<V>(u + row * d + i * V, x);
-    if (corr)
-      for (int64_t i = threadIdx.x; i < nd; i += NT) {
-        load_n<V>(hr + i * V, x);
-#pragma unroll
-        for (int e = 0; e < V; ++e) x[e] = -acc_t(0) * x[e];
-        store_n<V>(corr + row * d + i * V, x);
-      }
+  if (label == ignore_index || bad) {
+    vec_ignored_row<V, NT>(zr, hr, nk, nd, bad, need_grad, loss + row, inv_n_out + row, u ? u + row * d : nullptr,
+                           corr ? corr + row * d : nullptr);
     return;  // uniform over the block: no thread reaches a barrier below
   }
-
-  acc_t ss = 0;
-  for (int64_t i = threadIdx.x; i < nd; i += NT) {
-    acc_t x[V];
-    load_n<V>(hr + i * V, x);
-#pragma unroll
-    for (int e = 0; e < V; ++e) ss += x[e] * x[e];
-  }
-  const acc_t in = inv_norm(block_sum<acc_t, NT>(ss));
+  const acc_t in = vec_inv_norm<V, NT, acc_t>(hr, nd);
   const acc_t gscale = scale.device ? *scale.device : scale.value;
   const acc_t* srow = S ? S + label * K : nullptr;  // row y of S: the target of label y
 
@@ -389,26 +426,7 @@ __global__ void __launch_bounds__(NT)
     }
   }
   const acc_t c_h = srow ? gscale * gather_h_coef(rc, in, alpha) : acc_t(0);
-  if (corr) {  // gather route: corr = -c h
-    for (int64_t i = threadIdx.x; i < nd; i += NT) {
-      acc_t x[V];
-      load_n<V>(hr + i * V, x);
-#pragma unroll
-      for (int e = 0; e < V; ++e) x[e] = -c_h * x[e];
-      store_n<V>(corr + row * d + i * V, x);
-    }
-  }
-  if (u) {
-    const scalar_t* wy = W + label * d;
-    for (int64_t i = threadIdx.x; i < nd; i += NT) {
-      acc_t x[V], w[V];
-      load_n<V>(hr + i * V, x);
-      load_n<V>(wy + i * V, w);
-#pragma unroll
-      for (int e = 0; e < V; ++e) x[e] = mroute_u(x[e], in, w[e]);
-      store_n<V>(u + row * d + i * V, x);
-    }
-  }
+  vec_row_outputs<V, NT>(hr, W + label * d, nd, in, c_h, u ? u + row * d : nullptr, corr ? corr + row * d : nullptr);
   if (threadIdx.x == 0) {
     loss[row] = row_loss(lse, z_y, lcos, alpha);
     inv_n_out[row] = in;
