@@ -1,6 +1,6 @@
 """Tests for haframe_ext.training.checkpoint and haframe_ext.files: corrupted and malicious checkpoints, weights_only
-loading, the claim on the output folder, and a checkpoint that does not fit the model (RELIABILITY.md sections 15,
-17, 21 and 23).
+loading, the claim on the output folder, and a checkpoint that does not fit the model (RELIABILITY.md sections 14,
+16 and 17).
 
 The runs come from conftest.py (``two_epochs``: a tiny run stopped after 2 of 3 epochs, copied per test) and
 helpers.py (the tiny run's config and the CLI runner).

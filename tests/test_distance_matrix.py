@@ -1,7 +1,7 @@
 """Tests for haframe_ext.hierarchy.distance_matrix: distance matrices given as arrays, tensors, lists, CSV and .npy
 files.
 
-Every malformed matrix or file must raise ``HierarchyError`` naming the problem (RELIABILITY.md section 3);
+Every malformed matrix or file must raise ``HierarchyError`` naming the problem (RELIABILITY.md section 2);
 valid LCA matrices of random trees are accepted unchanged.
 """
 

@@ -1,6 +1,6 @@
 """Tests for haframe_ext.hierarchy.edges: reading edge lists, class files and nested JSON, the name rules, and quoting.
 
-Bad input of every kind (RELIABILITY.md sections 2 and 22) must raise ``HierarchyError`` (a ``ValueError``)
+Bad input of every kind (RELIABILITY.md section 1) must raise ``HierarchyError`` (a ``ValueError``)
 whose message names the problem; no other exception may escape, and no message echoes a huge input whole.
 """
 

@@ -1,5 +1,5 @@
 """Tests for haframe_ext.frame: similarity, exact and grid s_min, factorization, ETF, save/load; inadmissible s_min,
-bad gamma and K = 1 (RELIABILITY.md sections 4 and 9)."""
+bad gamma and K = 1 (RELIABILITY.md section 3)."""
 
 import functools
 import math

@@ -1,5 +1,5 @@
 """Tests for haframe_ext.training.resume: SIGKILL mid-epoch or mid-checkpoint then --resume, bit for bit on CPU; the
-fallback to prev.pt; resume compares the class list and tree by content (RELIABILITY.md sections 14, 15 and 21).
+fallback to prev.pt; resume compares the class list and tree by content (RELIABILITY.md section 14).
 
 Killed runs go through helpers.FAULT; ``baseline`` (one uninterrupted run) and ``two_epochs`` come from
 conftest.py.  Extends tests/test_train.py, which covers the cooperative ``stop_after_epochs`` resume.

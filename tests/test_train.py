@@ -1,6 +1,6 @@
 """Tests for haframe_ext.train: a tiny run, checkpoints, exact resume, corrupted checkpoints, NaN stop,
 multi-seed summaries, checkpoint evaluation, torchrun, and the demo's main effect; NaN loss and divergence through
-the CLI, repeated seeds, the best epoch and the fixed-frame step (RELIABILITY.md sections 16 and 21)."""
+the CLI, repeated seeds, the best epoch and the fixed-frame step (RELIABILITY.md sections 14 and 15)."""
 
 import json
 import os
@@ -630,7 +630,7 @@ def test_distance_convention_is_recorded_and_old_checkpoints_keep_theirs(tmp_pat
 
 
 
-# ------------------------------------------------------------------ NaN loss and divergence (RELIABILITY.md section 16)
+# ------------------------------------------------------------------ NaN loss and divergence (RELIABILITY.md section 15)
 def test_nan_loss_in_epoch_2_stops_with_one_clear_line_and_keeps_the_good_checkpoint(tmp_path, baseline):
     cfg = write_inputs(tmp_path)
     out = tmp_path / "run"
@@ -675,7 +675,7 @@ def test_nan_gradient_at_the_end_of_an_epoch_never_reaches_a_checkpoint(tmp_path
 
 
 
-# ------------------------------------------------- seeds, the best epoch, the training step (RELIABILITY.md section 21)
+# ------------------------------------------------- seeds, the best epoch, the training step (RELIABILITY.md section 14)
 def test_duplicate_seeds_are_refused_before_any_training(tmp_path):
     """Issue 14 item 6: --seeds 0 0 would count one run twice (with --resume) or fail after the first trained."""
     cfg = _round2_config(tmp_path, epochs=1)
