@@ -266,7 +266,7 @@ def test_resume_help_states_the_thread_count_caveat(capsys):
     assert "OMP_NUM_THREADS" in text and "thread count" in text
 
 
-# ------------------------------------------------------------- runs through the CLI (RELIABILITY.md sections 14, 16, 18)
+# ------------------------------------------------------------ runs through the CLI (RELIABILITY.md sections 14, 16, 18)
 def _tiny_train(tmp_path, *extra):
     edges = tmp_path / "toy.tsv"
     edges.write_text(TOY_EDGES)
