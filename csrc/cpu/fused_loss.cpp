@@ -24,15 +24,12 @@ namespace {
 // from a shared counter.  A thread that loses its core to another process (a data loader, another
 // training run) then holds the step back by one chunk, where a fixed share of rows per thread would make
 // the step wait for that thread's whole share (measured: 2.5x the quiet time at B = 1024, K = 10^4).
-// A block holds kCpuBlockBytes of logits with one thread, kCpuThreadedBlockBytes with several (each
-// parallel region ends in a barrier, so fewer, larger blocks wait less on a descheduled thread), and up
-// to kCpuSerialBlockBytes when a 4 MiB block would hold under kCpuMinRows rows: with many classes every
-// block streams all of W from memory (at K = 10^5, d = 512, a 4 MiB block is 10 rows per 200 MB read).
-// Blocks are of equal size, within a row.
-constexpr int64_t kCpuBlockBytes = int64_t(4) << 20;
-constexpr int64_t kCpuThreadedBlockBytes = int64_t(16) << 20;
-constexpr int64_t kCpuMinRows = 32;
-constexpr int64_t kCpuSerialBlockBytes = int64_t(64) << 20;
+// A block holds up to kCpuBlockBytes of logits, with one thread or several: each parallel region ends in a
+// barrier, so fewer, larger blocks wait less on a descheduled thread, every block streams all of W from
+// memory (200 MB at K = 10^5, d = 512), and the GEMMs run at MKL's full rate on many rows (B = 1024,
+// K = 10^4, d = 512: 64 MiB against 4 MiB blocks, 1.09x against 1.30x the two GEMMs alone with one thread;
+// bench/RESULTS.md). Blocks are of equal size, within a row.
+constexpr int64_t kCpuBlockBytes = int64_t(64) << 20;
 constexpr int64_t kCpuParallelMacs = int64_t(1) << 21;  // B K d below which one thread does the work
 constexpr int64_t kCpuChunkElems = int64_t(1) << 14;    // values per chunk of a row loop (64 KiB of float)
 
@@ -194,12 +191,9 @@ void ce_block_epilogue(acc_t* z,          // [nr, K] logits in, G out
   }
 }
 
-// Rows per block: kCpuBlockBytes of logits with one thread, kCpuThreadedBlockBytes with several, up to
-// kCpuSerialBlockBytes when a small block would hold under kCpuMinRows rows; blocks of equal size, within a row.
-inline int64_t block_rows(int64_t B, int64_t K, int64_t elem_bytes, bool threaded) {
-  int64_t rows = rows_per_chunk(B, K, elem_bytes, kCpuBlockBytes);
-  if (rows < std::min<int64_t>(B, kCpuMinRows)) rows = rows_per_chunk(B, K, elem_bytes, kCpuSerialBlockBytes);
-  else if (threaded) rows = rows_per_chunk(B, K, elem_bytes, kCpuThreadedBlockBytes);
+// Rows per block: up to kCpuBlockBytes of logits; blocks of equal size, within a row.
+inline int64_t block_rows(int64_t B, int64_t K, int64_t elem_bytes) {
+  const int64_t rows = rows_per_chunk(B, K, elem_bytes, kCpuBlockBytes);
   const int64_t nblocks = (B + rows - 1) / rows;
   return (B + nblocks - 1) / nblocks;
 }
@@ -249,7 +243,7 @@ void fused_loss_cpu_impl(const at::Tensor& h,       // [B, d]
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   // below kCpuParallelMacs waking threads costs more than it saves
   const bool threaded = nthreads > 1 && B * K * d >= kCpuParallelMacs;
-  const int64_t rows = block_rows(B, K, sizeof(acc_t), threaded);
+  const int64_t rows = block_rows(B, K, sizeof(acc_t));
   const int64_t nblocks = (B + rows - 1) / rows;
   const bool mroute = M.defined(), ce_only = !mroute && !S.defined();
   const acc_t* Sp = S.defined() ? S.data_ptr<acc_t>() : nullptr;
