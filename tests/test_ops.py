@@ -105,7 +105,7 @@ def test_auto_route_large_k_uses_m_route_and_matches(device):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("B", [33, 500])  # one serial block; two (64 MiB / (20000 * 8 B) = 419 rows)
 def test_many_classes_serial_row_blocks_match(reduction, B):
-    """K large enough that a 4 MiB block holds < 32 rows: the CPU runs blocks one at a time, threads inside.
+    """K = 20000 in float64: 33 rows fit one 64 MiB block, 500 take two; blocks run one at a time, threads inside.
 
     The M route only (the gather route's S would be 3 GB here); both routes share the block code.
     """
