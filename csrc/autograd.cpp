@@ -25,6 +25,13 @@ std::tuple<at::Tensor, at::Tensor> call_fused_loss(const at::Tensor& features, c
   return op.call(features, weight, target, similarity, gram, alpha, ignore_index, reduction, need_grad);
 }
 
+// A tensor holding real data: not a fake, functional or traced one (reading its value would guard on data).
+bool is_plain(const at::Tensor& t) {
+  const c10::DispatchKeySet ks = t.key_set();
+  return !ks.has(c10::DispatchKey::Python) && !ks.has(c10::DispatchKey::Functionalize) &&
+         !ks.has(c10::DispatchKey::PythonTLSSnapshot);
+}
+
 class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& weight,
@@ -47,9 +54,12 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     TORCH_CHECK(grad.dim() == 2, "haframe_ext fused loss: the forward ran with need_grad=false; nothing to backpropagate");
     const at::Tensor& go = grad_outputs[0];  // [B] or []
     at::Tensor g;
-    if (go.defined()) {
-      const at::Tensor scale = ctx->saved_data["reduction"].toInt() == kNone ? go.unsqueeze(1) : go;
-      g = (grad * scale).to(grad.scalar_type());
+    const bool reduced = ctx->saved_data["reduction"].toInt() != kNone;
+    if (go.defined() && reduced && go.dim() == 0 && go.device().is_cpu() && is_plain(go) &&
+        go.item<double>() == 1.0) {
+      g = grad;  // loss.backward() on the CPU: grad * 1 is grad, bit for bit (autograd clones it if it is shared)
+    } else if (go.defined()) {
+      g = (grad * (reduced ? go : go.unsqueeze(1))).to(grad.scalar_type());
     }
     return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};

@@ -659,3 +659,29 @@ def test_alpha0_compiled_bare_call_equals_eager():
     fn = torch.compile(lambda x: ops.haframe_loss(x, w, y, 0.0, backend="native"), fullgraph=True,
                        backend="aot_eager")
     torch.testing.assert_close(fn(h), ops.haframe_loss(h, w, y, 0.0, backend="native"), rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("route", ["gather", "m"])
+def test_backward_with_grad_output_one_hands_back_the_forward_gradient_safely(reduction, route):
+    """loss.backward() on the CPU skips the multiply by 1: the gradient is the same bits as with an explicit
+    scale of 1.0 through the multiply, other scales still apply, and a retained graph's second backward is not
+    changed by an in-place edit of the first gradient."""
+    h, w, y = make(6, 9, 5, torch.float32, "cpu", seed=3)
+    kw = {"similarity": w @ w.T} if route == "gather" else {"gram": w.T @ w}
+
+    def grad_of(scale, retain=False):
+        hh = h.detach().clone().requires_grad_()
+        loss = ops.haframe_loss(hh, w, y, 0.4, reduction, backend="native", **kw)
+        loss.backward(None if scale is None else torch.tensor(scale), retain_graph=retain)
+        return hh, loss
+
+    plain = grad_of(None)[0].grad
+    torch.testing.assert_close(grad_of(3.0)[0].grad, 3 * plain, rtol=1e-6, atol=0)
+    hh, loss = grad_of(None, retain=True)
+    first = hh.grad.clone()
+    assert torch.equal(first, plain)
+    hh.grad.mul_(0)  # an optimizer's in-place zero_
+    loss.backward()
+    assert torch.equal(hh.grad, first)
