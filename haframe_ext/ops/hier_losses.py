@@ -31,7 +31,7 @@ from .hier_autograd import linear_loss, logits_loss
 from .hier_autograd import NATIVE as _NATIVE  # noqa: F401  (hier_losses._NATIVE: whether the native op is built)
 from .hier_rows import reference_hier_op
 from .hier_spec import KINDS, check_float, check_reduction, make_spec
-from .hier_spec import Spec as _Spec  # noqa: F401  (hier_losses._Spec: the per-row input of a loss kind)
+from .hier_spec import Spec as _Spec  # hier_losses._Spec: the per-row input of a loss kind (tests use it)
 
 __all__ = ["hxe_loss", "soft_label_loss", "linear_hierarchical_loss", "HXELoss", "SoftLabelLoss",
            "LinearHierarchicalLoss", "reference_hier_op", "KINDS"]
@@ -125,7 +125,26 @@ def linear_hierarchical_loss(features: torch.Tensor, weight: torch.Tensor, targe
 
 
 # ----------------------------------------------------------------------------- modules
-class HXELoss(torch.nn.Module):
+class _FixedSpecLoss(torch.nn.Module):
+    """A loss of logits whose kind, tree and numbers (``self.spec``) and reduction are fixed at construction."""
+
+    spec: _Spec
+    reduction: str
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch (hxe_loss or soft_label_loss, as constructed).
+
+        Args:
+            logits: [B, K] floating point.
+            target: [B] integer labels in [0, K).
+
+        Returns:
+            The loss, float32 (float64 for float64 logits), reduced as constructed.
+        """
+        return logits_loss(logits, target, self.spec, self.reduction)
+
+
+class HXELoss(_FixedSpecLoss):
     """Hierarchical cross-entropy of logits (hxe_loss), its tree and weights fixed at construction."""
 
     def __init__(self, hierarchy: Hierarchy, alpha: Union[float, torch.Tensor] = 0.1, normalize: bool = True,
@@ -144,20 +163,9 @@ class HXELoss(torch.nn.Module):
         self.reduction = reduction
         check_reduction(reduction)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """hxe_loss of a batch.
-
-        Args:
-            logits: [B, K] floating point.
-            target: [B] integer labels in [0, K).
-
-        Returns:
-            The loss, float32 (float64 for float64 logits), reduced as constructed.
-        """
-        return logits_loss(logits, target, self.spec, self.reduction)
 
 
-class SoftLabelLoss(torch.nn.Module):
+class SoftLabelLoss(_FixedSpecLoss):
     """Soft-label cross-entropy of logits (soft_label_loss), its targets fixed at construction."""
 
     def __init__(self, hierarchy: Union[Hierarchy, np.ndarray, torch.Tensor], beta: Union[float, torch.Tensor] = 10.0,
@@ -174,18 +182,6 @@ class SoftLabelLoss(torch.nn.Module):
         self.spec = make_spec("soft-labels", K, hierarchy, beta=beta)
         self.reduction = reduction
         check_reduction(reduction)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """soft_label_loss of a batch.
-
-        Args:
-            logits: [B, K] floating point.
-            target: [B] integer labels in [0, K).
-
-        Returns:
-            The loss, float32 (float64 for float64 logits), reduced as constructed.
-        """
-        return logits_loss(logits, target, self.spec, self.reduction)
 
 
 class LinearHierarchicalLoss(torch.nn.Module):
