@@ -186,6 +186,8 @@ def main(argv=None) -> int:
         rows = nn.functional.normalize(torch.load(a.frame_file, weights_only=True).double(), dim=1)
         state = crit.classifier.state_dict()
         state["weight"] = rows.to(crit.classifier.weight.dtype)
+        if state.get("similarity") is not None:  # K <= 4096: the cosine target is the new frame's own cosines
+            state["similarity"] = (rows @ rows.T).to(crit.classifier.weight.dtype)
         crit.classifier.load_state_dict(state)
     log_s = nn.Parameter(torch.tensor(math.log(a.feat_scale)), requires_grad=a.learn_scale)
     groups = [{"params": [q for q in model.parameters() if q.requires_grad], "weight_decay": a.wd}]
